@@ -1,0 +1,198 @@
+"""Typed, frozen configuration sections, presets as JSON, and `key=value` overrides.
+
+The `ModelConfig` fields are the `DualEncoder` constructor arguments, so a training run and the
+model directory it writes share one schema.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """How `prepare` splits and shards a dataset, and how the input pipeline reads it."""
+
+    validation_fraction: float = 0.1
+    split_seed: int = 0
+    shard_size: int = 1000
+    max_image_pixels: int = 64_000_000
+    shuffle_buffer: int = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The two towers, their heads and the contrastive objective (the `DualEncoder` arguments)."""
+
+    image_backbone: str = "small_cnn"
+    image_weights: Optional[str] = None  # "imagenet", a local weights file, or None
+    image_size: int = 64
+    image_trainable: bool = True
+    image_width: int = 32  # base width of `small_cnn`
+    text_backbone: str = "small_transformer"  # small_transformer | keras_hub | tf_hub
+    text_preset: Optional[str] = None  # KerasHub preset / local HF folder / TF-Hub encoder handle
+    text_preprocessor: Optional[str] = None  # TF-Hub preprocess handle (tf_hub only)
+    text_pooling: str = "mean"  # cls | mean
+    text_trainable: bool = True
+    sequence_length: int = 32
+    vocabulary_size: int = 2000  # `small_transformer` vocabulary, built from training captions
+    text_width: int = 64
+    text_layers: int = 1
+    text_heads: int = 2
+    embed_dim: int = 256
+    num_projection_layers: int = 1
+    dropout: float = 0.1
+    loss: str = "clip"  # clip | soft_target | siglip
+    temperature: float = 0.07
+    max_logit_scale: float = 100.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and the training loop."""
+
+    batch_size: int = 64
+    epochs: int = 20
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-3
+    warmup_fraction: float = 0.05
+    min_learning_rate_ratio: float = 0.0
+    gather_negatives: bool = True
+    mixed_precision: bool = False
+    feature_cache: bool = True  # embed frozen backbones once and train the heads on features
+    seed: int = 0
+    early_stopping_patience: int = 0  # epochs without better validation recall; 0 = off
+    reduce_lr_patience: int = 0  # halve the learning rate after this many flat epochs; 0 = off
+    reduce_lr_factor: float = 0.5
+    tensorboard: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexConfig:
+    """How galleries are embedded and searched."""
+
+    dtype: str = "float32"  # float32 | float16
+    kind: str = "auto"  # exact | hnsw | ivf | auto (exact below `ann_threshold` items)
+    ann_threshold: int = 200_000
+    embed_batch_size: int = 64
+    hnsw_m: int = 32
+    hnsw_ef_search: int = 128
+    ivf_nlist: int = 0  # 0 = 4 * sqrt(N)
+    ivf_nprobe: int = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    """The HTTP server."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_query_chars: int = 512
+    max_k: int = 100
+    thumbnail_size: int = 256
+
+
+_SECTIONS = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "index": IndexConfig,
+    "serve": ServeConfig,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A whole recipe: one frozen section per concern."""
+
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    index: IndexConfig = IndexConfig()
+    serve: ServeConfig = ServeConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Config":
+        unknown = set(values) - set(_SECTIONS)
+        if unknown:
+            raise ValueError(f"unknown config sections: {sorted(unknown)}")
+        sections = {}
+        for name, section_cls in _SECTIONS.items():
+            section_values = dict(values.get(name, {}))
+            known = {f.name for f in dataclasses.fields(section_cls)}
+            bad = set(section_values) - known
+            if bad:
+                raise ValueError(f"unknown keys in config section '{name}': {sorted(bad)}")
+            sections[name] = section_cls(**section_values)
+        return cls(**sections)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Config":
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Config":
+        return cls.from_json(Path(path).read_text(encoding="utf-8"))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n", encoding="utf-8")
+
+    @classmethod
+    def from_preset(cls, name: str) -> "Config":
+        """A named recipe from `dual_encoder/presets/<name>.json`, or a path to such a file."""
+        path = Path(name)
+        if not path.is_file():
+            path = PRESETS_DIR / f"{name}.json"
+        if not path.is_file():
+            raise ValueError(f"unknown preset '{name}'; choose one of {list_presets()} or a JSON file")
+        return cls.load(path)
+
+    def with_overrides(self, overrides: Iterable[str]) -> "Config":
+        """Apply `key=value` strings; `key` is `section.field` or a field name unique across sections.
+
+        Values are parsed as JSON where they parse (numbers, true/false, null), else kept as strings.
+        """
+        values = self.to_dict()
+        for item in overrides:
+            key, sep, raw = item.partition("=")
+            if not sep:
+                raise ValueError(f"override '{item}' is not of the form key=value")
+            section, field = _resolve_key(key.strip())
+            values[section][field] = _parse_value(raw.strip())
+        return Config.from_dict(values)
+
+
+def _resolve_key(key: str) -> tuple[str, str]:
+    if "." in key:
+        section, field = key.split(".", 1)
+        if section not in _SECTIONS or field not in {f.name for f in dataclasses.fields(_SECTIONS[section])}:
+            raise ValueError(f"unknown config key '{key}'")
+        return section, field
+    owners = [s for s, c in _SECTIONS.items() if key in {f.name for f in dataclasses.fields(c)}]
+    if not owners:
+        raise ValueError(f"unknown config key '{key}'")
+    if len(owners) > 1:
+        raise ValueError(f"config key '{key}' is ambiguous: use one of {[f'{s}.{key}' for s in owners]}")
+    return owners[0], key
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
