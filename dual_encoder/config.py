@@ -11,7 +11,13 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from dual_encoder.errors import DualEncoderError
+
 PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(DualEncoderError, ValueError):
+    """An unknown preset, section or key, or a malformed override."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,14 +132,14 @@ class Config:
     def from_dict(cls, values: dict[str, Any]) -> "Config":
         unknown = set(values) - set(_SECTIONS)
         if unknown:
-            raise ValueError(f"unknown config sections: {sorted(unknown)}")
+            raise ConfigError(f"unknown config sections: {sorted(unknown)}")
         sections = {}
         for name, section_cls in _SECTIONS.items():
             section_values = dict(values.get(name, {}))
             known = {f.name for f in dataclasses.fields(section_cls)}
             bad = set(section_values) - known
             if bad:
-                raise ValueError(f"unknown keys in config section '{name}': {sorted(bad)}")
+                raise ConfigError(f"unknown keys in config section '{name}': {sorted(bad)}")
             sections[name] = section_cls(**section_values)
         return cls(**sections)
 
@@ -155,7 +161,7 @@ class Config:
         if not path.is_file():
             path = PRESETS_DIR / f"{name}.json"
         if not path.is_file():
-            raise ValueError(f"unknown preset '{name}'; choose one of {list_presets()} or a JSON file")
+            raise ConfigError(f"unknown preset '{name}'; choose one of {list_presets()} or a JSON file")
         return cls.load(path)
 
     def with_overrides(self, overrides: Iterable[str]) -> "Config":
@@ -167,7 +173,7 @@ class Config:
         for item in overrides:
             key, sep, raw = item.partition("=")
             if not sep:
-                raise ValueError(f"override '{item}' is not of the form key=value")
+                raise ConfigError(f"override '{item}' is not of the form key=value")
             section, field = _resolve_key(key.strip())
             values[section][field] = _parse_value(raw.strip())
         return Config.from_dict(values)
@@ -177,13 +183,13 @@ def _resolve_key(key: str) -> tuple[str, str]:
     if "." in key:
         section, field = key.split(".", 1)
         if section not in _SECTIONS or field not in {f.name for f in dataclasses.fields(_SECTIONS[section])}:
-            raise ValueError(f"unknown config key '{key}'")
+            raise ConfigError(f"unknown config key '{key}'")
         return section, field
     owners = [s for s, c in _SECTIONS.items() if key in {f.name for f in dataclasses.fields(c)}]
     if not owners:
-        raise ValueError(f"unknown config key '{key}'")
+        raise ConfigError(f"unknown config key '{key}'")
     if len(owners) > 1:
-        raise ValueError(f"config key '{key}' is ambiguous: use one of {[f'{s}.{key}' for s in owners]}")
+        raise ConfigError(f"config key '{key}' is ambiguous: use one of {[f'{s}.{key}' for s in owners]}")
     return owners[0], key
 
 

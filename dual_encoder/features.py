@@ -1,0 +1,115 @@
+"""Feature cache: run the frozen backbones once over a split and keep their outputs next to the data."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+from tqdm.auto import tqdm
+
+from dual_encoder.data.pipeline import make_image_dataset, read_split
+
+_BACKBONE_FIELDS = (
+    "image_backbone", "image_weights", "image_size", "image_width",
+    "text_backbone", "text_preset", "text_preprocessor", "text_pooling", "sequence_length",
+    "vocabulary_size", "text_width", "text_layers", "text_heads",
+)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitFeatures:
+    """Backbone outputs of one split: one row per image, one row per caption (captions grouped by image)."""
+
+    image_features: np.ndarray  # [num_images, F_image]
+    text_features: np.ndarray  # [num_captions, F_text]
+    num_captions: np.ndarray  # [num_images] captions of each image, in order
+
+    @property
+    def caption_start(self) -> np.ndarray:
+        """Row of each image's first caption in `text_features`."""
+        return np.concatenate([[0], np.cumsum(self.num_captions)[:-1]]).astype(np.int64)
+
+    @property
+    def text_to_image(self) -> np.ndarray:
+        """Image index of every caption row."""
+        return np.repeat(np.arange(len(self.num_captions)), self.num_captions)
+
+
+def backbone_fingerprint(model) -> str:
+    """Hash of the backbone settings and of the backbones' outputs on a fixed probe input.
+
+    Hashing outputs rather than weight files covers every way a backbone can change (weights, vocabulary,
+    preprocessing) without knowing how each tower stores itself.
+    """
+    size = model.image_size
+    probe_images = np.random.default_rng(0).integers(0, 256, (2, size, size, 3)).astype("uint8")
+    probe_texts = tf.constant(["a red circle on the left", "two small blue squares"])
+    image_out = np.asarray(model.image_features(probe_images), dtype=np.float32)
+    text_out = np.asarray(model.text_features(probe_texts), dtype=np.float32)
+    digest = hashlib.sha256()
+    settings = {k: getattr(model, k, None) for k in _BACKBONE_FIELDS}
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    for array in (image_out, text_out):
+        digest.update(np.round(array, 4).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def load_or_compute_features(model, data_dir: str | Path, split: str, *, batch_size: int = 64, progress: bool = True) -> SplitFeatures:
+    """The split's backbone features, from `<data_dir>/features/<key>/` or computed once and stored there.
+
+    The key hashes the dataset manifest, the split and the backbone fingerprint, so a changed dataset or
+    backbone never reuses stale features.
+    """
+    data_dir = Path(data_dir)
+    manifest = (data_dir / "manifest.json").read_bytes()
+    key = hashlib.sha256(manifest + split.encode() + backbone_fingerprint(model).encode()).hexdigest()[:16]
+    cache_dir = data_dir / "features" / f"{split}-{key}"
+    cached = cache_dir / "features.npz"
+    if cached.is_file():
+        with np.load(cached) as arrays:
+            return SplitFeatures(**{name: arrays[name] for name in arrays.files})
+    features = compute_features(model, data_dir, split, batch_size=batch_size, progress=progress)
+    _write_atomically(cache_dir, features)
+    return features
+
+
+def compute_features(model, data_dir: str | Path, split: str, *, batch_size: int = 64, progress: bool = True) -> SplitFeatures:
+    """Run both frozen backbones over every image and every caption of a split."""
+    info = read_split(data_dir, split)
+    images = make_image_dataset(data_dir, split, image_size=model.image_size, batch_size=batch_size)
+    image_step = tf.function(lambda x: tf.cast(model.image_features(x), tf.float32))
+    text_step = tf.function(lambda x: tf.cast(model.text_features(x), tf.float32))
+    image_rows = [
+        image_step(batch["images"]).numpy()
+        for batch in tqdm(images, desc=f"image features ({split})", unit="batch", disable=not progress)
+    ]
+    captions = [caption for image_captions in info.captions for caption in image_captions]
+    text_rows = [
+        text_step(tf.constant(captions[i : i + batch_size])).numpy()
+        for i in tqdm(range(0, len(captions), batch_size), desc=f"text features ({split})", unit="batch", disable=not progress)
+    ]
+    return SplitFeatures(
+        image_features=np.concatenate(image_rows),
+        text_features=np.concatenate(text_rows),
+        num_captions=np.array([len(c) for c in info.captions], dtype=np.int64),
+    )
+
+
+def _write_atomically(cache_dir: Path, features: SplitFeatures) -> None:
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cache_dir.parent, prefix=".tmp-"))
+    try:
+        np.savez(tmp / "features.npz", **dataclasses.asdict(features))
+        os.replace(tmp, cache_dir)
+    except OSError:
+        if cache_dir.is_dir():  # another process finished the same cache first
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            raise

@@ -1,0 +1,1 @@
+"""Training: strategy selection and the one training loop that serves every strategy."""

@@ -1,0 +1,363 @@
+"""The training loop: build under a strategy, train epoch by epoch, validate, checkpoint, resume.
+
+One loop (`strategy.run` inside a `tf.function`) serves every strategy: Keras 3's `fit` does not run under
+MultiWorkerMirroredStrategy (keras-team/keras#20585). The loop does what the usual Keras callbacks do —
+best checkpoint by validation recall, backup and restore after a kill, TensorBoard, early stopping,
+reduce-on-plateau, terminate on NaN, a progress bar — and keeps their state in the backup so a resumed run
+continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from dual_encoder.config import Config
+from dual_encoder.errors import DualEncoderError
+from dual_encoder.data.pipeline import epoch_order, make_train_dataset, read_split, sample_caption_indices
+from dual_encoder.evaluation import evaluate_split
+from dual_encoder.features import load_or_compute_features
+from dual_encoder.models import build_dual_encoder, save_model
+from dual_encoder.training.distribute import get_strategy, is_chief
+
+MONITOR = "mean_recall"  # mean of text->image and image->text recall@1/5/10 on the validation gallery
+
+
+class TrainingError(DualEncoderError):
+    """Training cannot start or cannot go on (too little data, a NaN loss)."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    run_dir: Path
+    model_dir: Path
+    history: list[dict]
+    best: dict
+    epochs_run: int
+
+
+@dataclasses.dataclass
+class _LoopState:
+    """What the loop needs besides weights to resume: saved beside each backup checkpoint."""
+
+    epoch: int = 0
+    best: float = -math.inf
+    best_metrics: dict = dataclasses.field(default_factory=dict)
+    epochs_since_best: int = 0
+    epochs_since_lr_drop: int = 0
+    stopped_early: bool = False
+    history: list = dataclasses.field(default_factory=list)
+
+
+class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up to `peak`, cosine decay to `peak * min_ratio`, times a plateau `scale` variable.
+
+    Args:
+        peak: the learning rate at the end of warm-up.
+        total_steps: steps of the whole run.
+        warmup_steps: steps of linear warm-up.
+        min_ratio: the final learning rate as a fraction of `peak`.
+    """
+
+    def __init__(self, peak: float, total_steps: int, warmup_steps: int, min_ratio: float = 0.0):
+        self.peak = peak
+        self.total_steps = max(1, total_steps)
+        self.warmup_steps = warmup_steps
+        self.min_ratio = min_ratio
+        self.scale = tf.Variable(1.0, trainable=False, dtype=tf.float32, name="lr_scale")
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        warmup = tf.minimum(1.0, (step + 1.0) / max(1, self.warmup_steps))
+        progress = tf.clip_by_value(
+            (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps), 0.0, 1.0
+        )
+        cosine = self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + tf.cos(math.pi * progress))
+        return self.peak * warmup * cosine * self.scale
+
+    def get_config(self):
+        return {
+            "peak": self.peak,
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+            "min_ratio": self.min_ratio,
+        }
+
+
+class _ImageBatches:
+    """Training batches of decoded images and caption strings (trainable backbones)."""
+
+    def __init__(self, data_dir: Path, config: Config):
+        self.data_dir, self.config = data_dir, config
+        self.num_images = len(read_split(data_dir, "train").image_ids)
+
+    def dataset(self, epoch: int) -> tf.data.Dataset:
+        return make_train_dataset(
+            self.data_dir,
+            "train",
+            image_size=self.config.model.image_size,
+            batch_size=self.config.train.batch_size,
+            epoch=epoch,
+            seed=self.config.train.seed,
+        )
+
+
+class _FeatureBatches:
+    """Training batches of cached backbone features (frozen backbones): the same images and captions per epoch
+    as `_ImageBatches` would give, so the heads see the same examples either way."""
+
+    def __init__(self, features, config: Config):
+        self.features, self.config = features, config
+        self.num_images = len(features.num_captions)
+
+    def dataset(self, epoch: int) -> tf.data.Dataset:
+        seed = self.config.train.seed
+        captions = self.features.caption_start + sample_caption_indices(self.features.num_captions, epoch, seed)
+        order = epoch_order(self.num_images, epoch, seed)
+        rows = {
+            "image_features": self.features.image_features[order],
+            "text_features": self.features.text_features[captions[order]],
+        }
+        return (
+            tf.data.Dataset.from_tensor_slices(rows)
+            .batch(self.config.train.batch_size, drop_remainder=True)
+            .prefetch(tf.data.AUTOTUNE)
+        )
+
+
+def train(
+    config: Config,
+    data_dir: str | Path,
+    run_dir: str | Path,
+    *,
+    strategy: str | tf.distribute.Strategy = "auto",
+    progress: bool = True,
+) -> TrainResult:
+    """Train a dual encoder on a prepared dataset; the best model by validation recall lands in `run_dir/model`.
+
+    Re-running the same command on the same `run_dir` resumes from the last completed epoch.
+    """
+    data_dir, run_dir = Path(data_dir), Path(run_dir)
+    if isinstance(strategy, str):
+        strategy = get_strategy(strategy)
+    chief = is_chief(strategy)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if chief:
+        config.save(run_dir / "config.json")
+    with _precision_policy(config.train.mixed_precision):
+        return _Run(config, data_dir, run_dir, strategy, chief, progress).fit()
+
+
+class _Run:
+    """One training run's objects, built once under the strategy's scope."""
+
+    def __init__(self, config, data_dir, run_dir, strategy, chief, progress):
+        self.config, self.data_dir, self.run_dir = config, data_dir, run_dir
+        self.strategy, self.chief, self.progress = strategy, chief, progress
+        train_captions = [c for caps in read_split(data_dir, "train").captions for c in caps]
+        keras.utils.set_random_seed(config.train.seed)
+        with strategy.scope():
+            self.model = build_dual_encoder(config.model, captions=train_captions)
+            self.use_features = config.train.feature_cache and self.model.backbones_frozen
+            self.val_features = None
+            if self.use_features:
+                batch = max(config.train.batch_size, 64)
+                self.source = _FeatureBatches(
+                    load_or_compute_features(self.model, data_dir, "train", batch_size=batch, progress=progress),
+                    config,
+                )
+                self.val_features = load_or_compute_features(
+                    self.model, data_dir, "validation", batch_size=batch, progress=progress
+                )
+            else:
+                self.source = _ImageBatches(data_dir, config)
+            self.steps_per_epoch = self.source.num_images // config.train.batch_size
+            if self.steps_per_epoch == 0:
+                raise TrainingError(
+                    f"batch_size {config.train.batch_size} is larger than the {self.source.num_images} training images"
+                )
+            total = self.steps_per_epoch * config.train.epochs
+            self.schedule = WarmupCosine(
+                config.train.learning_rate,
+                total,
+                int(total * config.train.warmup_fraction),
+                config.train.min_learning_rate_ratio,
+            )
+            self.optimizer = _build_optimizer(config, self.schedule, self.model)
+        self.backup = tf.train.CheckpointManager(
+            tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, lr_scale=self.schedule.scale),
+            str(self._backup_dir()),
+            max_to_keep=2,
+        )
+        self.train_step = self._make_train_step()
+
+    def _backup_dir(self) -> Path:
+        if self.chief:
+            return self.run_dir / "backup"
+        # Every worker must write its checkpoint; only the chief's is kept.
+        task_id = self.strategy.cluster_resolver.task_id
+        return self.run_dir / "backup" / f".worker-{task_id}"
+
+    def _make_train_step(self):
+        model, optimizer, strategy = self.model, self.optimizer, self.strategy
+        mixed = self.config.train.mixed_precision
+
+        def replica_step(batch):
+            with tf.GradientTape() as tape:
+                outputs = model(batch, training=True)
+                # The loss is this replica's share of the global-batch loss: summed over replicas (as the
+                # optimizer sums gradients) it is the single-device loss on the whole batch.
+                loss = model.compute_contrastive_loss(outputs)
+                scaled = optimizer.scale_loss(loss) if mixed else loss
+            variables = model.trainable_variables
+            optimizer.apply_gradients(zip(tape.gradient(scaled, variables), variables))
+            return loss
+
+        @tf.function
+        def train_step(iterator):
+            per_replica = strategy.run(replica_step, args=(next(iterator),))
+            return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+        return train_step
+
+    def _restore(self) -> _LoopState:
+        latest = self.backup.latest_checkpoint
+        if latest is None:
+            return _LoopState()
+        self.backup.checkpoint.restore(latest).expect_partial()
+        state = json.loads(Path(latest + ".state.json").read_text())
+        print(f"Resuming from {latest} (epoch {state['epoch']} of {self.config.train.epochs} done)")
+        return _LoopState(**state)
+
+    def fit(self) -> TrainResult:
+        cfg = self.config.train
+        state = self._restore()
+        writer = tf.summary.create_file_writer(str(self.run_dir / "logs")) if self.chief and cfg.tensorboard else None
+        while state.epoch < cfg.epochs and not state.stopped_early:
+            epoch = state.epoch
+            start = time.perf_counter()
+            loss = self._train_epoch(epoch)
+            metrics = evaluate_split(self.model, self.data_dir, "validation", features=self.val_features)
+            record = {
+                "epoch": epoch + 1,
+                "loss": loss,
+                "learning_rate": float(self.schedule(self.optimizer.iterations)),
+                "seconds": round(time.perf_counter() - start, 3),
+                **{f"val_{k}": v for k, v in metrics.items()},
+            }
+            print(_format_record(record))
+            self._after_epoch(state, record, metrics)
+            if writer is not None:
+                with writer.as_default(step=epoch + 1):
+                    for name, value in record.items():
+                        if isinstance(value, (int, float)) and name != "epoch":
+                            tf.summary.scalar(name, value)
+                writer.flush()
+        if self.chief:
+            _plot_history(state.history, self.run_dir / "curves.png")
+        return TrainResult(self.run_dir, self.run_dir / "model", state.history, state.best_metrics, state.epoch)
+
+    def _train_epoch(self, epoch: int) -> float:
+        iterator = iter(self.strategy.experimental_distribute_dataset(self.source.dataset(epoch)))
+        progbar = keras.utils.Progbar(self.steps_per_epoch, verbose=1 if self.progress else 0, unit_name="step")
+        total = 0.0
+        for step in range(self.steps_per_epoch):
+            loss = float(self.train_step(iterator))
+            if not math.isfinite(loss):
+                raise TrainingError(f"loss became {loss} at epoch {epoch + 1}, step {step + 1}: training stopped")
+            total += loss
+            progbar.update(step + 1, [("loss", loss)])
+        return total / self.steps_per_epoch
+
+    def _after_epoch(self, state: _LoopState, record: dict, metrics: dict) -> None:
+        cfg = self.config.train
+        state.epoch += 1
+        state.history.append(record)
+        if metrics[MONITOR] > state.best:
+            state.best, state.best_metrics = metrics[MONITOR], {"epoch": state.epoch, **metrics}
+            state.epochs_since_best = state.epochs_since_lr_drop = 0
+            if self.chief:
+                save_model(self.model, self.run_dir / "model")
+        else:
+            state.epochs_since_best += 1
+            state.epochs_since_lr_drop += 1
+        if cfg.reduce_lr_patience and state.epochs_since_lr_drop >= cfg.reduce_lr_patience:
+            self.schedule.scale.assign(self.schedule.scale * cfg.reduce_lr_factor)
+            state.epochs_since_lr_drop = 0
+            print(f"Validation {MONITOR} flat for {cfg.reduce_lr_patience} epochs: learning rate x{cfg.reduce_lr_factor}")
+        if cfg.early_stopping_patience and state.epochs_since_best >= cfg.early_stopping_patience:
+            state.stopped_early = True
+            print(f"Early stopping: no better validation {MONITOR} for {cfg.early_stopping_patience} epochs")
+        if self.chief:
+            _write_json(self.run_dir / "history.json", state.history)
+        # The state file goes first: a kill between the two leaves the previous checkpoint as the latest.
+        path = self.backup.directory + f"/ckpt-{state.epoch}"
+        _write_json(Path(path + ".state.json"), dataclasses.asdict(state))
+        self.backup.save(checkpoint_number=state.epoch)
+
+
+def _build_optimizer(config: Config, schedule, model) -> keras.optimizers.Optimizer:
+    optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=config.train.weight_decay)
+    # As in CLIP: no weight decay on gains, biases and scalars (temperature, bias of the loss).
+    optimizer.exclude_from_weight_decay(var_list=[v for v in model.trainable_variables if len(v.shape) <= 1])
+    if config.train.mixed_precision:
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    optimizer.build(model.trainable_variables)
+    return optimizer
+
+
+@contextlib.contextmanager
+def _precision_policy(mixed: bool):
+    previous = keras.mixed_precision.global_policy().name
+    keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def _format_record(record: dict) -> str:
+    shown = ["epoch", "loss", "val_t2i_recall@1", "val_t2i_recall@10", "val_i2t_recall@1", MONITOR]
+    parts = []
+    for name in shown:
+        value = record.get(name, record.get(f"val_{name}"))
+        if value is not None:
+            parts.append(f"{name}={value:.4f}" if isinstance(value, float) else f"{name}={value}")
+    return "  ".join(parts)
+
+
+def _write_json(path: Path, value) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, default=float) + "\n")
+    os.replace(tmp, path)
+
+
+def _plot_history(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not history:
+        return
+    epochs = [r["epoch"] for r in history]
+    fig, (ax_loss, ax_recall) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [r["loss"] for r in history], marker="o")
+    ax_loss.set(title="training loss", xlabel="epoch")
+    for name in ("val_t2i_recall@1", "val_t2i_recall@10", "val_i2t_recall@1", f"val_{MONITOR}"):
+        if name in history[0]:
+            ax_recall.plot(epochs, [r[name] for r in history], marker="o", label=name[4:])
+    ax_recall.set(title="validation retrieval", xlabel="epoch", ylim=(0, 1))
+    ax_recall.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
