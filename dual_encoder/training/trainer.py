@@ -198,7 +198,7 @@ class _Run:
             str(self._backup_dir()),
             max_to_keep=2,
         )
-        self.train_step = self._make_train_step()
+        self.train_step = make_train_step(self.model, self.optimizer, strategy, config.train.mixed_precision)
 
     def _backup_dir(self) -> Path:
         if self.chief:
@@ -206,28 +206,6 @@ class _Run:
         # Every worker must write its checkpoint; only the chief's is kept.
         task_id = self.strategy.cluster_resolver.task_id
         return self.run_dir / "backup" / f".worker-{task_id}"
-
-    def _make_train_step(self):
-        model, optimizer, strategy = self.model, self.optimizer, self.strategy
-        mixed = self.config.train.mixed_precision
-
-        def replica_step(batch):
-            with tf.GradientTape() as tape:
-                outputs = model(batch, training=True)
-                # The loss is this replica's share of the global-batch loss: summed over replicas (as the
-                # optimizer sums gradients) it is the single-device loss on the whole batch.
-                loss = model.compute_contrastive_loss(outputs)
-                scaled = optimizer.scale_loss(loss) if mixed else loss
-            variables = model.trainable_variables
-            optimizer.apply_gradients(zip(tape.gradient(scaled, variables), variables))
-            return loss
-
-        @tf.function
-        def train_step(iterator):
-            per_replica = strategy.run(replica_step, args=(next(iterator),))
-            return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
-
-        return train_step
 
     def _restore(self) -> _LoopState:
         latest = self.backup.latest_checkpoint
@@ -303,6 +281,29 @@ class _Run:
         path = self.backup.directory + f"/ckpt-{state.epoch}"
         _write_json(Path(path + ".state.json"), dataclasses.asdict(state))
         self.backup.save(checkpoint_number=state.epoch)
+
+
+def make_train_step(model, optimizer, strategy: tf.distribute.Strategy, mixed_precision: bool = False):
+    """A compiled step: takes an iterator over a distributed dataset, trains on one global batch, returns the
+    global-batch loss."""
+
+    def replica_step(batch):
+        with tf.GradientTape() as tape:
+            outputs = model(batch, training=True)
+            # This replica's share of the global-batch loss: summed over replicas (as the optimizer sums
+            # gradients) it is the single-device loss on the whole batch.
+            loss = model.compute_contrastive_loss(outputs)
+            scaled = optimizer.scale_loss(loss) if mixed_precision else loss
+        variables = model.trainable_variables
+        optimizer.apply_gradients(zip(tape.gradient(scaled, variables), variables))
+        return loss
+
+    @tf.function
+    def train_step(iterator):
+        per_replica = strategy.run(replica_step, args=(next(iterator),))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    return train_step
 
 
 def _build_optimizer(config: Config, schedule, model) -> keras.optimizers.Optimizer:

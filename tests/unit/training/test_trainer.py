@@ -1,0 +1,203 @@
+"""The training loop: artifacts, best checkpoint, resume, feature cache, replicas, mixed precision."""
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from dual_encoder import features as feature_cache
+from dual_encoder.config import Config, TrainConfig
+from dual_encoder.evaluation import evaluate_split
+from dual_encoder.models import build_dual_encoder, load_model
+from dual_encoder.training.distribute import get_strategy
+from dual_encoder.training.trainer import MONITOR, make_train_step, train
+
+from .conftest import TINY_MODEL, tiny_config
+
+CAPTIONS = ["a red circle on the left", "a blue square", "two green triangles at the top", "a small star"]
+
+
+def _weights(model):
+    return {v.path: np.asarray(v) for v in model.weights}
+
+
+def test_training_writes_the_best_model_history_curves_and_logs(tiny_data, tmp_path):
+    result = train(tiny_config(), tiny_data, tmp_path / "run", strategy="default", progress=False)
+
+    assert [r["epoch"] for r in result.history] == [1, 2]
+    assert all(np.isfinite(r["loss"]) for r in result.history)
+    for name in ("config.json", "history.json", "curves.png"):
+        assert (tmp_path / "run" / name).stat().st_size > 0
+    assert json.loads((tmp_path / "run" / "history.json").read_text()) == result.history
+    assert list((tmp_path / "run" / "logs").rglob("events.out.tfevents*"))
+    # The saved model is the best epoch's: scoring it again reproduces the recorded best metric.
+    model = load_model(result.model_dir)
+    assert evaluate_split(model, tiny_data, "validation")[MONITOR] == pytest.approx(result.best[MONITOR], abs=1e-6)
+
+    # Running the same command on a finished run resumes at the end and trains nothing more.
+    again = train(tiny_config(), tiny_data, tmp_path / "run", strategy="default", progress=False)
+    assert again.history == result.history
+
+
+def test_batch_larger_than_the_training_set_is_a_clear_error(tiny_data, tmp_path):
+    from dual_encoder.training.trainer import TrainingError
+
+    with pytest.raises(TrainingError, match="larger than"):
+        train(tiny_config(batch_size=4096), tiny_data, tmp_path / "run", strategy="default", progress=False)
+
+
+def test_loss_and_update_on_two_replicas_equal_one_device_on_the_whole_batch():
+    rng = np.random.default_rng(0)
+    batch = {
+        "images": rng.integers(0, 256, (8, 32, 32, 3)).astype("uint8"),
+        "captions": tf.constant(CAPTIONS * 2),
+    }
+    results = {}
+    for name in ("default", "mirrored"):
+        strategy = get_strategy(name)
+        keras.utils.set_random_seed(0)
+        with strategy.scope():
+            model = build_dual_encoder(TINY_MODEL, captions=CAPTIONS)
+            optimizer = keras.optimizers.SGD(learning_rate=0.5)
+            optimizer.build(model.trainable_variables)
+        expected_loss = float(model.compute_contrastive_loss(model(batch, training=True)))
+        step = make_train_step(model, optimizer, strategy)
+        loss = float(step(iter(strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(batch)))))
+        results[name] = (expected_loss, loss, _weights(model), strategy.num_replicas_in_sync)
+
+    single_expected, single_loss, single_weights, _ = results["default"]
+    mirrored_expected, mirrored_loss, mirrored_weights, replicas = results["mirrored"]
+    assert replicas == 2
+    assert single_loss == pytest.approx(single_expected, rel=1e-5)
+    # The loss reported under two replicas is the global-batch loss, not one replica's.
+    assert mirrored_loss == pytest.approx(single_expected, rel=1e-4)
+    # And the update is the single-device update on the whole batch (gathered negatives, scaled gradients).
+    assert single_weights.keys() == mirrored_weights.keys()
+    changed = 0
+    for name, value in single_weights.items():
+        np.testing.assert_allclose(mirrored_weights[name], value, atol=2e-5, err_msg=name)
+        changed += not np.allclose(value, 0)
+    assert changed
+
+
+def test_heads_trained_on_cached_features_equal_heads_trained_with_live_frozen_backbones(tiny_data, tmp_path):
+    frozen = dataclasses.replace(TINY_MODEL, image_trainable=False, text_trainable=False)
+    runs = {}
+    for cache in (True, False):
+        config = Config(model=frozen, train=TrainConfig(batch_size=8, epochs=2, feature_cache=cache, tensorboard=False))
+        result = train(config, tiny_data, tmp_path / f"cache-{cache}", strategy="default", progress=False)
+        runs[cache] = (result.history, _weights(load_model(result.model_dir)))
+
+    assert list((tiny_data / "features").glob("train-*/features.npz"))
+    (cached_history, cached_weights), (live_history, live_weights) = runs[True], runs[False]
+    # Same seed, same examples in the same order: equal up to float32 summation order (tolerance 1e-4).
+    for cached, live in zip(cached_history, live_history):
+        assert cached["loss"] == pytest.approx(live["loss"], abs=1e-4)
+    for name, value in live_weights.items():
+        np.testing.assert_allclose(cached_weights[name], value, atol=1e-4, err_msg=name)
+
+
+def test_feature_cache_is_reused_and_keyed_by_the_backbone(tiny_data, monkeypatch):
+    frozen = dataclasses.replace(TINY_MODEL, image_trainable=False, text_trainable=False)
+    keras.utils.set_random_seed(1)
+    model = build_dual_encoder(frozen, captions=CAPTIONS)
+    first = feature_cache.load_or_compute_features(model, tiny_data, "validation", progress=False)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("features were computed again")
+
+    monkeypatch.setattr(feature_cache, "compute_features", must_not_run)
+    second = feature_cache.load_or_compute_features(model, tiny_data, "validation", progress=False)
+    np.testing.assert_array_equal(first.image_features, second.image_features)
+    np.testing.assert_array_equal(first.text_features, second.text_features)
+    assert first.image_features.shape[0] == len(first.num_captions)
+    assert first.text_features.shape[0] == first.num_captions.sum()
+
+    keras.utils.set_random_seed(2)  # another backbone initialisation: the cache must not be reused
+    other = build_dual_encoder(frozen, captions=CAPTIONS)
+    with pytest.raises(AssertionError, match="computed again"):
+        feature_cache.load_or_compute_features(other, tiny_data, "validation", progress=False)
+
+
+def test_mixed_precision_training_runs_and_restores_the_policy(tiny_data, tmp_path):
+    result = train(tiny_config(epochs=1, mixed_precision=True), tiny_data, tmp_path / "run", strategy="default", progress=False)
+    assert np.isfinite(result.history[0]["loss"])
+    assert keras.mixed_precision.global_policy().name == "float32"
+    embeddings = load_model(result.model_dir).encode_text(tf.constant(CAPTIONS))
+    assert embeddings.dtype == tf.float32
+
+
+def _write_config(path, config):
+    config.save(path)
+    return str(path)
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "dual_encoder.cli", *args]
+
+
+@pytest.mark.slow
+def test_a_killed_training_run_resumes_from_its_backup_and_finishes(tiny_data, tmp_path):
+    preset = _write_config(tmp_path / "tiny.json", tiny_config(epochs=8, tensorboard=False))
+    command = _cli("train", "--data", str(tiny_data), "--output", str(tmp_path / "run"), "--preset", preset, "--quiet")
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    while not (tmp_path / "run" / "backup" / "ckpt-1.index").exists():
+        assert first.poll() is None, first.stdout.read().decode()
+        assert time.time() < deadline, "no backup written"
+        time.sleep(0.02)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert first.returncode == -signal.SIGKILL
+    done = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert len(done) < 8, "the run finished before it could be killed"
+
+    second = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "Resuming from" in second.stdout
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [r["epoch"] for r in history] == list(range(1, 9))
+    model = load_model(tmp_path / "run" / "model")
+    assert model.encode_text(tf.constant(CAPTIONS)).shape == (4, TINY_MODEL.embed_dim)
+
+
+def _free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.mark.slow
+def test_multi_worker_training_on_two_local_processes_ends_with_identical_weights(tiny_data, tmp_path):
+    preset = _write_config(tmp_path / "tiny.json", tiny_config(epochs=2, tensorboard=False))
+    workers = [f"localhost:{port}" for port in _free_ports(2)]
+    processes = []
+    for index in range(2):
+        env = dict(os.environ, TF_CONFIG=json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}))
+        command = _cli("train", "--data", str(tiny_data), "--output", str(tmp_path / "run"), "--preset", preset, "--quiet", "--strategy", "multi_worker")
+        processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=600)[0] for p in processes]
+    for process, output in zip(processes, outputs):
+        assert process.returncode == 0, output
+
+    chief = tf.train.load_checkpoint(str(tmp_path / "run" / "backup"))
+    worker = tf.train.load_checkpoint(str(tmp_path / "run" / "backup" / ".worker-1"))
+    names = [name for name in chief.get_variable_to_shape_map() if name.startswith("model/")]
+    assert names
+    for name in names:
+        np.testing.assert_array_equal(chief.get_tensor(name), worker.get_tensor(name), err_msg=name)
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [r["epoch"] for r in history] == [1, 2]
