@@ -337,6 +337,7 @@ def _format_record(record: dict) -> str:
 
 
 def _write_json(path: Path, value) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(value, indent=2, default=float) + "\n")
     os.replace(tmp, path)

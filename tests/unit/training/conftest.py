@@ -31,6 +31,6 @@ def tiny_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-shapes")
     captions = generate_synthetic(root / "shapes", 48, seed=0, image_size=32)
     prepare_dataset(
-        "csv", captions, captions.parent, root / "prepared", DataConfig(validation_fraction=0.25), progress=False
+        "csv", captions, captions.parent / "images", root / "prepared", DataConfig(validation_fraction=0.25), progress=False
     )
     return root / "prepared"

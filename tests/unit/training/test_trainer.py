@@ -151,7 +151,7 @@ def test_a_killed_training_run_resumes_from_its_backup_and_finishes(tiny_data, t
     command = _cli("train", "--data", str(tiny_data), "--output", str(tmp_path / "run"), "--preset", preset, "--quiet")
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 240
-    while not (tmp_path / "run" / "backup" / "ckpt-1.index").exists():
+    while not (tmp_path / "run" / "backup" / "checkpoint").exists():  # written last, once ckpt-1 is whole
         assert first.poll() is None, first.stdout.read().decode()
         assert time.time() < deadline, "no backup written"
         time.sleep(0.02)
