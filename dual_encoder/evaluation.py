@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from dual_encoder.data.pipeline import make_image_dataset, read_split
 from dual_encoder.metrics import retrieval_metrics
+from dual_encoder.models.compiled import compiled
 
 
 def embed_split(model, data_dir, split: str, *, batch_size: int = 64, features=None):
@@ -16,14 +17,12 @@ def embed_split(model, data_dir, split: str, *, batch_size: int = 64, features=N
     towers run on decoded images and caption strings.
     """
     if features is not None:
-        encode_images = tf.function(lambda x: model.encode_image_features(x))
-        encode_texts = tf.function(lambda x: model.encode_text_features(x))
+        encode_images, encode_texts = compiled(model, "encode_image_features"), compiled(model, "encode_text_features")
         image_embeddings = _batched(encode_images, features.image_features, batch_size)
         text_embeddings = _batched(encode_texts, features.text_features, batch_size)
         return image_embeddings, text_embeddings, features.text_to_image
     info = read_split(data_dir, split)
-    encode_images = tf.function(lambda x: model.encode_image(x))
-    encode_texts = tf.function(lambda x: model.encode_text(x))
+    encode_images, encode_texts = compiled(model, "encode_image"), compiled(model, "encode_text")
     images = make_image_dataset(data_dir, split, image_size=model.image_size, batch_size=batch_size)
     image_embeddings = np.concatenate([_as_numpy(encode_images(batch["images"])) for batch in images])
     captions = np.array([c for image_captions in info.captions for c in image_captions], dtype=object)

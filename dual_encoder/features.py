@@ -15,6 +15,7 @@ import tensorflow as tf
 from tqdm.auto import tqdm
 
 from dual_encoder.data.pipeline import make_image_dataset, read_split
+from dual_encoder.models.compiled import compiled
 
 _BACKBONE_FIELDS = (
     "image_backbone", "image_weights", "image_size", "image_width",
@@ -51,8 +52,8 @@ def backbone_fingerprint(model) -> str:
     size = model.image_size
     probe_images = np.random.default_rng(0).integers(0, 256, (2, size, size, 3)).astype("uint8")
     probe_texts = tf.constant(["a red circle on the left", "two small blue squares"])
-    image_out = np.asarray(model.image_features(probe_images), dtype=np.float32)
-    text_out = np.asarray(model.text_features(probe_texts), dtype=np.float32)
+    image_out = compiled(model, "image_features")(probe_images).numpy()
+    text_out = compiled(model, "text_features")(probe_texts).numpy()
     digest = hashlib.sha256()
     settings = {k: getattr(model, k, None) for k in _BACKBONE_FIELDS}
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
@@ -84,8 +85,7 @@ def compute_features(model, data_dir: str | Path, split: str, *, batch_size: int
     """Run both frozen backbones over every image and every caption of a split."""
     info = read_split(data_dir, split)
     images = make_image_dataset(data_dir, split, image_size=model.image_size, batch_size=batch_size)
-    image_step = tf.function(lambda x: tf.cast(model.image_features(x), tf.float32))
-    text_step = tf.function(lambda x: tf.cast(model.text_features(x), tf.float32))
+    image_step, text_step = compiled(model, "image_features"), compiled(model, "text_features")
     image_rows = [
         image_step(batch["images"]).numpy()
         for batch in tqdm(images, desc=f"image features ({split})", unit="batch", disable=not progress)
