@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -10,8 +11,13 @@ import tensorflow as tf
 STRATEGY_NAMES = ("auto", "default", "mirrored", "multi_worker", "tpu")
 
 
+@functools.lru_cache(maxsize=None)
 def get_strategy(name: str = "auto") -> tf.distribute.Strategy:
     """Return the strategy called `name`; `auto` picks TPU, multi-worker, mirrored or default, in that order.
+
+    One strategy object per name and process: a second MirroredStrategy in a process would reuse the first
+    one's collective keys and fail on tensors of other shapes (tensorflow#62790), so training twice in a
+    notebook reuses the first strategy.
 
     `auto` chooses multi-worker when `TF_CONFIG` names more than one worker, mirrored when more than one GPU is
     visible, TPU when a TPU cluster resolves. `mirrored` without GPUs mirrors over the visible logical CPUs, so

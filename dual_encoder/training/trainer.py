@@ -167,6 +167,7 @@ class _Run:
         keras.utils.set_random_seed(config.train.seed)
         with strategy.scope():
             self.model = build_dual_encoder(config.model, captions=train_captions)
+            self.model.contrastive_loss.gather_negatives = config.train.gather_negatives
             self.use_features = config.train.feature_cache and self.model.backbones_frozen
             self.val_features = None
             if self.use_features:

@@ -1,0 +1,189 @@
+"""Contrastive objectives (one class each) and the one helper that gathers embeddings across replicas.
+
+Distributed contract (every loss): each replica gathers the embeddings of all replicas, computes the loss
+over the whole global batch of B = b_1 + ... + b_N rows, and returns that loss times b_local / B, its
+share. Summing the per-replica values — what `strategy.reduce(SUM, ...)` does to the loss and what
+`optimizer.apply_gradients` under MirroredStrategy does to the gradients — gives exactly the single-device
+loss and gradient on the whole batch: the gradient of `all_gather` sums every replica's upstream gradient
+and the shares sum to 1. So the caller applies NO further scaling (do not divide by the number of
+replicas). Outside a strategy, or with one replica, the share is 1: the plain batch loss.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+from dual_encoder.errors import DualEncoderError
+
+
+class UnknownLossError(DualEncoderError, ValueError):
+    """`build_loss` was asked for a loss that is not registered."""
+
+
+def gather_across_replicas(x):
+    """`x` of every replica concatenated along axis 0 (differentiable) inside a step of a multi-replica
+    strategy; `x` itself otherwise."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return x
+    return context.all_gather(x, axis=0)
+
+
+class ContrastiveLoss(keras.layers.Layer):
+    """Base of the losses: gathers the global batch, scores it, returns this replica's share (module doc).
+
+    Subclasses implement `batch_loss(image_embeddings, text_embeddings)` on L2-normalised `[B, D]`
+    embeddings whose row i of each is a matching pair. Computed in float32 under any dtype policy.
+
+    Args:
+        gather_negatives: use the other replicas' examples as negatives. When False each replica scores only
+            its own rows (the loss is then the batch-size-weighted mean of the per-replica losses).
+    """
+
+    def __init__(self, gather_negatives: bool = True, **kwargs):
+        kwargs["dtype"] = "float32"  # logits and log-softmax overflow or lose precision in float16
+        super().__init__(**kwargs)
+        self.gather_negatives = gather_negatives
+
+    def call(self, image_embeddings, text_embeddings):
+        image_embeddings = ops.cast(image_embeddings, "float32")
+        text_embeddings = ops.cast(text_embeddings, "float32")
+        local_size = ops.cast(ops.shape(image_embeddings)[0], "float32")
+        if self.gather_negatives:
+            image_embeddings = gather_across_replicas(image_embeddings)
+            text_embeddings = gather_across_replicas(text_embeddings)
+            global_size = ops.cast(ops.shape(image_embeddings)[0], "float32")
+        else:
+            global_size = ops.sum(gather_across_replicas(ops.reshape(local_size, (1,))))
+        return self.batch_loss(image_embeddings, text_embeddings) * local_size / global_size
+
+    def batch_loss(self, image_embeddings, text_embeddings):
+        raise NotImplementedError
+
+    def get_config(self):
+        return {**super().get_config(), "gather_negatives": self.gather_negatives}
+
+
+def _cross_entropy(targets, logits):
+    """Mean over rows of -sum_j targets_ij * log_softmax(logits)_ij."""
+    return ops.mean(-ops.sum(targets * ops.log_softmax(logits, axis=-1), axis=-1))
+
+
+class ClipLoss(ContrastiveLoss):
+    """Symmetric InfoNCE (CLIP) with a learnable logit scale, stored as its log and capped.
+
+        s = min(exp(t), max_logit_scale),   t initialised to log(1 / temperature)
+        logits_per_image = s * I @ T^T,     logits_per_text = logits_per_image^T
+        loss = (CE(logits_per_image, diag) + CE(logits_per_text, diag)) / 2,  CE averaged over rows
+
+    where CE(logits, diag) = -mean_i log_softmax(logits)_ii. Past the cap, t gets no gradient.
+
+    Args:
+        temperature: initial temperature (0.07 in CLIP).
+        max_logit_scale: cap on the scale (100 in CLIP).
+        **kwargs: `gather_negatives` of `ContrastiveLoss`.
+    """
+
+    def __init__(self, temperature: float = 0.07, max_logit_scale: float = 100.0, **kwargs):
+        super().__init__(**kwargs)
+        self.temperature = temperature
+        self.max_logit_scale = max_logit_scale
+        self.log_logit_scale = self.add_weight(
+            shape=(), initializer=keras.initializers.Constant(math.log(1.0 / temperature)), name="log_logit_scale"
+        )
+
+    @property
+    def logit_scale(self):
+        return ops.minimum(ops.exp(self.log_logit_scale), self.max_logit_scale)
+
+    def batch_loss(self, image_embeddings, text_embeddings):
+        logits_per_image = self.logit_scale * ops.matmul(image_embeddings, ops.transpose(text_embeddings))
+        image_loss = -ops.mean(ops.diagonal(ops.log_softmax(logits_per_image, axis=-1)))
+        text_loss = -ops.mean(ops.diagonal(ops.log_softmax(ops.transpose(logits_per_image), axis=-1)))
+        return (image_loss + text_loss) / 2.0
+
+    def get_config(self):
+        return {**super().get_config(), "temperature": self.temperature, "max_logit_scale": self.max_logit_scale}
+
+
+class SoftTargetLoss(ContrastiveLoss):
+    """The Keras "natural language image search" example's loss, with a fixed temperature tau.
+
+        logits  = T @ I^T / tau
+        targets = softmax_rows((I @ I^T + T @ T^T) / (2 tau))
+        loss    = (CE(targets, logits) + CE(targets^T, logits^T)) / 2,  CE(y, z) = mean_i -sum_j y_ij log_softmax(z)_ij
+
+    As in the example, gradients also flow through the targets.
+
+    Args:
+        temperature: the fixed temperature tau.
+        **kwargs: `gather_negatives` of `ContrastiveLoss`.
+    """
+
+    def __init__(self, temperature: float = 0.07, **kwargs):
+        super().__init__(**kwargs)
+        self.temperature = temperature
+
+    def batch_loss(self, image_embeddings, text_embeddings):
+        logits = ops.matmul(text_embeddings, ops.transpose(image_embeddings)) / self.temperature
+        images_similarity = ops.matmul(image_embeddings, ops.transpose(image_embeddings))
+        texts_similarity = ops.matmul(text_embeddings, ops.transpose(text_embeddings))
+        targets = ops.softmax((images_similarity + texts_similarity) / (2.0 * self.temperature), axis=-1)
+        texts_loss = _cross_entropy(targets, logits)
+        images_loss = _cross_entropy(ops.transpose(targets), ops.transpose(logits))
+        return (texts_loss + images_loss) / 2.0
+
+    def get_config(self):
+        return {**super().get_config(), "temperature": self.temperature}
+
+
+class SigLipLoss(ContrastiveLoss):
+    """Pairwise sigmoid loss (SigLIP, Zhai et al. 2023) with a learnable scale and bias.
+
+        s = min(exp(t'), max_logit_scale),  t' initialised to log 10;  b initialised to -10
+        logits_ij = s * I_i . T_j + b,      z_ij = 1 if i == j else -1
+        loss = -(1 / B) sum_i sum_j log sigmoid(z_ij * logits_ij)
+
+    Args:
+        max_logit_scale: cap on the scale.
+        **kwargs: `gather_negatives` of `ContrastiveLoss`.
+    """
+
+    def __init__(self, max_logit_scale: float = 100.0, **kwargs):
+        super().__init__(**kwargs)
+        self.max_logit_scale = max_logit_scale
+        self.log_logit_scale = self.add_weight(
+            shape=(), initializer=keras.initializers.Constant(math.log(10.0)), name="log_logit_scale"
+        )
+        self.logit_bias = self.add_weight(shape=(), initializer=keras.initializers.Constant(-10.0), name="logit_bias")
+
+    @property
+    def logit_scale(self):
+        return ops.minimum(ops.exp(self.log_logit_scale), self.max_logit_scale)
+
+    def batch_loss(self, image_embeddings, text_embeddings):
+        logits = self.logit_scale * ops.matmul(image_embeddings, ops.transpose(text_embeddings)) + self.logit_bias
+        size = ops.shape(logits)[0]
+        signs = 2.0 * ops.eye(size, dtype="float32") - 1.0
+        return -ops.sum(ops.log_sigmoid(signs * logits)) / ops.cast(size, "float32")
+
+    def get_config(self):
+        return {**super().get_config(), "max_logit_scale": self.max_logit_scale}
+
+
+LOSSES = {
+    "clip": lambda temperature, max_logit_scale: ClipLoss(temperature, max_logit_scale, name="contrastive_loss"),
+    "soft_target": lambda temperature, max_logit_scale: SoftTargetLoss(temperature, name="contrastive_loss"),
+    "siglip": lambda temperature, max_logit_scale: SigLipLoss(max_logit_scale, name="contrastive_loss"),
+}
+
+
+def build_loss(name: str, temperature: float = 0.07, max_logit_scale: float = 100.0) -> ContrastiveLoss:
+    """The loss registered as `name` ("clip", "soft_target", "siglip"); each takes the settings it uses."""
+    if name not in LOSSES:
+        raise UnknownLossError(f"unknown loss '{name}'; choose one of {sorted(LOSSES)}")
+    return LOSSES[name](temperature, max_logit_scale)

@@ -1,0 +1,169 @@
+"""The DualEncoder model: image and text towers, their projection heads and the contrastive loss."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Optional, Sequence
+
+import keras
+from keras import ops
+
+from dual_encoder.config import ModelConfig
+from dual_encoder.errors import DualEncoderError
+from dual_encoder.losses import build_loss
+from dual_encoder.models.image_encoder import ImageEncoder
+from dual_encoder.models.layers import ModelConfigError, ProjectionHead
+from dual_encoder.models.text_encoder import build_text_encoder, build_vocabulary, text_encoder_class
+
+MODEL_CONFIG_FIELDS = tuple(field.name for field in dataclasses.fields(ModelConfig))
+
+
+class BatchKeysError(DualEncoderError, ValueError):
+    """A batch passed to `DualEncoder.call` lacks, or doubles, the input of a tower."""
+
+
+@keras.saving.register_keras_serializable(package="dual_encoder")
+class DualEncoder(keras.Model):
+    """A CLIP-style dual encoder: both towers map into one L2-normalised embedding space.
+
+    The constructor arguments are the `ModelConfig` fields (defaults from `ModelConfig`), plus the
+    `small_transformer` vocabulary; each is also an attribute of the model. Backbone preprocessing and
+    tokenisation run inside the model: callers pass raw 0-255 RGB images and strings.
+
+    Args:
+        vocabulary: tokens of the `small_transformer` text tower (see `build_dual_encoder`); unused by
+            the other text towers.
+        **kwargs: `ModelConfig` fields, and Keras `name`/`dtype`/`trainable`.
+
+    Example:
+        >>> model = build_dual_encoder(ModelConfig(image_size=32, embed_dim=16), captions=["a red circle"])
+        >>> model.encode_text(["a red circle"]).shape
+        TensorShape([1, 16])
+    """
+
+    def __init__(self, vocabulary: Optional[Sequence[str]] = None, **kwargs):
+        fields = {name: kwargs.pop(name) for name in MODEL_CONFIG_FIELDS if name in kwargs}
+        super().__init__(**kwargs)
+
+        # === Config ===
+        config = ModelConfig(**fields)
+        self.model_config = config
+        self.vocabulary = None if vocabulary is None else [str(token) for token in vocabulary]
+        for name in MODEL_CONFIG_FIELDS:
+            setattr(self, name, getattr(config, name))
+
+        # === Layers ===
+        self.image_encoder = ImageEncoder(
+            config.image_backbone,
+            image_size=config.image_size,
+            weights=config.image_weights,
+            width=config.image_width,
+            trainable=config.image_trainable,
+            name="image_encoder",
+        )
+        self.text_encoder = build_text_encoder(config, self.vocabulary)
+        self.image_projection = ProjectionHead(
+            config.embed_dim, config.num_projection_layers, config.dropout, name="image_projection"
+        )
+        self.text_projection = ProjectionHead(
+            config.embed_dim, config.num_projection_layers, config.dropout, name="text_projection"
+        )
+        # Owned by the model so its learnable temperature/bias are saved, loaded and optimised with it.
+        self.contrastive_loss = build_loss(config.loss, config.temperature, config.max_logit_scale)
+
+        # === Build ===
+        # Every weight exists after construction, so `load_weights` and optimizers work before any call.
+        self.image_projection.build((None, self.image_encoder.output_dim))
+        self.text_projection.build((None, self.text_encoder.output_dim))
+        self.built = True
+
+    @property
+    def backbones_frozen(self) -> bool:
+        """True when neither backbone trains: their features can be computed once and cached."""
+        return not (self.image_trainable or self.text_trainable)
+
+    def image_features(self, images):
+        """Raw 0-255 RGB images [B, S, S, 3] -> image backbone outputs [B, F_image] (no head)."""
+        return self.image_encoder(images, training=False)
+
+    def text_features(self, texts):
+        """Strings [B] -> pooled text backbone outputs [B, F_text] (no head)."""
+        return self.text_encoder(_as_strings(texts), training=False)
+
+    def encode_image_features(self, features, training=False):
+        """Image backbone features [B, F_image] -> L2-normalised float32 embeddings [B, D]."""
+        return self.image_projection(features, training=training)
+
+    def encode_text_features(self, features, training=False):
+        """Text backbone features [B, F_text] -> L2-normalised float32 embeddings [B, D]."""
+        return self.text_projection(features, training=training)
+
+    def encode_image(self, images, training=False):
+        """Raw 0-255 RGB images (uint8 or float) [B, S, S, 3] -> L2-normalised float32 embeddings [B, D]."""
+        return self.encode_image_features(self.image_encoder(images, training=training), training=training)
+
+    def encode_text(self, texts, training=False):
+        """Strings [B] -> L2-normalised float32 embeddings [B, D]; tokenisation runs in the graph."""
+        return self.encode_text_features(self.text_encoder(_as_strings(texts), training=training), training=training)
+
+    def tokenize(self, texts) -> dict:
+        """Strings [B] -> {"token_ids": int32 [B, L], "padding_mask": bool [B, L]} for `encode_token_ids`."""
+        return self.text_encoder.tokenize(_as_strings(texts))
+
+    def encode_token_ids(self, token_ids, padding_mask, training=False):
+        """Token ids and padding mask [B, L] -> L2-normalised float32 embeddings [B, D].
+
+        The graph of this path needs only core TensorFlow ops (no TF Text), for servers that lack them.
+        """
+        features = self.text_encoder.encode_token_ids(token_ids, padding_mask, training=training)
+        return self.encode_text_features(features, training=training)
+
+    def call(self, batch, training=False):
+        """A batch with `images` or `image_features`, and `captions` or `text_features` ->
+        {"image_embeddings", "text_embeddings"}."""
+        return {
+            "image_embeddings": self._embed(
+                batch, "images", self.encode_image, "image_features", self.encode_image_features, training
+            ),
+            "text_embeddings": self._embed(
+                batch, "captions", self.encode_text, "text_features", self.encode_text_features, training
+            ),
+        }
+
+    @staticmethod
+    def _embed(batch, raw_key, encode_raw, features_key, encode_features, training):
+        if (raw_key in batch) == (features_key in batch):
+            raise BatchKeysError(
+                f"a batch needs exactly one of '{raw_key}' and '{features_key}'; it has {sorted(batch)}"
+            )
+        if raw_key in batch:
+            return encode_raw(batch[raw_key], training=training)
+        return encode_features(batch[features_key], training=training)
+
+    def compute_contrastive_loss(self, outputs):
+        """This replica's share of the global-batch loss for `call`'s outputs (see `dual_encoder.losses`)."""
+        return self.contrastive_loss(outputs["image_embeddings"], outputs["text_embeddings"])
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            **dataclasses.asdict(self.model_config),
+            "vocabulary": self.vocabulary,
+        }
+
+
+def _as_strings(texts):
+    # Keras layers take only tensors positionally; callers may pass a list of str.
+    return ops.convert_to_tensor(texts, dtype="string")
+
+
+def build_dual_encoder(config: ModelConfig, captions: Optional[Iterable[str]] = None) -> DualEncoder:
+    """Build a `DualEncoder` from a `ModelConfig`; `captions` build the `small_transformer` vocabulary."""
+    vocabulary = None
+    if text_encoder_class(config.text_backbone).needs_vocabulary:
+        if captions is None:
+            raise ModelConfigError(
+                f"text_backbone '{config.text_backbone}' builds its vocabulary from captions: pass captions="
+            )
+        vocabulary = build_vocabulary(captions, config.vocabulary_size)
+    return DualEncoder(vocabulary=vocabulary, **dataclasses.asdict(config))

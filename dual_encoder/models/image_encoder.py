@@ -1,0 +1,169 @@
+"""Image towers: a registry of backbones, each with its own preprocessing and resizing inside the tower."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable, Optional
+
+import keras
+from keras import ops
+
+from dual_encoder.models.layers import ModelConfigError
+
+IMAGENET = "imagenet"
+
+
+def build_small_cnn(image_size: int, width: int) -> keras.Model:
+    """A small conv net trainable from scratch: a stride-2 stem, three stages of two conv-BN-ReLU (widths
+    `width`, `2 * width`, `4 * width`, pooled between stages), then global average pooling.
+
+    Output size is `4 * width`. The stem halves the resolution first: it cuts the cost about 3x at 64x64.
+    """
+    inputs = keras.Input((image_size, image_size, 3), name="images")
+    x = _conv_bn_relu(inputs, width, strides=2, name="stem")
+    for stage, filters in enumerate((width, 2 * width, 4 * width)):
+        if stage > 0:
+            x = keras.layers.MaxPooling2D(name=f"stage{stage}_pool")(x)
+        for conv in range(2):
+            x = _conv_bn_relu(x, filters, strides=1, name=f"stage{stage}_conv{conv}")
+    outputs = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    return keras.Model(inputs, outputs, name="small_cnn")
+
+
+def _conv_bn_relu(x, filters: int, strides: int, name: str):
+    x = keras.layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False, name=name)(x)
+    # Synchronized: under a multi-replica strategy the statistics are those of the global batch, so
+    # training on N replicas equals training on one device on the whole batch.
+    x = keras.layers.BatchNormalization(synchronized=True, name=f"{name}_bn")(x)
+    return keras.layers.ReLU(name=f"{name}_relu")(x)
+
+
+def _scale_to_symmetric_unit(images):
+    return images / 127.5 - 1.0
+
+
+def _application(constructor) -> Callable[[int, int, Optional[str]], keras.Model]:
+    """A `keras.applications` constructor as a registry builder: headless, average-pooled."""
+
+    def build(image_size: int, width: int, weights: Optional[str]) -> keras.Model:
+        del width  # only `small_cnn` has a configurable width
+        return constructor(include_top=False, weights=weights, pooling="avg", input_shape=(image_size, image_size, 3))
+
+    return build
+
+
+def _small_cnn(image_size: int, width: int, weights: Optional[str]) -> keras.Model:
+    if weights == IMAGENET:
+        raise ModelConfigError("small_cnn has no ImageNet weights: use image_weights=null or a local .weights.h5 file")
+    return build_small_cnn(image_size, width)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageBackboneSpec:
+    """How to build one image backbone.
+
+    Args:
+        build: `(image_size, width, weights) -> keras.Model` mapping preprocessed images to pooled features;
+            `weights` is "imagenet" or None.
+        preprocess: raw 0-255 RGB float images -> what the backbone expects (its own `preprocess_input`).
+        min_size: the smallest input size the architecture accepts.
+    """
+
+    build: Callable[[int, int, Optional[str]], keras.Model]
+    preprocess: Callable
+    min_size: int
+
+
+_apps = keras.applications
+IMAGE_BACKBONES: dict[str, ImageBackboneSpec] = {
+    "xception": ImageBackboneSpec(_application(_apps.Xception), _apps.xception.preprocess_input, 71),
+    "efficientnetv2_b0": ImageBackboneSpec(
+        _application(_apps.EfficientNetV2B0), _apps.efficientnet_v2.preprocess_input, 32
+    ),
+    "mobilenetv3_small": ImageBackboneSpec(
+        _application(_apps.MobileNetV3Small), _apps.mobilenet_v3.preprocess_input, 32
+    ),
+    "resnet50": ImageBackboneSpec(_application(_apps.ResNet50), _apps.resnet50.preprocess_input, 32),
+    "small_cnn": ImageBackboneSpec(_small_cnn, _scale_to_symmetric_unit, 8),
+}
+
+
+def build_image_backbone(name: str, image_size: int, width: int, weights: Optional[str]) -> keras.Model:
+    """Build a registered backbone; `weights` is "imagenet", a local `.weights.h5` file, or None."""
+    if name not in IMAGE_BACKBONES:
+        raise ModelConfigError(f"unknown image_backbone '{name}'; choose one of {sorted(IMAGE_BACKBONES)}")
+    spec = IMAGE_BACKBONES[name]
+    if image_size < spec.min_size:
+        raise ModelConfigError(f"image_size {image_size} is below the minimum {spec.min_size} of {name}")
+    if weights is None or weights == IMAGENET:
+        return spec.build(image_size, width, weights)
+    path = Path(weights)
+    if not path.name.endswith(".weights.h5"):
+        raise ModelConfigError(f"image_weights must be 'imagenet', null or a .weights.h5 file, not '{weights}'")
+    if not path.is_file():
+        raise ModelConfigError(f"image_weights file not found: {path}")
+    backbone = spec.build(image_size, width, None)
+    try:
+        backbone.load_weights(path)
+    except ValueError as error:
+        raise ModelConfigError(f"{path} does not hold weights of {name} at size {image_size}: {error}") from None
+    return backbone
+
+
+class ImageEncoder(keras.layers.Layer):
+    """Image tower without its head: raw 0-255 RGB images -> pooled backbone features.
+
+    Preprocessing lives inside: images (uint8 or float, any size) are cast, resized to `image_size` if
+    their size differs, and passed through the backbone's own `preprocess_input`.
+
+    Args:
+        backbone: a name in `IMAGE_BACKBONES`.
+        image_size: side of the square input the backbone is built for.
+        weights: "imagenet", a local `.weights.h5` file of this backbone, or None (random).
+        width: base width of `small_cnn` (ignored by the others).
+        trainable: False freezes the backbone (and runs batch norm and dropout in inference mode).
+
+    Example:
+        >>> tower = ImageEncoder("small_cnn", image_size=32, width=8)
+        >>> tower(np.zeros((1, 32, 32, 3), "uint8")).shape
+        TensorShape([1, 32])
+    """
+
+    def __init__(
+        self,
+        backbone: str = "small_cnn",
+        image_size: int = 64,
+        weights: Optional[str] = None,
+        width: int = 32,
+        trainable: bool = True,
+        **kwargs,
+    ):
+        super().__init__(trainable=trainable, **kwargs)
+        self.backbone_name = backbone
+        self.image_size = image_size
+        self.weights_source = weights
+        self.width = width
+        self.backbone = build_image_backbone(backbone, image_size, width, weights)
+        self.backbone.trainable = trainable
+        self._preprocess = IMAGE_BACKBONES[backbone].preprocess
+        self.output_dim = int(self.backbone.output.shape[-1])
+        self.built = True
+
+    def call(self, images, training=False):
+        images = ops.cast(images, "float32")
+        if tuple(images.shape[1:3]) != (self.image_size, self.image_size):
+            images = ops.image.resize(images, (self.image_size, self.image_size))
+        return self.backbone(self._preprocess(images), training=training and self.trainable)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.output_dim)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "backbone": self.backbone_name,
+            "image_size": self.image_size,
+            "weights": self.weights_source,
+            "width": self.width,
+        }

@@ -1,0 +1,126 @@
+"""Model directories: save a DualEncoder with everything it needs to load offline, load it, fingerprint it.
+
+Layout: `config.json` (the ModelConfig and where its assets live), `model.weights.h5`, `vocabulary.json`
+(small_transformer), `assets/` (a KerasHub preset or TF-Hub SavedModels), `fingerprint.json` (sha256 over
+every other file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from dual_encoder.config import ModelConfig
+from dual_encoder.errors import DualEncoderError
+from dual_encoder.models.dual_encoder import DualEncoder
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.weights.h5"
+VOCABULARY_FILE = "vocabulary.json"
+FINGERPRINT_FILE = "fingerprint.json"
+ASSETS_DIR = "assets"
+
+
+class ModelDirectoryError(DualEncoderError):
+    """A model directory is missing, incomplete, modified since it was saved, or in the way of a save."""
+
+
+def save_model(model: DualEncoder, directory: str | Path) -> Path:
+    """Write `model` to `directory` (built in a temporary sibling, then renamed into place).
+
+    An existing model directory there is replaced; any other non-empty directory is left alone (error).
+    """
+    directory = Path(directory)
+    _check_replaceable(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
+    try:
+        assets = model.text_encoder.save_assets(staging / ASSETS_DIR)
+        config = {
+            "format_version": FORMAT_VERSION,
+            "model": dataclasses.asdict(model.model_config),
+            # ModelConfig fields that load from files inside this directory instead of their saved value.
+            "assets": {field: f"{ASSETS_DIR}/{name}" for field, name in assets.items()},
+        }
+        _write_json(staging / CONFIG_FILE, config)
+        if model.vocabulary is not None:
+            _write_json(staging / VOCABULARY_FILE, list(model.vocabulary))
+        model.save_weights(staging / WEIGHTS_FILE)
+        _write_json(staging / FINGERPRINT_FILE, {"sha256": _hash_directory(staging)})
+        _swap_into_place(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+def load_model(directory: str | Path) -> DualEncoder:
+    """Load a model saved by `save_model`, with no network access; verifies its fingerprint first."""
+    directory = Path(directory)
+    stored = model_fingerprint(directory)
+    actual = _hash_directory(directory)
+    if actual != stored:
+        raise ModelDirectoryError(f"{directory} was modified after it was saved (fingerprint mismatch)")
+    saved = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
+    if saved.get("format_version") != FORMAT_VERSION:
+        raise ModelDirectoryError(f"{directory}: unsupported model format {saved.get('format_version')!r}")
+    try:
+        config = ModelConfig(**saved["model"])
+    except TypeError as error:
+        raise ModelDirectoryError(f"{directory}/{CONFIG_FILE} does not match this version's ModelConfig: {error}") from None
+    # The weights file holds every weight, so nothing is fetched: no ImageNet download, local assets only.
+    local_assets = {field: str(directory / path) for field, path in saved["assets"].items()}
+    config = dataclasses.replace(config, image_weights=None, **local_assets)
+    vocabulary_path = directory / VOCABULARY_FILE
+    vocabulary = json.loads(vocabulary_path.read_text(encoding="utf-8")) if vocabulary_path.is_file() else None
+    model = DualEncoder(vocabulary=vocabulary, **dataclasses.asdict(config))
+    model.load_weights(directory / WEIGHTS_FILE)
+    return model
+
+
+def model_fingerprint(directory: str | Path) -> str:
+    """The sha256 recorded when the model directory was saved (over its config, weights and assets)."""
+    path = Path(directory) / FINGERPRINT_FILE
+    if not path.is_file():
+        raise ModelDirectoryError(f"{directory} is not a saved model directory (no {FINGERPRINT_FILE})")
+    return json.loads(path.read_text(encoding="utf-8"))["sha256"]
+
+
+def _hash_directory(directory: Path) -> str:
+    """sha256 over the relative path and bytes of every file except the fingerprint itself."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != FINGERPRINT_FILE)
+    for path in files:
+        digest.update(path.relative_to(directory).as_posix().encode() + b"\0")
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def _check_replaceable(directory: Path) -> None:
+    if directory.exists() and not directory.is_dir():
+        raise ModelDirectoryError(f"{directory} exists and is not a directory")
+    if directory.is_dir() and any(directory.iterdir()) and not (directory / FINGERPRINT_FILE).is_file():
+        raise ModelDirectoryError(f"{directory} is a non-empty directory that is not a saved model: not replacing it")
+
+
+def _swap_into_place(staging: Path, directory: Path) -> None:
+    if not directory.exists():
+        os.replace(staging, directory)
+        return
+    # Renames keep a complete model at `directory` except for the instant between the two renames.
+    retired = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old-"))
+    os.replace(directory, retired / directory.name)
+    os.replace(staging, directory)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def _write_json(path: Path, value) -> None:
+    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -1,0 +1,144 @@
+"""DualEncoder: the tower contract, batch forms, frozen backbones, config round-trip, precision, tf.data."""
+
+import dataclasses
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from dual_encoder.config import ModelConfig
+from dual_encoder.losses import ClipLoss, SigLipLoss, UnknownLossError
+from dual_encoder.models import BatchKeysError, DualEncoder, ModelConfigError, build_dual_encoder
+
+from .conftest import CAPTIONS
+
+
+@pytest.fixture
+def model(tiny_config):
+    return build_dual_encoder(tiny_config, captions=CAPTIONS)
+
+
+def test_encoders_return_unit_float32_embeddings(model, images):
+    image_embeddings = model.encode_image(images)
+    text_embeddings = model.encode_text(CAPTIONS[:3])
+    for embeddings in (image_embeddings, text_embeddings):
+        assert embeddings.shape == (3, 16) and embeddings.dtype == tf.float32
+        np.testing.assert_allclose(np.linalg.norm(embeddings, axis=-1), 1.0, rtol=1e-5)
+
+
+def test_encoding_is_backbone_features_then_head(model, images):
+    np.testing.assert_allclose(
+        model.encode_image(images), model.encode_image_features(model.image_features(images)), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        model.encode_text(CAPTIONS), model.encode_text_features(model.text_features(CAPTIONS)), rtol=1e-5
+    )
+    assert model.image_features(images).shape == (3, 4 * 8)  # small_cnn width 8 -> 32 features
+    assert model.text_features(CAPTIONS).shape == (4, 32)
+
+
+def test_token_id_path_equals_string_path(model):
+    tokens = model.tokenize(CAPTIONS)
+    np.testing.assert_allclose(
+        model.encode_token_ids(tokens["token_ids"], tokens["padding_mask"]), model.encode_text(CAPTIONS), rtol=1e-5
+    )
+
+
+def test_call_takes_raw_inputs_or_features(model, images):
+    captions = tf.constant(CAPTIONS[:3])
+    raw = model({"images": images, "captions": captions})
+    features = model({"image_features": model.image_features(images), "text_features": model.text_features(captions)})
+    mixed = model({"image_features": model.image_features(images), "captions": captions})
+    for outputs in (features, mixed):
+        assert set(outputs) == {"image_embeddings", "text_embeddings"}
+        for key in outputs:
+            np.testing.assert_allclose(outputs[key], raw[key], rtol=1e-5)
+    loss = model.compute_contrastive_loss(raw)
+    assert loss.shape == () and np.isfinite(float(loss))
+
+
+@pytest.mark.parametrize(
+    "batch",
+    [{"captions": tf.constant(["x"])}, {"images": np.zeros((1, 32, 32, 3)), "image_features": np.zeros((1, 32))}],
+)
+def test_call_rejects_a_batch_without_exactly_one_input_per_tower(model, batch):
+    with pytest.raises(BatchKeysError, match="exactly one of 'images' and 'image_features'"):
+        model(batch)
+
+
+def test_config_fields_are_attributes(model, tiny_config):
+    for field in dataclasses.fields(ModelConfig):
+        assert getattr(model, field.name) == getattr(tiny_config, field.name)
+    assert model.model_config == tiny_config
+
+
+def test_frozen_backbones_are_not_trainable(tiny_config):
+    config = dataclasses.replace(tiny_config, image_trainable=False, text_trainable=False)
+    model = build_dual_encoder(config, captions=CAPTIONS)
+    assert model.backbones_frozen
+    trainable = {id(w) for w in model.trainable_weights}
+    heads_and_loss = [model.image_projection, model.text_projection, model.contrastive_loss]
+    assert trainable == {id(w) for layer in heads_and_loss for w in layer.trainable_weights}
+    assert {id(w) for w in model.contrastive_loss.trainable_weights} <= trainable  # learnable temperature
+    assert not build_dual_encoder(tiny_config, captions=CAPTIONS).backbones_frozen
+
+
+@pytest.mark.parametrize("loss, loss_class", [("clip", ClipLoss), ("siglip", SigLipLoss)])
+def test_the_model_owns_its_loss(tiny_config, loss, loss_class):
+    model = build_dual_encoder(dataclasses.replace(tiny_config, loss=loss), captions=CAPTIONS)
+    assert isinstance(model.contrastive_loss, loss_class)
+    assert all(any(w is v for v in model.weights) for w in model.contrastive_loss.weights)
+
+
+def test_unknown_loss_and_backbone_are_clear_errors(tiny_config):
+    with pytest.raises(UnknownLossError):
+        build_dual_encoder(dataclasses.replace(tiny_config, loss="triplet"), captions=CAPTIONS)
+    with pytest.raises(ModelConfigError, match="unknown image_backbone"):
+        build_dual_encoder(dataclasses.replace(tiny_config, image_backbone="vit"), captions=CAPTIONS)
+
+
+def test_config_round_trip(model, images):
+    config = model.get_config()
+    json.dumps(config)  # plain JSON: the model config is data
+    restored = DualEncoder.from_config(config)
+    assert restored.model_config == model.model_config
+    assert restored.vocabulary == model.vocabulary
+    restored.set_weights(model.get_weights())
+    np.testing.assert_allclose(restored.encode_image(images), model.encode_image(images), rtol=1e-5)
+    np.testing.assert_allclose(restored.encode_text(CAPTIONS), model.encode_text(CAPTIONS), rtol=1e-5)
+
+
+def test_mixed_precision_gives_float32_embeddings_and_loss(tiny_config, images, mixed_precision):
+    model = build_dual_encoder(tiny_config, captions=CAPTIONS)
+    assert model.image_projection.input_projection.compute_dtype == "float16"
+    outputs = model({"images": images, "captions": tf.constant(CAPTIONS[:3])}, training=True)
+    assert outputs["image_embeddings"].dtype == tf.float32
+    assert outputs["text_embeddings"].dtype == tf.float32
+    loss = model.compute_contrastive_loss(outputs)
+    assert loss.dtype == tf.float32 and np.isfinite(float(loss))
+
+
+def test_encoding_inside_tf_data_map_equals_eager(model, images):
+    image_dataset = tf.data.Dataset.from_tensor_slices(images).batch(2).map(model.encode_image)
+    text_dataset = tf.data.Dataset.from_tensor_slices(CAPTIONS).batch(3).map(model.encode_text)
+    np.testing.assert_allclose(np.concatenate(list(image_dataset)), model.encode_image(images), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.concatenate(list(text_dataset)), model.encode_text(CAPTIONS), rtol=1e-5, atol=1e-6)
+
+
+def test_a_gradient_step_reaches_every_trainable_weight(model, images):
+    batch = {"images": images, "captions": tf.constant(CAPTIONS[:3])}
+    with tf.GradientTape() as tape:
+        loss = model.compute_contrastive_loss(model(batch, training=True))
+    gradients = tape.gradient(loss, model.trainable_variables)
+    missing = [v.path for v, g in zip(model.trainable_variables, gradients) if g is None]
+    assert not missing
+
+
+def test_builds_under_a_strategy_scope(tiny_config):
+    with tf.distribute.OneDeviceStrategy("/cpu:0").scope():
+        model = build_dual_encoder(tiny_config, captions=CAPTIONS)
+    assert isinstance(model.contrastive_loss.log_logit_scale.value, tf.Variable)
+    assert model.encode_text(CAPTIONS[:1]).shape == (1, 16)
+    keras.backend.clear_session()

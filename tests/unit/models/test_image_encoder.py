@@ -1,0 +1,96 @@
+"""Image towers: every backbone builds, preprocessing and resizing live inside, local weights files load."""
+
+import keras
+import numpy as np
+import pytest
+
+from dual_encoder.models.image_encoder import IMAGE_BACKBONES, ImageEncoder, build_image_backbone
+from dual_encoder.models.layers import ModelConfigError
+
+# The heavy ones at their smallest inputs, marked slow (they still run in CI).
+SIZES = {"xception": 71, "resnet50": 32, "efficientnetv2_b0": 32, "mobilenetv3_small": 32, "small_cnn": 32}
+HEAVY = {"xception", "resnet50"}
+
+
+def test_every_registered_backbone_has_a_test_size():
+    assert set(SIZES) == set(IMAGE_BACKBONES)
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in sorted(SIZES)]
+)
+def test_backbone_builds_and_runs_one_image(name):
+    size = SIZES[name]
+    tower = ImageEncoder(name, image_size=size, weights=None, width=8)
+    image = np.random.default_rng(0).integers(0, 256, (1, size, size, 3)).astype("uint8")
+    features = np.asarray(tower(image))
+    assert features.shape == (1, tower.output_dim)
+    assert np.isfinite(features).all()
+
+
+def test_small_cnn_width_sets_the_output_size():
+    assert ImageEncoder("small_cnn", image_size=32, width=8).output_dim == 32
+    assert ImageEncoder("small_cnn", image_size=32, width=4).output_dim == 16
+
+
+def test_uint8_and_float_inputs_agree(images):
+    tower = ImageEncoder("small_cnn", image_size=32, width=8)
+    np.testing.assert_allclose(tower(images), tower(images.astype("float32")), rtol=1e-5, atol=1e-6)
+
+
+def test_preprocess_input_runs_inside_the_tower(images):
+    # ResNet50's caffe preprocessing (BGR, mean subtraction) must be applied by the tower, not the caller.
+    tower = ImageEncoder("resnet50", image_size=32, width=8)
+    expected = tower.backbone(keras.applications.resnet50.preprocess_input(images.astype("float32")))
+    np.testing.assert_allclose(tower(images), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_other_sizes_are_resized_inside_the_tower(images):
+    tower = ImageEncoder("small_cnn", image_size=32, width=8)
+    large = np.repeat(np.repeat(images, 2, axis=1), 2, axis=2)  # 64x64, nearest-neighbour upscaled
+    resized = keras.ops.image.resize(large.astype("float32"), (32, 32))
+    np.testing.assert_allclose(tower(large), tower(resized), rtol=1e-5, atol=1e-6)
+    assert tower(large).shape == (3, 32)
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "mobilenetv3_small"])
+def test_local_weights_file_loads_into_the_backbone(name, tmp_path, images):
+    source = ImageEncoder(name, image_size=32, width=8)
+    path = tmp_path / f"{name}.weights.h5"
+    source.backbone.save_weights(path)
+    loaded = ImageEncoder(name, image_size=32, width=8, weights=str(path))
+    fresh = ImageEncoder(name, image_size=32, width=8)
+    # Untrained MobileNetV3 outputs are ~1e-11: compare relatively.
+    np.testing.assert_allclose(loaded(images), source(images), rtol=1e-5, atol=0)
+    assert not np.allclose(fresh(images), source(images), rtol=1e-2, atol=0)
+
+
+def test_frozen_tower_has_no_trainable_weights_and_runs_batch_norm_in_inference(images):
+    tower = ImageEncoder("small_cnn", image_size=32, width=8, trainable=False)
+    assert tower.trainable_weights == [] and len(tower.non_trainable_weights) > 0
+    np.testing.assert_allclose(tower(images, training=True), tower(images, training=False))
+    trainable = ImageEncoder("small_cnn", image_size=32, width=8, trainable=True)
+    assert len(trainable.trainable_weights) > 0
+
+
+@pytest.mark.parametrize(
+    "name, size, weights, message",
+    [
+        ("vgg_tiny", 32, None, "unknown image_backbone 'vgg_tiny'"),
+        ("xception", 32, None, "below the minimum 71"),
+        ("small_cnn", 32, "imagenet", "small_cnn has no ImageNet weights"),
+        ("small_cnn", 32, "weights.npz", "must be 'imagenet', null or a .weights.h5 file"),
+        ("small_cnn", 32, "/nonexistent/model.weights.h5", "file not found"),
+    ],
+)
+def test_bad_settings_raise_a_clear_error(name, size, weights, message):
+    with pytest.raises(ModelConfigError, match=message):
+        build_image_backbone(name, size, 8, weights)
+
+
+@pytest.mark.filterwarnings("ignore:Skipping nested container")
+def test_weights_of_another_architecture_raise_a_clear_error(tmp_path):
+    path = tmp_path / "other.weights.h5"
+    build_image_backbone("small_cnn", 32, 4, None).save_weights(path)
+    with pytest.raises(ModelConfigError, match="does not hold weights of mobilenetv3_small"):
+        build_image_backbone("mobilenetv3_small", 32, 8, str(path))

@@ -1,0 +1,241 @@
+"""Losses against NumPy references (value and gradient), and their equality on 2 replicas vs 1 device."""
+
+import functools
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from dual_encoder.losses import (
+    ClipLoss,
+    SigLipLoss,
+    SoftTargetLoss,
+    UnknownLossError,
+    build_loss,
+    gather_across_replicas,
+)
+
+IMAGES = np.array([[1.0, 0.0, 0.0], [0.6, 0.8, 0.0], [0.0, 0.6, 0.8], [0.0, 0.0, 1.0]])
+TEXTS = np.array([[0.8, 0.6, 0.0], [0.0, 1.0, 0.0], [0.0, 0.8, 0.6], [0.6, 0.0, 0.8]])
+
+
+def _log_softmax(x):
+    shifted = x - x.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def _clip_reference(images, texts, log_scale, max_scale=100.0):
+    logits = min(np.exp(log_scale), max_scale) * images @ texts.T
+    return -(np.mean(np.diag(_log_softmax(logits))) + np.mean(np.diag(_log_softmax(logits.T)))) / 2
+
+
+def _soft_target_reference(images, texts, temperature):
+    logits = texts @ images.T / temperature
+    similarity = (images @ images.T + texts @ texts.T) / (2 * temperature)
+    targets = np.exp(_log_softmax(similarity))
+    texts_loss = -np.sum(targets * _log_softmax(logits), axis=1)
+    images_loss = -np.sum(targets.T * _log_softmax(logits.T), axis=1)
+    return np.mean((texts_loss + images_loss) / 2)
+
+
+def _siglip_reference(images, texts, log_scale, bias, max_scale=100.0):
+    logits = min(np.exp(log_scale), max_scale) * images @ texts.T + bias
+    signs = 2 * np.eye(len(images)) - 1
+    return -np.sum(np.log(1 / (1 + np.exp(-signs * logits)))) / len(images)
+
+
+def _numeric_gradient(fn, array, step=1e-6):
+    array = np.array(array, dtype=np.float64)
+    gradient = np.zeros_like(array)
+    for index in np.ndindex(array.shape):
+        plus, minus = array.copy(), array.copy()
+        plus[index] += step
+        minus[index] -= step
+        gradient[index] = (fn(plus) - fn(minus)) / (2 * step)
+    return gradient
+
+
+# (loss, reference(images, texts, scalars...), names of the loss's learnable scalars)
+CASES = {
+    "clip": (lambda: ClipLoss(temperature=0.5), lambda i, t, s: _clip_reference(i, t, *s), ["log_logit_scale"]),
+    "soft_target": (lambda: SoftTargetLoss(temperature=0.5), lambda i, t, s: _soft_target_reference(i, t, 0.5), []),
+    "siglip": (lambda: SigLipLoss(), lambda i, t, s: _siglip_reference(i, t, *s), ["log_logit_scale", "logit_bias"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_loss_value_and_gradients_match_numpy_reference(name):
+    make_loss, reference, scalar_names = CASES[name]
+    loss = make_loss()
+    scalars = [getattr(loss, n) for n in scalar_names]
+    images, texts = tf.constant(IMAGES, tf.float32), tf.constant(TEXTS, tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch([images, texts])
+        value = loss(images, texts)
+    image_grad, text_grad, *scalar_grads = tape.gradient(value, [images, texts, *[s.value for s in scalars]])
+
+    scalar_values = [float(s.numpy()) for s in scalars]
+    np.testing.assert_allclose(float(value), reference(IMAGES, TEXTS, scalar_values), rtol=1e-5)
+    np.testing.assert_allclose(
+        image_grad, _numeric_gradient(lambda x: reference(x, TEXTS, scalar_values), IMAGES), rtol=1e-4, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        text_grad, _numeric_gradient(lambda x: reference(IMAGES, x, scalar_values), TEXTS), rtol=1e-4, atol=1e-6
+    )
+    for i, grad in enumerate(scalar_grads):
+
+        def vary_scalar(x, i=i):
+            values = list(scalar_values)
+            values[i] = float(x)
+            return reference(IMAGES, TEXTS, values)
+
+        np.testing.assert_allclose(float(grad), _numeric_gradient(vary_scalar, scalar_values[i]), rtol=1e-4)
+
+
+def test_clip_scale_starts_at_inverse_temperature_and_is_capped():
+    loss = ClipLoss(temperature=0.07, max_logit_scale=100.0)
+    np.testing.assert_allclose(float(loss.logit_scale), 1 / 0.07, rtol=1e-6)
+    loss.log_logit_scale.assign(np.log(1000.0))
+    assert float(loss.logit_scale) == pytest.approx(100.0)
+    np.testing.assert_allclose(float(loss(IMAGES, TEXTS)), _clip_reference(IMAGES, TEXTS, np.log(1000.0)), rtol=1e-5)
+
+
+def test_siglip_starts_at_paper_values():
+    loss = SigLipLoss()
+    assert float(loss.logit_scale) == pytest.approx(10.0)
+    assert float(loss.logit_bias) == pytest.approx(-10.0)
+
+
+def test_loss_is_float32_under_float16_inputs():
+    loss = ClipLoss(temperature=0.5)
+    value = loss(tf.constant(IMAGES, tf.float16), tf.constant(TEXTS, tf.float16))
+    assert value.dtype == tf.float32
+    np.testing.assert_allclose(float(value), _clip_reference(IMAGES, TEXTS, np.log(2.0)), rtol=1e-3)
+
+
+def test_build_loss_registry():
+    assert isinstance(build_loss("clip", 0.1, 50.0), ClipLoss)
+    assert build_loss("clip", 0.1, 50.0).max_logit_scale == 50.0
+    assert build_loss("soft_target", 0.2).temperature == 0.2
+    assert isinstance(build_loss("siglip"), SigLipLoss)
+    with pytest.raises(UnknownLossError, match="unknown loss 'infonce'"):
+        build_loss("infonce")
+
+
+def test_loss_config_round_trip():
+    loss = ClipLoss(temperature=0.1, max_logit_scale=30.0, gather_negatives=False)
+    restored = ClipLoss.from_config(loss.get_config())
+    assert (restored.temperature, restored.max_logit_scale, restored.gather_negatives) == (0.1, 30.0, False)
+
+
+def test_gather_is_identity_outside_a_strategy():
+    x = tf.constant([[1.0, 2.0]])
+    assert gather_across_replicas(x) is x
+
+
+# --- Two replicas (conftest made two logical CPUs) against one device on the whole batch -------------
+
+FEATURES = np.random.default_rng(0).normal(size=(8, 5)).astype("float32")
+CAPTION_FEATURES = np.random.default_rng(1).normal(size=(8, 4)).astype("float32")
+
+
+def _towers_and_loss(name, gather_negatives=True):
+    """Two linear 'towers' with fixed weights (so gradients flow through the gather) and a loss."""
+    image_tower = keras.layers.Dense(3, use_bias=False, kernel_initializer=keras.initializers.Constant(0.3))
+    text_tower = keras.layers.Dense(3, use_bias=False, kernel_initializer=keras.initializers.Constant(-0.2))
+    image_tower.build((None, 5))
+    text_tower.build((None, 4))
+    image_tower.kernel.assign(np.random.default_rng(2).normal(size=(5, 3)))
+    text_tower.kernel.assign(np.random.default_rng(3).normal(size=(4, 3)))
+    loss = build_loss(name, temperature=0.5)
+    loss.gather_negatives = gather_negatives
+    variables = [image_tower.kernel, text_tower.kernel, *loss.trainable_weights]
+    return image_tower, text_tower, loss, variables
+
+
+def _loss_and_gradients(image_tower, text_tower, loss, variables, features, caption_features):
+    with tf.GradientTape() as tape:
+        image_embeddings = tf.math.l2_normalize(image_tower(features), axis=-1)
+        text_embeddings = tf.math.l2_normalize(text_tower(caption_features), axis=-1)
+        value = loss(image_embeddings, text_embeddings)
+    return value, tape.gradient(value, [v.value for v in variables])
+
+
+@functools.cache
+def _two_replicas() -> tf.distribute.MirroredStrategy:
+    """One strategy for this module, with collective keys of its own.
+
+    Every MirroredStrategy in a process starts from the same collective keys, and the runtime aborts when a
+    later strategy sends differently shaped tensors under a key an earlier one used (tensorflow#62790).
+    TF's own tests give each strategy its own key range through `_collective_key_base`, read at construction.
+    """
+    default_base = tf.distribute.MirroredStrategy._collective_key_base
+    tf.distribute.MirroredStrategy._collective_key_base = 7_000_000
+    try:
+        return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    finally:
+        tf.distribute.MirroredStrategy._collective_key_base = default_base
+
+
+def _two_replica_loss_and_gradients(name, batch_size, gather_negatives=True):
+    strategy = _two_replicas()
+    with strategy.scope():
+        towers_and_loss = _towers_and_loss(name, gather_negatives)
+    dataset = tf.data.Dataset.from_tensor_slices((FEATURES[:batch_size], CAPTION_FEATURES[:batch_size]))
+    batch = next(iter(strategy.experimental_distribute_dataset(dataset.batch(batch_size))))
+
+    @tf.function
+    def step(features, caption_features):
+        value, gradients = strategy.run(_loss_and_gradients, args=(*towers_and_loss, features, caption_features))
+        # What the training loop does: SUM the per-replica losses and gradients.
+        reduce = lambda x: strategy.reduce(tf.distribute.ReduceOp.SUM, x, axis=None)  # noqa: E731
+        return reduce(value), [reduce(g) for g in gradients]
+
+    return step(*batch)
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip", "soft_target"])
+@pytest.mark.parametrize("batch_size", [8, 7])  # 7 splits unevenly, 4 + 3
+def test_two_replicas_with_gathering_equal_one_device_on_the_whole_batch(name, batch_size):
+    value, gradients = _two_replica_loss_and_gradients(name, batch_size)
+    expected_value, expected_gradients = _loss_and_gradients(
+        *_towers_and_loss(name), FEATURES[:batch_size], CAPTION_FEATURES[:batch_size]
+    )
+    np.testing.assert_allclose(float(value), float(expected_value), rtol=1e-5)
+    assert len(gradients) == len(expected_gradients)
+    for got, expected in zip(gradients, expected_gradients):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_two_replicas_without_gathering_average_the_local_losses():
+    value, _ = _two_replica_loss_and_gradients("clip", 8, gather_negatives=False)
+    image_tower, text_tower, loss, variables = _towers_and_loss("clip")
+    halves = [
+        _loss_and_gradients(image_tower, text_tower, loss, variables, FEATURES[s], CAPTION_FEATURES[s])[0]
+        for s in (slice(0, 4), slice(4, 8))
+    ]
+    np.testing.assert_allclose(float(value), float(np.mean(halves)), rtol=1e-5)
+
+
+def test_an_sgd_step_on_two_replicas_equals_one_device():
+    """Through `optimizer.apply_gradients`, whose cross-replica aggregation is the SUM the loss expects."""
+
+    def train_step(image_tower, text_tower, loss, variables, optimizer, features, caption_features):
+        _, gradients = _loss_and_gradients(image_tower, text_tower, loss, variables, features, caption_features)
+        optimizer.apply_gradients(zip(gradients, variables))
+
+    strategy = _two_replicas()
+    with strategy.scope():
+        distributed = (*_towers_and_loss("clip"), keras.optimizers.SGD(1.0))
+        distributed[-1].build(distributed[3])
+    batch = next(iter(strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensor_slices((FEATURES, CAPTION_FEATURES)).batch(8)
+    )))  # fmt: skip
+    tf.function(lambda f, c: strategy.run(train_step, args=(*distributed, f, c)))(*batch)
+
+    single = (*_towers_and_loss("clip"), keras.optimizers.SGD(1.0))
+    train_step(*single, FEATURES, CAPTION_FEATURES)
+    for got, expected in zip(distributed[3], single[3]):
+        np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-4, atol=1e-6)
+    assert not np.allclose(single[3][0].numpy(), _towers_and_loss("clip")[3][0].numpy())  # the step moved weights
