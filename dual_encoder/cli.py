@@ -112,6 +112,147 @@ def evaluate(
     _echo_json(evaluate_split(load_model(model), data, split, batch_size=batch_size))
 
 
+def _model_dir(path: Path) -> Path:
+    """A run folder's best model (`<run>/model`), or the model folder itself."""
+    return path / "model" if (path / "model" / "config.json").is_file() else path
+
+
+def _gallery(images: Optional[Path], data: Optional[Path], split: str, list_file: Optional[Path]):
+    from dual_encoder.index import DatasetSplit, ImageFolder, ImageList
+
+    chosen = [s for s in (images, data, list_file) if s is not None]
+    if len(chosen) != 1:
+        raise DualEncoderError("give exactly one of --images FOLDER, --data PREPARED_DIR or --list FILE")
+    if data is not None:
+        return DatasetSplit(data, split)
+    return ImageFolder(images) if images is not None else ImageList(list_file)
+
+
+def _report_index(summary) -> None:
+    typer.echo(
+        f"{summary.count} items in {summary.index_dir} ({summary.kind}, {summary.dtype}, dim {summary.dim}): "
+        f"{summary.embedded} embedded, {summary.reused} reused, {summary.replaced} replaced, "
+        f"{summary.removed} removed, {summary.unchanged} unchanged, {len(summary.skipped)} skipped"
+    )
+    for skipped in summary.skipped:
+        typer.echo(f"  skipped {skipped.path}: {skipped.reason}", err=True)
+
+
+@index_app.command("build")
+def index_build(
+    model: Path = typer.Option(..., help="A model folder or a run folder."),
+    output: Path = typer.Option(..., help="Index folder to write (replaced atomically if it exists)."),
+    images: Optional[Path] = typer.Option(None, help="An image folder (searched recursively)."),
+    data: Optional[Path] = typer.Option(None, help="A prepared dataset (with --split)."),
+    split: str = typer.Option("validation", help="Split of --data to index."),
+    list_file: Optional[Path] = typer.Option(None, "--list", help="A file with one image path per line."),
+    preset: str = typer.Option("synthetic-small", help="Preset whose index section to use."),
+    set_: List[str] = typer.Option([], "--set", help="Override an index key, e.g. dtype=float16 or kind=hnsw."),
+    kind: Optional[str] = typer.Option(None, help="exact, hnsw, ivf or auto (shorthand for --set kind=...)."),
+    quiet: bool = typer.Option(False, help="No progress bars."),
+):
+    """Embed a gallery with the model's image tower and write a searchable index."""
+    from dual_encoder.index import build_index
+
+    overrides = list(set_) + ([f"index.kind={kind}"] if kind else [])
+    config = _config(preset, overrides).index
+    _report_index(build_index(_model_dir(model), _gallery(images, data, split, list_file), output, config, progress=not quiet))
+
+
+@index_app.command("add")
+def index_add(
+    index: Path = typer.Option(..., help="An existing index folder."),
+    images: Path = typer.Option(..., help="An image folder or a list file; only new or changed files are embedded."),
+    quiet: bool = typer.Option(False, help="No progress bars."),
+):
+    """Add new or changed images to an index."""
+    from dual_encoder.index import add_to_index
+
+    _report_index(add_to_index(index, images, progress=not quiet))
+
+
+@index_app.command("remove")
+def index_remove(
+    index: Path = typer.Option(..., help="An existing index folder."),
+    paths: List[Path] = typer.Argument(None, help="Image files or folders to remove."),
+    missing: bool = typer.Option(False, help="Also remove items whose file no longer exists."),
+):
+    """Remove images from an index by path, or those whose file is gone."""
+    from dual_encoder.index import remove_from_index
+
+    if not paths and not missing:
+        raise DualEncoderError("name paths to remove, or pass --missing")
+    _report_index(remove_from_index(index, paths or (), missing=missing))
+
+
+@app.command()
+def search(
+    query: List[str] = typer.Argument(..., help="One or more queries, e.g. 'find images of a dog on a beach'."),
+    index: Path = typer.Option(..., help="An index folder."),
+    k: int = typer.Option(9, "-k", "--k", min=1, help="How many results per query."),
+    json_: bool = typer.Option(False, "--json", help="Print JSON: [{rank, id, path, score}] per query."),
+    grid: Optional[Path] = typer.Option(None, help="Write a contact sheet PNG of the first query's results."),
+    model: Optional[Path] = typer.Option(None, help="Model folder (default: the one the index records)."),
+):
+    """Search an index with natural-language queries."""
+    from dual_encoder.search import Searcher, write_grid
+
+    searcher = Searcher.load(index, model_dir=_model_dir(model) if model else None)
+    results = searcher.search(list(query), k=k)
+    if json_:
+        hits = [[{"rank": h.rank, "id": h.id, "path": h.path, "score": h.score} for h in r.hits] for r in results]
+        _echo_json(hits[0] if len(hits) == 1 else hits)
+    else:
+        for result in results:
+            typer.echo(f'\n"{result.query}"  (searched as "{result.normalized_query}")')
+            typer.echo(f"{'rank':>4}  {'score':>7}  {'id':>8}  path")
+            for hit in result.hits:
+                typer.echo(f"{hit.rank:>4}  {hit.score:>7.4f}  {hit.id:>8}  {hit.path}")
+    if grid is not None:
+        typer.echo(f"grid: {write_grid(results[0], grid)}")
+
+
+@app.command()
+def export(
+    index: Path = typer.Option(..., help="The index to bake into the searcher SavedModel."),
+    output: Path = typer.Option(..., help="Folder for text_encoder/, image_encoder/ and searcher/."),
+    model: Optional[Path] = typer.Option(None, help="Model folder (default: the one the index records)."),
+):
+    """Export SavedModels: text encoder, image encoder, and a searcher with the index baked in."""
+    from dual_encoder.export import export_saved_models
+
+    summary = export_saved_models(index, output, model_dir=_model_dir(model) if model else None)
+    for name, path in summary.artifacts.items():
+        typer.echo(f"{name:<14} {path}  signatures: {', '.join(summary.signatures[name])}")
+
+
+@app.command()
+def serve(
+    index: Path = typer.Option(..., help="The index to search."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (loopback unless you say otherwise)."),
+    port: int = typer.Option(8000, min=1, max=65535),
+    model: Optional[Path] = typer.Option(None, help="Model folder (default: the one the index records)."),
+):
+    """Serve the search page and the HTTP API."""
+    from dual_encoder.serve import run_server
+
+    run_server(index, host=host, port=port, model_dir=_model_dir(model) if model else None)
+
+
+@app.command()
+def demo(
+    output: Path = typer.Option(Path("demo_output"), help="Folder for everything the demo writes."),
+    quick: bool = typer.Option(False, help="A reduced size (CI): a few hundred images, two epochs, no quality check."),
+    quiet: bool = typer.Option(False, help="No progress bars."),
+):
+    """The offline demo: synthetic data, prepare, train, evaluate, index, queries, export."""
+    from dual_encoder.demo import run_demo
+
+    result = run_demo(output, scale="quick" if quick else "full", progress=not quiet)
+    if result.targets_met is False:
+        raise typer.Exit(1)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point: run the command line and return the exit code (2 for bad input, with one clear line)."""
     try:

@@ -1,0 +1,183 @@
+"""SavedModels for serving: text encoder, image encoder, and a searcher with the index baked in.
+
+Each loads with only `tensorflow` (plus `tensorflow_text` where a KerasHub tokenizer runs in the graph)
+imported, not this package. Every artifact also has a token-id signature built from core TF ops only, for
+stock TF Serving, whose bundled TF Text is too old for newer tokenizer ops (tensorflow/serving#2267).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+from dual_encoder.data.pipeline import decode_and_resize
+from dual_encoder.search import REQUEST_PREFIX, Searcher
+
+TEXT_ENCODER, IMAGE_ENCODER, SEARCHER = "text_encoder", "image_encoder", "searcher"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportSummary:
+    output: Path
+    artifacts: dict[str, Path]
+    signatures: dict[str, list[str]]
+    needs_tensorflow_text: bool
+
+
+class _IndexTables(tf.Module):
+    """The gallery baked into the searcher: embeddings (as stored), item ids and paths."""
+
+    def __init__(self, searcher: Searcher):
+        super().__init__(name="index")
+        index = searcher.index
+        self.embeddings = tf.Variable(index.embeddings, trainable=False, name="embeddings")
+        self.ids = tf.Variable(index.items.ids, trainable=False, dtype=tf.int64, name="ids")
+        self.paths = tf.Variable(list(index.items.paths), trainable=False, dtype=tf.string, name="paths")
+
+
+def _normalize_queries(queries: tf.Tensor) -> tf.Tensor:
+    """In-graph twin of `search.normalize_query` (RE2 has no look-ahead: the trailing space is consumed)."""
+    collapsed = tf.strings.strip(tf.strings.regex_replace(queries, r"\s+", " "))
+    stripped = tf.strings.strip(tf.strings.regex_replace(collapsed, rf"^(?i)(?:{REQUEST_PREFIX})(?: |$)", ""))
+    tf.debugging.Assert(
+        tf.reduce_all(tf.strings.length(stripped) > 0),
+        ["a query is empty, or only a request phrase such as 'find images of'", queries],
+    )
+    return stripped
+
+
+def _top_k(tables: _IndexTables, query_embeddings: tf.Tensor, k: tf.Tensor) -> dict:
+    count = tf.shape(tables.embeddings, out_type=tf.int32)[0]
+    tf.debugging.Assert(k > 0, ["k must be a positive integer, got", k])
+    k = tf.minimum(k, count)
+    scores = tf.matmul(query_embeddings, tf.cast(tables.embeddings, tf.float32), transpose_b=True)
+    top = tf.math.top_k(scores, k=k)  # ties: the lower row first, as in the Python index
+    return {"scores": top.values, "ids": tf.gather(tables.ids, top.indices), "paths": tf.gather(tables.paths, top.indices)}
+
+
+def _token_spec(model):
+    length = model.sequence_length
+    return [
+        tf.TensorSpec([None, length], tf.int32, name="token_ids"),
+        tf.TensorSpec([None, length], tf.int32, name="padding_mask"),
+    ]
+
+
+def _write(archive: keras.export.ExportArchive, path: Path) -> None:
+    archive.write_out(str(path), verbose=False)
+
+
+def export_text_encoder(model, path: Path) -> list[str]:
+    """strings -> embeddings (`serving_default`), token ids -> embeddings (`encode_token_ids`), `tokenize`."""
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(
+        "serve",
+        lambda texts: {"embeddings": tf.cast(model.encode_text(texts), tf.float32)},
+        input_signature=[tf.TensorSpec([None], tf.string, name="texts")],
+    )
+    archive.add_endpoint(
+        "encode_token_ids",
+        lambda ids, mask: {"embeddings": tf.cast(model.encode_token_ids(ids, tf.cast(mask, tf.bool)), tf.float32)},
+        input_signature=_token_spec(model),
+    )
+    archive.add_endpoint(
+        "tokenize",
+        lambda texts: {name: tf.cast(value, tf.int32) for name, value in model.tokenize(texts).items()},
+        input_signature=[tf.TensorSpec([None], tf.string, name="texts")],
+    )
+    _write(archive, path)
+    return ["serving_default", "serve", "encode_token_ids", "tokenize"]
+
+
+def export_image_encoder(model, path: Path) -> list[str]:
+    """Encoded image bytes (JPEG/PNG/GIF/BMP) -> embeddings, decoding and resizing in the graph."""
+    size = model.image_size
+
+    def serve(image_bytes):
+        images = tf.map_fn(
+            lambda data: decode_and_resize(data, size),
+            image_bytes,
+            fn_output_signature=tf.TensorSpec([size, size, 3], tf.uint8),
+        )
+        return {"embeddings": tf.cast(model.encode_image(images), tf.float32)}
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serve", serve, input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    _write(archive, path)
+    return ["serving_default", "serve"]
+
+
+def export_searcher(searcher: Searcher, path: Path) -> list[str]:
+    """Query strings and k -> ids, scores, paths of the top k (`serving_default`); `search_token_ids` takes
+    token ids instead of strings and needs only core TF ops."""
+    model, tables = searcher.model, _IndexTables(searcher)
+
+    def search(queries, k):
+        normalized = _normalize_queries(queries)
+        return {**_top_k(tables, tf.cast(model.encode_text(normalized), tf.float32), k), "normalized_queries": normalized}
+
+    def search_token_ids(ids, mask, k):
+        return _top_k(tables, tf.cast(model.encode_token_ids(ids, tf.cast(mask, tf.bool)), tf.float32), k)
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.track(tables)
+    k_spec = tf.TensorSpec([], tf.int32, name="k")
+    archive.add_endpoint("search", search, input_signature=[tf.TensorSpec([None], tf.string, name="queries"), k_spec])
+    archive.add_endpoint("search_token_ids", search_token_ids, input_signature=[*_token_spec(model), k_spec])
+    _write(archive, path)
+    return ["serving_default", "search", "search_token_ids"]
+
+
+def export_saved_models(index_dir: str | Path, output: str | Path, model_dir: str | Path | None = None) -> ExportSummary:
+    """Write `text_encoder/`, `image_encoder/` and `searcher/` SavedModels plus `export.json` under `output`.
+
+    The model is the one the index was built with (its fingerprint is checked). The whole output is written
+    to a temporary sibling and renamed into place, so a failed export leaves a previous one intact.
+    """
+    searcher = Searcher.load(index_dir, model_dir=model_dir)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
+    try:
+        signatures = {
+            TEXT_ENCODER: export_text_encoder(searcher.model, staging / TEXT_ENCODER),
+            IMAGE_ENCODER: export_image_encoder(searcher.model, staging / IMAGE_ENCODER),
+            SEARCHER: export_searcher(searcher, staging / SEARCHER),
+        }
+        needs_text = searcher.model.text_backbone != "small_transformer"
+        (staging / "export.json").write_text(
+            json.dumps(
+                {
+                    "model": searcher.info(),
+                    "signatures": signatures,
+                    "needs_tensorflow_text": needs_text,
+                    "image_size": searcher.model.image_size,
+                    "sequence_length": searcher.model.sequence_length,
+                },
+                indent=2,
+                default=str,
+            )
+        )
+        if output.exists():
+            old = output.with_name(f".{output.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(output, old)
+            os.replace(staging, output)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    artifacts = {name: output / name for name in signatures}
+    return ExportSummary(output, artifacts, signatures, needs_text)
