@@ -28,7 +28,6 @@ class DataConfig:
     split_seed: int = 0
     shard_size: int = 1000
     max_image_pixels: int = 64_000_000
-    shuffle_buffer: int = 4096
 
 
 @dataclasses.dataclass(frozen=True)

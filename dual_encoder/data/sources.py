@@ -14,6 +14,8 @@ import re
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable, Optional
 
+from dual_encoder.errors import DualEncoderError
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp"})
 
 # Column / key names accepted for the image and the caption in CSV, TSV and JSONL sources.
@@ -34,7 +36,7 @@ class Reason:
     UNKNOWN_IMAGE = "unknown image"
 
 
-class DataError(Exception):
+class DataError(DualEncoderError):
     """A source that is unusable as a whole (unreadable or invalid annotation file, zero valid pairs)."""
 
 
@@ -127,7 +129,7 @@ class _Collector:
             self._captions[image_id].setdefault(caption, None)
 
     def add_pair(self, image_name: str, caption: str) -> None:
-        """A pair that names its image by a path relative to `images_dir` (CSV, JSONL)."""
+        """A pair that names its image by a path relative to `images_dir` (CSV, JSONL); "" adds no caption."""
         image_id = _relative_name(image_name)
         self.add_image(image_id, self.images_dir / image_id)
         self.add_caption(image_id, caption)
@@ -174,9 +176,8 @@ def _read_coco(input: Path, images_dir: Path) -> SourceResult:
         data = json.loads(_read_text(input))
     except json.JSONDecodeError as error:
         raise DataError(f"{input}: not valid JSON (line {error.lineno}: {error.msg})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(
-        data.get("annotations"), list
-    ):
+    is_coco = isinstance(data, dict) and all(isinstance(data.get(key), list) for key in ("images", "annotations"))
+    if not is_coco:
         raise DataError(f"{input}: not a COCO captions file (needs 'images' and 'annotations' lists)")
     collector = _Collector(images_dir)
     for index, image in enumerate(data["images"]):
@@ -219,11 +220,11 @@ def _read_csv(input: Path, images_dir: Path) -> SourceResult:
     collector = _Collector(images_dir)
     try:
         for row in reader:
-            image, caption = _first_key(row, IMAGE_KEYS), _first_key(row, CAPTION_KEYS)
-            if image is None or caption is None:
-                collector.skip(f"{input.name}:{reader.line_num}", Reason.BAD_ROW, "empty image or caption")
+            image = _first_key(row, IMAGE_KEYS)
+            if image is None:
+                collector.skip(f"{input.name}:{reader.line_num}", Reason.BAD_ROW, "no image")
                 continue
-            collector.add_pair(image, caption)
+            collector.add_pair(image, _first_key(row, CAPTION_KEYS) or "")
     except csv.Error as error:
         raise DataError(f"{input}: not valid CSV (line {reader.line_num}: {error})") from None
     return collector.result()
@@ -240,11 +241,11 @@ def _read_jsonl(input: Path, images_dir: Path) -> SourceResult:
             raise DataError(f"{input}: line {number} is not valid JSON ({error.msg})") from None
         if not isinstance(row, dict):
             raise DataError(f"{input}: line {number} is not a JSON object")
-        image, caption = _first_key(row, IMAGE_KEYS), _first_key(row, CAPTION_KEYS)
-        if image is None or caption is None:
-            collector.skip(f"{input.name}:{number}", Reason.BAD_ROW, f"needs one of {IMAGE_KEYS} and {CAPTION_KEYS}")
+        image = _first_key(row, IMAGE_KEYS)
+        if image is None:
+            collector.skip(f"{input.name}:{number}", Reason.BAD_ROW, f"needs one of {IMAGE_KEYS}")
             continue
-        collector.add_pair(image, caption)
+        collector.add_pair(image, _first_key(row, CAPTION_KEYS) or "")
     return collector.result()
 
 

@@ -86,8 +86,8 @@ SHAPES: dict[str, tuple[Callable, tuple[str, ...]]] = {
 }
 # name -> (radius as a fraction of the image side, words)
 SIZES: dict[str, tuple[float, tuple[str, ...]]] = {
-    "small": (0.08, ("small", "little", "tiny")),
-    "large": (0.14, ("large", "big")),
+    "small": (0.10, ("small", "little", "tiny")),
+    "large": (0.15, ("large", "big")),
 }
 _ROWS = {0: ("top", "upper"), 1: (), 2: ("bottom", "lower")}
 _COLUMNS = {0: "left", 1: "", 2: "right"}
@@ -130,7 +130,7 @@ _GRID = {
 }  # fmt: skip
 POSITIONS: dict[str, Position] = {name: _position(column, row) for name, (column, row) in _GRID.items()}
 _COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
-_OBJECT_COUNT_PROBABILITIES = (0.15, 0.40, 0.45)  # 1, 2, 3 objects: singles have the fewest combinations
+_OBJECT_COUNT_PROBABILITIES = (0.10, 0.50, 0.40)  # 1, 2, 3 objects: singles have the fewest combinations
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,22 +161,22 @@ def sample_scene(rng: np.random.Generator) -> Scene:
     )
 
 
-def _background(rng: np.random.Generator, side: int) -> np.ndarray:
-    """A pale flat colour or a pale two-colour gradient, as float [side, side, 3]."""
+def _background(rng: np.random.Generator, image_size: int) -> Image.Image:
+    """A pale flat colour or a pale two-colour gradient, at `image_size`."""
     start = rng.uniform(185, 250, size=3)
     if rng.random() < 0.5:
-        return np.broadcast_to(start, (side, side, 3)).copy()
+        return Image.new("RGB", (image_size, image_size), tuple(int(c) for c in start))
     end = rng.uniform(185, 250, size=3)
     angle = rng.uniform(0, 2 * math.pi)
-    ramp = np.linspace(-0.5, 0.5, side)
+    ramp = np.linspace(-0.5, 0.5, image_size)
     t = np.clip(math.cos(angle) * ramp[None, :] + math.sin(angle) * ramp[:, None] + 0.5, 0, 1)[..., None]
-    return start * (1 - t) + end * t
+    return Image.fromarray((start * (1 - t) + end * t).astype(np.uint8))
 
 
 def render_scene(scene: Scene, image_size: int, rng: np.random.Generator) -> Image.Image:
     """Draw `scene` as an RGB image: each object inside its grid cell (so none overlap), colours lightly jittered."""
     side = image_size * _SUPERSAMPLE
-    canvas = Image.fromarray(_background(rng, side).astype(np.uint8))
+    canvas = _background(rng, image_size).resize((side, side), Image.Resampling.BILINEAR)
     draw = ImageDraw.Draw(canvas)
     cell = side / 3
     for obj in scene:

@@ -15,6 +15,8 @@ from dual_encoder.data.sources import DataError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
+# TFRecord framing: uint64 length + uint32 masked CRC before each record, uint32 masked CRC after it.
+_RECORD_HEADER, _RECORD_FOOTER = 12, 4
 
 # The one feature spec: every prepared example has exactly these features.
 FEATURE_SPEC = {
@@ -46,13 +48,32 @@ class Example:
 
 
 @dataclasses.dataclass(frozen=True)
-class ShardInfo:
-    """A written shard: file name (relative to the dataset folder), example count, caption count, sha256."""
+class FileInfo:
+    """A written file of the dataset: name (relative to the dataset folder), size and sha256."""
 
     file: str
+    bytes: int
+    sha256: str
+
+    @classmethod
+    def of(cls, path: Path) -> "FileInfo":
+        return cls(path.name, path.stat().st_size, file_sha256(path))
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitFiles:
+    """What `write_shards` wrote for one split.
+
+    Args:
+        images, captions: totals.
+        shards: the TFRecord shards, in order, each with its image count.
+        items: the item table (see `write_shards`).
+    """
+
     images: int
     captions: int
-    sha256: str
+    shards: list[dict[str, Any]]
+    items: FileInfo
 
 
 def _bytes_feature(values: Iterable[bytes]) -> tf.train.Feature:
@@ -96,29 +117,56 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_shards(examples: Iterable[Example], directory: Path, prefix: str, shard_size: int) -> list[ShardInfo]:
-    """Write `examples` in order to `directory/{prefix}-NNNNN.tfrecord`, at most `shard_size` per shard."""
+def write_shards(examples: Iterable[Example], directory: Path, split: str, shard_size: int) -> SplitFiles:
+    """Write `examples` in order to `directory/{split}-NNNNN.tfrecord` (at most `shard_size` per shard) and
+    the split's item table `{split}.jsonl`.
+
+    The item table has one JSON line per image — id, source path, captions and where its record lies
+    (shard number, byte offset and length of the serialized example) — so readers can list a split
+    without reading image bytes and read its records in any order.
+    """
     if shard_size < 1:
         raise ValueError(f"shard_size must be positive, got {shard_size}")
-    shards: list[ShardInfo] = []
-    writer, name, images, captions = None, "", 0, 0
+    shards: list[dict[str, Any]] = []
+    captions = 0
+    writer, offset, count = None, 0, 0
+    items_path = directory / f"{split}.jsonl"
 
     def close() -> None:
         writer.close()
-        shards.append(ShardInfo(name, images, captions, file_sha256(directory / name)))
+        shards.append({**dataclasses.asdict(FileInfo.of(directory / name)), "images": count})
 
-    for example in examples:
-        if writer is None:
-            name, images, captions = f"{prefix}-{len(shards):05d}.tfrecord", 0, 0
-            writer = tf.io.TFRecordWriter(str(directory / name))
-        writer.write(serialize_example(example))
-        images, captions = images + 1, captions + len(example.captions)
-        if images == shard_size:
+    with open(items_path, "w", encoding="utf-8") as items:
+        for example in examples:
+            if writer is None:
+                name, offset, count = f"{split}-{len(shards):05d}.tfrecord", 0, 0
+                writer = tf.io.TFRecordWriter(str(directory / name))
+            record = serialize_example(example)
+            writer.write(record)
+            item = {
+                "image_id": example.image_id,
+                "source_path": example.source_path,
+                "captions": list(example.captions),
+                "shard": len(shards),
+                "offset": offset + _RECORD_HEADER,
+                "length": len(record),
+            }
+            items.write(json.dumps(item, ensure_ascii=False) + "\n")
+            offset += _RECORD_HEADER + len(record) + _RECORD_FOOTER
+            count += 1
+            captions += len(example.captions)
+            if count == shard_size:
+                close()
+                writer = None
+        if writer is not None:
             close()
-            writer = None
-    if writer is not None:
-        close()
-    return shards
+    return SplitFiles(sum(s["images"] for s in shards), captions, shards, FileInfo.of(items_path))
+
+
+def read_items(path: Path) -> list[dict[str, Any]]:
+    """A split's item table (see `write_shards`)."""
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle]
 
 
 def read_examples(paths: Iterable[Path]) -> Iterator[Example]:
@@ -149,11 +197,19 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
-def verify_files(directory: Path, files: Iterable[dict[str, Any]]) -> None:
-    """Check each `{"file", "sha256"}` entry against the file on disk; `DataError` names the first mismatch."""
-    for entry in files:
+def dataset_files(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every file a manifest lists (item tables and shards of all splits), as `FileInfo`-shaped dicts."""
+    return [entry for split in manifest["splits"].values() for entry in (split["items"], *split["shards"])]
+
+
+def verify_dataset(directory: Path, checksums: bool = True) -> dict[str, Any]:
+    """The manifest of `directory`, after checking each listed file's presence and size (and sha256 if
+    `checksums`); `DataError` names the first file that does not match."""
+    manifest = read_manifest(directory)
+    for entry in dataset_files(manifest):
         path = Path(directory) / entry["file"]
-        if not path.is_file():
-            raise DataError(f"prepared dataset is incomplete: {path} is missing")
-        if file_sha256(path) != entry["sha256"]:
+        if not path.is_file() or path.stat().st_size != entry["bytes"]:
+            raise DataError(f"prepared dataset is incomplete: {path} is missing or has the wrong size")
+        if checksums and file_sha256(path) != entry["sha256"]:
             raise DataError(f"prepared dataset is corrupt: checksum mismatch for {path}")
+    return manifest

@@ -28,9 +28,19 @@ def test_backbone_builds_and_runs_one_image(name):
     assert np.isfinite(features).all()
 
 
-def test_small_cnn_width_sets_the_output_size():
-    assert ImageEncoder("small_cnn", image_size=32, width=8).output_dim == 32
-    assert ImageEncoder("small_cnn", image_size=32, width=4).output_dim == 16
+def test_small_cnn_keeps_a_spatial_map_whose_size_follows_width_and_image_size():
+    # (image_size / 8)^2 positions x 4 * width channels: where an object is survives into the features.
+    assert ImageEncoder("small_cnn", image_size=32, width=8).output_dim == 16 * 32
+    assert ImageEncoder("small_cnn", image_size=32, width=4).output_dim == 16 * 16
+    assert ImageEncoder("small_cnn", image_size=64, width=4).output_dim == 64 * 16
+
+
+def test_small_cnn_features_of_an_image_do_not_depend_on_the_rest_of_its_batch(images):
+    # Batch statistics would let a contrastive loss fall without learning the images.
+    tower = ImageEncoder("small_cnn", image_size=32, width=8)
+    batch = tower(images, training=True)
+    alone = tower(images[:1], training=True)
+    np.testing.assert_allclose(batch[:1], alone, rtol=1e-4, atol=1e-5)
 
 
 def test_uint8_and_float_inputs_agree(images):
@@ -50,7 +60,7 @@ def test_other_sizes_are_resized_inside_the_tower(images):
     large = np.repeat(np.repeat(images, 2, axis=1), 2, axis=2)  # 64x64, nearest-neighbour upscaled
     resized = keras.ops.image.resize(large.astype("float32"), (32, 32))
     np.testing.assert_allclose(tower(large), tower(resized), rtol=1e-5, atol=1e-6)
-    assert tower(large).shape == (3, 32)
+    assert tower(large).shape == (3, tower.output_dim)
 
 
 @pytest.mark.parametrize("name", ["small_cnn", "mobilenetv3_small"])
@@ -65,7 +75,7 @@ def test_local_weights_file_loads_into_the_backbone(name, tmp_path, images):
     assert not np.allclose(fresh(images), source(images), rtol=1e-2, atol=0)
 
 
-def test_frozen_tower_has_no_trainable_weights_and_runs_batch_norm_in_inference(images):
+def test_frozen_tower_has_no_trainable_weights_and_runs_in_inference_mode(images):
     tower = ImageEncoder("small_cnn", image_size=32, width=8, trainable=False)
     assert tower.trainable_weights == [] and len(tower.non_trainable_weights) > 0
     np.testing.assert_allclose(tower(images, training=True), tower(images, training=False))

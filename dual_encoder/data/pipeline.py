@@ -1,0 +1,174 @@
+"""tf.data pipelines over a prepared dataset: decode and resize images, one sampled caption per image per epoch."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import tensorflow as tf
+
+from dual_encoder.data import tfrecords
+from dual_encoder.data.sources import DataError
+
+# Separate random streams for the epoch's image order and its caption choice.
+_ORDER_STREAM, _CAPTION_STREAM = 0, 1
+_OPEN_SHARDS = 64  # file handles kept open while reading records in a shuffled order
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitInfo:
+    """One split of a prepared dataset, in its fixed (written) order.
+
+    Args:
+        image_ids: stable image ids.
+        paths: the source image files.
+        captions: every caption of each image.
+        shards: the split's TFRecord files, in order.
+        locations: int64 [N, 3]: each image's record as (shard number, byte offset, byte length).
+    """
+
+    image_ids: list[str]
+    paths: list[Path]
+    captions: list[list[str]]
+    shards: list[Path]
+    locations: np.ndarray
+
+    @property
+    def num_images(self) -> int:
+        return len(self.image_ids)
+
+    def num_captions(self) -> np.ndarray:
+        """Captions per image, as `sample_caption_indices` takes them."""
+        return np.array([len(c) for c in self.captions], dtype=np.int64)
+
+
+def read_split(prepared: Path, split: str) -> SplitInfo:
+    """The images and captions of `split` in a dataset written by `prepare_dataset` (no image bytes read)."""
+    prepared = Path(prepared)
+    manifest = tfrecords.read_manifest(prepared)
+    if split not in manifest["splits"]:
+        raise DataError(f"no split '{split}' in {prepared}; it has {sorted(manifest['splits'])}")
+    entry = manifest["splits"][split]
+    items_path = prepared / entry["items"]["file"]
+    if not items_path.is_file():
+        raise DataError(f"prepared dataset is incomplete: {items_path} is missing")
+    items = tfrecords.read_items(items_path)
+    return SplitInfo(
+        image_ids=[item["image_id"] for item in items],
+        paths=[Path(item["source_path"]) for item in items],
+        captions=[item["captions"] for item in items],
+        shards=[prepared / shard["file"] for shard in entry["shards"]],
+        locations=np.array([[i["shard"], i["offset"], i["length"]] for i in items], dtype=np.int64).reshape(-1, 3),
+    )
+
+
+def epoch_order(num_images: int, epoch: int, seed: int) -> np.ndarray:
+    """The order images are visited in `epoch`: a permutation seeded by (seed, epoch) of the fixed order."""
+    return np.random.default_rng([seed, _ORDER_STREAM, epoch]).permutation(num_images)
+
+
+def sample_caption_indices(num_captions: np.ndarray, epoch: int, seed: int) -> np.ndarray:
+    """For each image (fixed order), which of its captions to use in `epoch`.
+
+    Epochs are grouped in cycles of `n` (the image's caption count): within a cycle the image walks through a
+    seeded permutation of its captions, so every caption is used once per `n` epochs, in a different order
+    per cycle. Images are grouped by `n`, so the result depends only on (num_captions, epoch, seed).
+    """
+    num_captions = np.asarray(num_captions, dtype=np.int64)
+    if num_captions.size and num_captions.min() < 1:
+        raise ValueError("every image needs at least one caption")
+    chosen = np.zeros(num_captions.shape, dtype=np.int64)
+    for count in np.unique(num_captions).tolist():
+        members = np.flatnonzero(num_captions == count)
+        cycle, step = divmod(epoch, count)
+        rng = np.random.default_rng([seed, _CAPTION_STREAM, count, cycle])
+        permutations = np.argsort(rng.random((members.size, count)), axis=1)
+        chosen[members] = permutations[:, step]
+    return chosen
+
+
+def decode_and_resize(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Encoded JPEG/PNG/GIF/BMP bytes -> uint8 RGB [image_size, image_size, 3] (antialiased resize)."""
+    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+    image = tf.image.resize(image, [image_size, image_size], antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+
+
+def _records_in_order(info: SplitInfo, order: np.ndarray) -> tf.data.Dataset:
+    """(index in the fixed order, serialized example) for each index of `order`, read at its byte offset.
+
+    TFRecord files only stream; the item table's offsets let one epoch visit every image in any order.
+    """
+
+    def generate() -> Iterator[tuple[int, bytes]]:
+        handles: dict[int, object] = {}
+        try:
+            for index in order.tolist():
+                shard, offset, length = info.locations[index].tolist()
+                if shard not in handles:
+                    if len(handles) == _OPEN_SHARDS:
+                        handles.pop(next(iter(handles))).close()
+                    handles[shard] = open(info.shards[shard], "rb")
+                handle = handles[shard]
+                handle.seek(offset)
+                record = handle.read(length)
+                if len(record) != length:
+                    raise DataError(f"prepared dataset is corrupt: {info.shards[shard]} is truncated")
+                yield index, record
+        finally:
+            for handle in handles.values():
+                handle.close()
+
+    signature = (tf.TensorSpec((), tf.int64), tf.TensorSpec((), tf.string))
+    return tf.data.Dataset.from_generator(generate, output_signature=signature)
+
+
+def make_train_dataset(
+    prepared: Path,
+    split: str = "train",
+    *,
+    image_size: int,
+    batch_size: int,
+    epoch: int,
+    seed: int,
+    shuffle: bool = True,
+    drop_remainder: bool = True,
+) -> tf.data.Dataset:
+    """One epoch of `{"images": uint8 [B, S, S, 3], "captions": string [B]}` batches.
+
+    Images come in `epoch_order(N, epoch, seed)` (or the fixed order without `shuffle`), each once, with the
+    caption `sample_caption_indices` picks for this epoch: two captions of one image never meet in a batch,
+    and a feature cache that uses the same two functions sees the same batches.
+    """
+    info = read_split(prepared, split)
+    if drop_remainder and info.num_images < batch_size:
+        raise DataError(f"split '{split}' has {info.num_images} images, fewer than one batch of {batch_size}")
+    order = epoch_order(info.num_images, epoch, seed) if shuffle else np.arange(info.num_images)
+    chosen = tf.constant(sample_caption_indices(info.num_captions(), epoch, seed))
+
+    def to_pair(index: tf.Tensor, serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+        example = tfrecords.parse_example(serialized)
+        return {
+            "images": decode_and_resize(example["image/encoded"], image_size),
+            "captions": tf.gather(example["captions"], chosen[index]),
+        }
+
+    return (
+        _records_in_order(info, order)
+        .map(to_pair, num_parallel_calls=tf.data.AUTOTUNE)
+        .batch(batch_size, drop_remainder=drop_remainder)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+
+
+def make_image_dataset(prepared: Path, split: str, *, image_size: int, batch_size: int) -> tf.data.Dataset:
+    """`{"images": uint8 [B, S, S, 3]}` batches in the split's fixed order (evaluation, feature cache, indexing)."""
+    info = read_split(prepared, split)
+
+    def to_image(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {"images": decode_and_resize(tfrecords.parse_example(serialized)["image/encoded"], image_size)}
+
+    records = tf.data.TFRecordDataset(tf.constant([str(p) for p in info.shards], dtype=tf.string))
+    return records.map(to_image, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(tf.data.AUTOTUNE)

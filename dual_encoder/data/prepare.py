@@ -1,0 +1,346 @@
+"""`prepare`: validate a source's images, split by image, and write TFRecord shards + manifest, atomically.
+
+Rerunning over a finished output with unchanged inputs is a no-op (a fingerprint of the inputs is in the manifest).
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
+
+from dual_encoder.config import DataConfig
+from dual_encoder.data import tfrecords
+from dual_encoder.data.sources import DataError, Reason, Record, Skipped, SourceResult, read_source
+
+SPLITS = ("train", "validation")
+# The DataConfig fields that shape the written dataset (the others only concern reading it).
+_PREPARE_FIELDS = ("validation_fraction", "split_seed", "shard_size", "max_image_pixels")
+_EXIF_ORIENTATION = 0x0112
+_PNG_BIT_DEPTH, _PNG_COLOUR_TYPE = 24, 25  # byte offsets in the IHDR chunk, which always comes first
+_PNG_GREY, _PNG_RGB = 0, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareSummary:
+    """What `prepare_dataset` did.
+
+    Args:
+        output: the prepared dataset folder.
+        images_written, captions_written: totals over all splits.
+        skipped: count per reason (see `sources.Reason`).
+        splits: images per split.
+        skipped_now: True when the output was already up to date and nothing was written.
+    """
+
+    output: Path
+    images_written: int
+    captions_written: int
+    skipped: dict[str, int]
+    splits: dict[str, int]
+    skipped_now: bool = False
+
+    def summary_line(self) -> str:
+        total = sum(self.skipped.values())
+        reasons = ", ".join(f"{count} {reason}" for reason, count in self.skipped.items())
+        skipped = f"{total} skipped: {reasons}" if total else "0 skipped"
+        if self.skipped_now:
+            return (
+                f"{self.output} is up to date: {self.images_written} images ({self.captions_written} captions), "
+                f"{skipped}"
+            )
+        return f"{self.images_written} images written ({self.captions_written} captions), {skipped}"
+
+
+class BadImage(Exception):
+    """An image file that cannot be used; carries its `Reason` and a detail for the manifest."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(reason)
+        self.reason, self.detail = reason, detail
+
+
+# --- images ------------------------------------------------------------------------------------------------------
+
+
+def _png_is_plain(image: Image.Image, data: bytes) -> bool:
+    plain_pixels = data[_PNG_BIT_DEPTH] == 8 and data[_PNG_COLOUR_TYPE] in (_PNG_GREY, _PNG_RGB)
+    return plain_pixels and "transparency" not in image.info
+
+
+# Pillow format -> (the `image/format` we store, whether TF's decoder gives the same RGB pixels from these bytes).
+_KEPT_FORMATS: dict[str, tuple[str, Callable[[Image.Image, bytes], bool]]] = {
+    "JPEG": ("jpeg", lambda image, data: image.mode in ("RGB", "L")),  # not CMYK/YCCK
+    "MPO": ("jpeg", lambda image, data: image.mode in ("RGB", "L")),  # many cameras' JPEGs; TF reads frame 0
+    "PNG": ("png", _png_is_plain),  # not 16-bit, palette or alpha
+    "GIF": ("gif", lambda image, data: "transparency" not in image.info),
+    "BMP": ("bmp", lambda image, data: image.mode == "RGB"),  # 24/32-bit; TF cannot read palette or RLE BMPs
+}
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB: 16/32-bit integer modes rescaled (Pillow's own convert clips them), alpha composited on white."""
+    if image.mode.startswith("I"):
+        grey = np.clip(np.asarray(image, dtype=np.float64) / 257.0, 0, 255).round().astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if "A" in image.getbands() or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Fully decode `data` with Pillow, or raise `BadImage` saying why not."""
+    try:
+        image = Image.open(io.BytesIO(data))  # reads the header only
+        if image.width * image.height > max_pixels:
+            raise BadImage(Reason.TOO_LARGE, f"{image.width}x{image.height} pixels > {max_pixels}")
+        image.load()
+        return image
+    except UnidentifiedImageError:
+        raise BadImage(Reason.NOT_IMAGE) from None
+    except Image.DecompressionBombError as error:  # Pillow's own guard, should max_pixels exceed it
+        raise BadImage(Reason.TOO_LARGE, str(error)) from None
+    except BadImage:
+        raise
+    except Exception as error:  # Pillow's decoders raise many types (OSError, SyntaxError, ValueError, …)
+        raise BadImage(Reason.CORRUPT, f"{type(error).__name__}: {error}") from None
+
+
+def load_image(path: Path, max_pixels: int) -> tuple[bytes, str]:
+    """The bytes to store for `path` and their format; raises `BadImage` for an unusable file.
+
+    The file itself when TF decodes it to the same RGB pixels as Pillow, else a lossless RGB PNG (upright per EXIF).
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise BadImage(Reason.MISSING) from None
+    except OSError as error:
+        raise BadImage(Reason.CORRUPT, f"unreadable: {error}") from None
+    if not data:
+        raise BadImage(Reason.EMPTY)
+    image = _open_image(data, max_pixels)
+    kept = _KEPT_FORMATS.get(image.format)
+    upright = image.getexif().get(_EXIF_ORIENTATION, 1) in (0, 1)
+    if kept is not None and upright and kept[1](image, data):
+        return data, kept[0]
+    buffer = io.BytesIO()
+    _to_rgb(ImageOps.exif_transpose(image)).save(buffer, format="PNG")
+    return buffer.getvalue(), "png"
+
+
+# --- split, fingerprint, atomic output ---------------------------------------------------------------------------
+
+
+def split_records(records: list[Record], validation_fraction: float, seed: int) -> dict[str, list[Record]]:
+    """Split by image: records ordered by a seeded hash of their id, the first `validation_fraction` to validation.
+
+    The order is deterministic and independent of the source's order; it is also the order written.
+    """
+    if not 0.0 <= validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
+    ordered = sorted(records, key=lambda r: hashlib.sha256(f"{seed}:{r.image_id}".encode()).digest())
+    count = round(len(ordered) * validation_fraction)
+    if validation_fraction > 0 and len(ordered) > 1:
+        count = min(max(count, 1), len(ordered) - 1)  # both splits non-empty when asked for both
+    return {"train": ordered[count:], "validation": ordered[:count]}
+
+
+def _fingerprint(kind: str, result: SourceResult, config: DataConfig) -> str:
+    """A hash of everything the output depends on: records, image file sizes/mtimes, source skips, config."""
+    digest = hashlib.sha256()
+    settings = {"format_version": tfrecords.FORMAT_VERSION, "kind": kind}
+    settings.update({field: getattr(config, field) for field in _PREPARE_FIELDS})
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    for record in result.records:
+        try:
+            stat = record.path.stat()
+            file_state = [stat.st_size, stat.st_mtime_ns]
+        except OSError:
+            file_state = None
+        digest.update(json.dumps([record.image_id, str(record.path), record.captions, file_state]).encode())
+    for skipped in result.skipped:
+        digest.update(json.dumps(dataclasses.astuple(skipped)).encode())
+    return digest.hexdigest()
+
+
+def _is_up_to_date(output: Path, fingerprint: str) -> Optional[dict[str, Any]]:
+    """The existing manifest if `output` was prepared from the same inputs and all its files are in place."""
+    try:
+        manifest = tfrecords.verify_dataset(output, checksums=False)
+    except DataError:
+        return None
+    return manifest if manifest.get("fingerprint") == fingerprint else None
+
+
+@contextlib.contextmanager
+def _atomic_directory(output: Path) -> Iterator[Path]:
+    """Yield a temp dir beside `output`; on success it replaces `output`, on failure it is removed."""
+    if output.exists() and not (output / tfrecords.MANIFEST_NAME).is_file() and (
+        not output.is_dir() or any(output.iterdir())
+    ):
+        raise DataError(f"refusing to overwrite {output}: it exists and is not a prepared dataset")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        yield temporary
+        os.chmod(temporary, 0o755)  # mkdtemp makes it private
+        if output.exists():
+            previous = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(output, previous)
+            try:
+                os.replace(temporary, output)
+            except BaseException:
+                os.replace(previous, output)
+                raise
+            shutil.rmtree(previous, ignore_errors=True)
+        else:
+            os.replace(temporary, output)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+# --- prepare -----------------------------------------------------------------------------------------------------
+
+
+def _ordered_map(function: Callable, items: Iterable, workers: int) -> Iterator:
+    """`map(function, items)` on a thread pool, in order, with a bounded number of results in flight.
+
+    Pillow releases the GIL while decoding and encoding, so threads use every core.
+    """
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        pending: collections.deque = collections.deque()
+        for item in items:
+            pending.append(pool.submit(function, item))
+            if len(pending) >= 4 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+class _SplitWriter:
+    """Validates one split's images and streams the good ones into shards, collecting skips and format counts."""
+
+    def __init__(self, config: DataConfig, bar: tqdm):
+        self.config, self.bar = config, bar
+        self.skipped: list[Skipped] = []
+        self.formats: collections.Counter = collections.Counter()
+
+    def _load(self, record: Record) -> tuple[Record, tuple[bytes, str] | BadImage]:
+        try:
+            return record, load_image(record.path, self.config.max_image_pixels)
+        except BadImage as bad:
+            return record, bad
+
+    def examples(self, records: list[Record]) -> Iterator[tfrecords.Example]:
+        for record, loaded in _ordered_map(self._load, records, os.cpu_count() or 1):
+            self.bar.update(1)
+            if isinstance(loaded, BadImage):
+                self.skipped.append(Skipped(str(record.path), loaded.reason, loaded.detail))
+                continue
+            data, image_format = loaded
+            self.formats[image_format] += 1
+            yield tfrecords.Example(record.image_id, str(record.path), data, image_format, record.captions)
+
+    def write(self, directory: Path, split: str, records: list[Record]) -> dict[str, Any]:
+        """Write the split; return its manifest entry."""
+        written = tfrecords.write_shards(self.examples(records), directory, split, self.config.shard_size)
+        return {
+            "images": written.images,
+            "captions": written.captions,
+            "shards": written.shards,
+            "items": dataclasses.asdict(written.items),
+        }
+
+
+def _count_reasons(skipped: list[Skipped]) -> dict[str, int]:
+    return dict(collections.Counter(s.reason for s in skipped).most_common())
+
+
+def _summary(output: Path, manifest: dict[str, Any], skipped_now: bool) -> PrepareSummary:
+    return PrepareSummary(
+        output=output,
+        images_written=manifest["counts"]["images"],
+        captions_written=manifest["counts"]["captions"],
+        skipped=manifest["skipped_counts"],
+        splits={name: split["images"] for name, split in manifest["splits"].items()},
+        skipped_now=skipped_now,
+    )
+
+
+def prepare_dataset(
+    source: str,
+    input: Optional[Path],
+    images_dir: Path,
+    output: Path,
+    config: DataConfig,
+    progress: bool = True,
+) -> PrepareSummary:
+    """Read `source` (see `sources.read_source`), validate every image, and write a prepared dataset to `output`.
+
+    `output` gets `{split}-NNNNN.tfrecord` shards, `{split}.jsonl` item tables and `manifest.json`. Bad items
+    are skipped and recorded; `DataError` if the source is unusable or no image survives (the previous
+    `output`, if any, is left as it was).
+    """
+    output, images_dir = Path(output), Path(images_dir).resolve()  # absolute source paths in the manifest
+    result = read_source(source, Path(input) if input is not None else None, images_dir)
+    fingerprint = _fingerprint(source, result, config)
+    existing = _is_up_to_date(output, fingerprint)
+    if existing is not None:
+        return _summary(output, existing, skipped_now=True)
+
+    splits = split_records(result.records, config.validation_fraction, config.split_seed)
+    skipped = list(result.skipped)
+    formats: collections.Counter = collections.Counter()
+    manifest_splits = {}
+    with _atomic_directory(output) as directory:
+        with tqdm(total=len(result.records), desc="prepare", unit="img", disable=not progress) as bar:
+            for name in SPLITS:
+                writer = _SplitWriter(config, bar)
+                manifest_splits[name] = writer.write(directory, name, splits[name])
+                skipped += writer.skipped
+                formats += writer.formats
+        images = sum(split["images"] for split in manifest_splits.values())
+        if images == 0:
+            reasons = ", ".join(f"{n} {r}" for r, n in _count_reasons(skipped).items())
+            raise DataError(
+                f"no valid image–caption pairs: every image was skipped ({reasons}); "
+                f"image paths are resolved against {images_dir}"
+            )
+        manifest = {
+            "format_version": tfrecords.FORMAT_VERSION,
+            "fingerprint": fingerprint,
+            "source": {
+                "kind": source,
+                "input": str(Path(input).resolve()) if input is not None else None,
+                "images_dir": str(images_dir),
+            },
+            "config": dataclasses.asdict(config),
+            "counts": {
+                "images": images,
+                "captions": sum(split["captions"] for split in manifest_splits.values()),
+                "skipped": len(skipped),
+            },
+            "formats": dict(sorted(formats.items())),
+            "splits": manifest_splits,
+            "skipped_counts": _count_reasons(skipped),
+            "skipped": [dataclasses.asdict(s) for s in skipped],
+        }
+        tfrecords.write_manifest(directory, manifest)
+    return _summary(output, manifest, skipped_now=False)

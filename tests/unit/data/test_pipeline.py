@@ -1,0 +1,159 @@
+"""tf.data pipelines: decode eagerly == in tf.data, epoch order and caption sampling, fixed-order image batches."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from dual_encoder.data.pipeline import (
+    decode_and_resize,
+    epoch_order,
+    make_image_dataset,
+    make_train_dataset,
+    read_split,
+    sample_caption_indices,
+)
+from dual_encoder.data.prepare import prepare_dataset
+from dual_encoder.data.sources import DataError
+from dual_encoder.data.tfrecords import read_examples
+
+from .fixtures import TEST_CONFIG, pattern, write_csv, write_image
+
+NUM_IMAGES = 13
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """13 images of mixed formats and sizes, with 1–4 captions each (every caption unique to its image)."""
+    root = tmp_path_factory.mktemp("pipeline")
+    formats = [("jpg", "JPEG"), ("png", "PNG"), ("gif", "GIF"), ("bmp", "BMP")]
+    rows = []
+    for i in range(NUM_IMAGES):
+        extension, format = formats[i % 4]
+        write_image(root / f"{i}.{extension}", pattern(20 + 4 * i, 16 + 2 * i, seed=i), format)
+        rows += [(f"{i}.{extension}", f"image {i} caption {j}") for j in range(1 + i % 4)]
+    write_csv(root / "pairs.csv", rows)
+    return prepare_dataset("csv", root / "pairs.csv", root, root / "prepared", TEST_CONFIG, progress=False).output
+
+
+def _image_of(caption: bytes) -> int:
+    return int(caption.decode().split()[1])
+
+
+def test_decode_and_resize_gives_the_same_tensor_eagerly_and_in_tf_data(prepared):
+    encoded = [example.image_bytes for example in read_examples(read_split(prepared, "train").shards)]
+    eager = [decode_and_resize(tf.constant(data), 32).numpy() for data in encoded]
+    dataset = tf.data.Dataset.from_tensor_slices(encoded).map(lambda data: decode_and_resize(data, 32))
+    mapped = list(dataset.as_numpy_iterator())
+    assert len(eager) == len(mapped) > 0
+    for one, other in zip(eager, mapped):
+        assert one.dtype == np.uint8 and one.shape == (32, 32, 3)
+        np.testing.assert_array_equal(one, other)
+
+
+def test_decode_and_resize_keeps_pixels_at_the_same_size_and_antialiases_when_shrinking():
+    pixels = pattern(32, 32)
+    png = tf.io.encode_png(pixels)
+    np.testing.assert_array_equal(decode_and_resize(png, 32).numpy(), pixels)
+    stripes = np.zeros((32, 32, 3), np.uint8)
+    stripes[:, ::4] = 255  # every 4th column white: an antialiased 4x shrink averages to 64; sampling misses them
+    small = decode_and_resize(tf.io.encode_png(stripes), 8).numpy()
+    np.testing.assert_allclose(small[:, 1:-1], 64, atol=2)  # away from the borders, where the kernel is cut
+
+
+def test_read_split_lists_images_and_captions_in_the_shards_order(prepared):
+    for split in ("train", "validation"):
+        info = read_split(prepared, split)
+        examples = list(read_examples(info.shards))
+        assert info.image_ids == [e.image_id for e in examples]
+        assert info.captions == [list(e.captions) for e in examples]
+        assert [str(p) for p in info.paths] == [e.source_path for e in examples]
+    assert read_split(prepared, "train").num_images + read_split(prepared, "validation").num_images == NUM_IMAGES
+    with pytest.raises(DataError, match="no split 'test'"):
+        read_split(prepared, "test")
+
+
+def test_sample_caption_indices_cycles_through_every_caption():
+    num_captions = np.array([1, 2, 3, 4, 5, 3, 1])
+    epochs = [sample_caption_indices(num_captions, epoch, seed=7) for epoch in range(60)]
+    for image, count in enumerate(num_captions):
+        for cycle in range(60 // count):
+            chosen = [epochs[e][image] for e in range(cycle * count, (cycle + 1) * count)]
+            assert sorted(chosen) == list(range(count))  # each caption once per `count` epochs
+    np.testing.assert_array_equal(sample_caption_indices(num_captions, 3, seed=7), epochs[3])  # deterministic
+    varied = [sample_caption_indices(np.full(50, 5), 0, seed) for seed in range(2)]
+    assert not np.array_equal(*varied)  # seeded
+    with pytest.raises(ValueError, match="at least one caption"):
+        sample_caption_indices(np.array([2, 0]), 0, 0)
+
+
+def _epoch(prepared, epoch, seed=0, **kwargs):
+    dataset = make_train_dataset(prepared, image_size=24, batch_size=3, epoch=epoch, seed=seed, **kwargs)
+    return list(dataset.as_numpy_iterator())
+
+
+def test_train_dataset_batches_images_and_one_caption_per_image(prepared):
+    info = read_split(prepared, "train")
+    batches = _epoch(prepared, epoch=0)
+    assert len(batches) == info.num_images // 3  # drop_remainder
+    for batch in batches:
+        assert set(batch) == {"images", "captions"}
+        assert batch["images"].shape == (3, 24, 24, 3) and batch["images"].dtype == np.uint8
+        assert batch["captions"].shape == (3,)
+        images = [_image_of(c) for c in batch["captions"]]
+        assert len(set(images)) == 3  # two captions of one image never share a batch
+
+    # Order and captions are exactly epoch_order + sample_caption_indices (what the feature cache uses).
+    order = epoch_order(info.num_images, 0, 0)
+    chosen = sample_caption_indices(info.num_captions(), 0, 0)
+    expected = [info.captions[i][chosen[i]] for i in order[: len(batches) * 3]]
+    assert [c.decode() for b in batches for c in b["captions"]] == expected
+    images = {i: decode_and_resize(e.image_bytes, 24).numpy() for i, e in enumerate(read_examples(info.shards))}
+    np.testing.assert_array_equal(batches[0]["images"][1], images[order[1]])
+
+
+def test_train_dataset_is_deterministic_per_epoch_and_covers_every_caption(prepared):
+    info = read_split(prepared, "train")
+    first = _epoch(prepared, epoch=2, drop_remainder=False)
+    again = _epoch(prepared, epoch=2, drop_remainder=False)
+    for one, other in zip(first, again, strict=True):
+        np.testing.assert_array_equal(one["images"], other["images"])
+        np.testing.assert_array_equal(one["captions"], other["captions"])
+    assert [c for b in _epoch(prepared, epoch=3) for c in b["captions"]] != [c for b in first for c in b["captions"]]
+
+    seen = set()
+    for epoch in range(12):  # 12 = lcm of the caption counts 1..4
+        batches = _epoch(prepared, epoch, drop_remainder=False)
+        captions = [c.decode() for b in batches for c in b["captions"]]
+        assert sorted(_image_of(c.encode()) for c in captions) == sorted(
+            int(i.split(".")[0]) for i in info.image_ids
+        )  # every image once per epoch
+        seen.update(captions)
+    assert seen == {c for captions in info.captions for c in captions}
+
+
+def test_train_dataset_without_shuffle_keeps_the_fixed_order(prepared):
+    info = read_split(prepared, "train")
+    captions = [c.decode() for b in _epoch(prepared, 0, shuffle=False, drop_remainder=False) for c in b["captions"]]
+    assert [_image_of(c.encode()) for c in captions] == [int(i.split(".")[0]) for i in info.image_ids]
+
+
+def test_train_dataset_smaller_than_one_batch_is_a_data_error(prepared):
+    with pytest.raises(DataError, match="fewer than one batch of 64"):
+        make_train_dataset(prepared, image_size=24, batch_size=64, epoch=0, seed=0)
+
+
+def test_image_dataset_is_in_the_fixed_order(prepared):
+    info = read_split(prepared, "validation")
+    batches = list(make_image_dataset(prepared, "validation", image_size=16, batch_size=2).as_numpy_iterator())
+    images = np.concatenate([b["images"] for b in batches])
+    assert set(batches[0]) == {"images"} and images.shape == (info.num_images, 16, 16, 3)
+    for image, example in zip(images, read_examples(info.shards), strict=True):
+        np.testing.assert_array_equal(image, decode_and_resize(example.image_bytes, 16).numpy())
+
+
+def test_epoch_order_is_a_seeded_permutation():
+    order = epoch_order(100, epoch=0, seed=0)
+    assert sorted(order) == list(range(100))
+    np.testing.assert_array_equal(order, epoch_order(100, epoch=0, seed=0))
+    assert not np.array_equal(order, epoch_order(100, epoch=1, seed=0))
+    assert not np.array_equal(order, epoch_order(100, epoch=0, seed=1))
