@@ -10,4 +10,12 @@ from dual_encoder.config import Config  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "__version__"]
+
+def load_model(directory):
+    """Load a saved model folder, or a training run folder's best model (imports TensorFlow)."""
+    from dual_encoder.models import load_model as _load_model
+
+    return _load_model(directory)
+
+
+__all__ = ["Config", "load_model", "__version__"]

@@ -112,11 +112,6 @@ def evaluate(
     _echo_json(evaluate_split(load_model(model), data, split, batch_size=batch_size))
 
 
-def _model_dir(path: Path) -> Path:
-    """A run folder's best model (`<run>/model`), or the model folder itself."""
-    return path / "model" if (path / "model" / "config.json").is_file() else path
-
-
 def _gallery(images: Optional[Path], data: Optional[Path], split: str, list_file: Optional[Path]):
     from dual_encoder.index import DatasetSplit, ImageFolder, ImageList
 
@@ -156,7 +151,7 @@ def index_build(
 
     overrides = list(set_) + ([f"index.kind={kind}"] if kind else [])
     config = _config(preset, overrides).index
-    _report_index(build_index(_model_dir(model), _gallery(images, data, split, list_file), output, config, progress=not quiet))
+    _report_index(build_index(model, _gallery(images, data, split, list_file), output, config, progress=not quiet))
 
 
 @index_app.command("add")
@@ -197,7 +192,7 @@ def search(
     """Search an index with natural-language queries."""
     from dual_encoder.search import Searcher, write_grid
 
-    searcher = Searcher.load(index, model_dir=_model_dir(model) if model else None)
+    searcher = Searcher.load(index, model_dir=model)
     results = searcher.search(list(query), k=k)
     if json_:
         hits = [[{"rank": h.rank, "id": h.id, "path": h.path, "score": h.score} for h in r.hits] for r in results]
@@ -221,7 +216,7 @@ def export(
     """Export SavedModels: text encoder, image encoder, and a searcher with the index baked in."""
     from dual_encoder.export import export_saved_models
 
-    summary = export_saved_models(index, output, model_dir=_model_dir(model) if model else None)
+    summary = export_saved_models(index, output, model_dir=model)
     for name, path in summary.artifacts.items():
         typer.echo(f"{name:<14} {path}  signatures: {', '.join(summary.signatures[name])}")
 
@@ -236,7 +231,7 @@ def serve(
     """Serve the search page and the HTTP API."""
     from dual_encoder.serve import run_server
 
-    run_server(index, host=host, port=port, model_dir=_model_dir(model) if model else None)
+    run_server(index, host=host, port=port, model_dir=model)
 
 
 @app.command()

@@ -59,9 +59,17 @@ def save_model(model: DualEncoder, directory: str | Path) -> Path:
     return directory
 
 
-def load_model(directory: str | Path) -> DualEncoder:
-    """Load a model saved by `save_model`, with no network access; verifies its fingerprint first."""
+def resolve_model_dir(directory: str | Path) -> Path:
+    """A training run folder stands for its best model (`<run>/model`); a model folder for itself."""
     directory = Path(directory)
+    nested = directory / "model"
+    return nested if not (directory / FINGERPRINT_FILE).is_file() and (nested / FINGERPRINT_FILE).is_file() else directory
+
+
+def load_model(directory: str | Path) -> DualEncoder:
+    """Load a model saved by `save_model` (or a run folder's best model), with no network access; verifies its
+    fingerprint first."""
+    directory = resolve_model_dir(directory)
     stored = model_fingerprint(directory)
     actual = _hash_directory(directory)
     if actual != stored:
@@ -85,7 +93,8 @@ def load_model(directory: str | Path) -> DualEncoder:
 
 def model_fingerprint(directory: str | Path) -> str:
     """The sha256 recorded when the model directory was saved (over its config, weights and assets)."""
-    path = Path(directory) / FINGERPRINT_FILE
+    directory = resolve_model_dir(directory)
+    path = directory / FINGERPRINT_FILE
     if not path.is_file():
         raise ModelDirectoryError(f"{directory} is not a saved model directory (no {FINGERPRINT_FILE})")
     return json.loads(path.read_text(encoding="utf-8"))["sha256"]

@@ -35,7 +35,7 @@ def test_encoding_is_backbone_features_then_head(model, images):
     np.testing.assert_allclose(
         model.encode_text(CAPTIONS), model.encode_text_features(model.text_features(CAPTIONS)), rtol=1e-5
     )
-    assert model.image_features(images).shape == (3, 16 * 4 * 8)  # small_cnn width 8 at 32x32 -> 4x4x32
+    assert model.image_features(images).shape == (3, 16 * 3 * 8)  # small_cnn width 8 at 32x32 -> 4x4x24
     assert model.text_features(CAPTIONS).shape == (4, 32)
 
 

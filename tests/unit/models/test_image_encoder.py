@@ -29,10 +29,10 @@ def test_backbone_builds_and_runs_one_image(name):
 
 
 def test_small_cnn_keeps_a_spatial_map_whose_size_follows_width_and_image_size():
-    # (image_size / 8)^2 positions x 4 * width channels: where an object is survives into the features.
-    assert ImageEncoder("small_cnn", image_size=32, width=8).output_dim == 16 * 32
-    assert ImageEncoder("small_cnn", image_size=32, width=4).output_dim == 16 * 16
-    assert ImageEncoder("small_cnn", image_size=64, width=4).output_dim == 64 * 16
+    # (image_size / 8)^2 positions x 3 * width channels: where an object is survives into the features.
+    assert ImageEncoder("small_cnn", image_size=32, width=8).output_dim == 16 * 24
+    assert ImageEncoder("small_cnn", image_size=32, width=4).output_dim == 16 * 12
+    assert ImageEncoder("small_cnn", image_size=64, width=4).output_dim == 64 * 12
 
 
 def test_small_cnn_features_of_an_image_do_not_depend_on_the_rest_of_its_batch(images):
