@@ -1,0 +1,86 @@
+"""The command line on a tiny run: every subcommand, and bad input as one line with exit code 2."""
+
+import json
+
+import pytest
+
+from dual_encoder.cli import main
+from tests.unit.training.conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    assert main(["synthetic", "--output", str(root / "shapes"), "--num-images", "48", "--image-size", "32"]) == 0
+    assert main(["prepare", "--source", "csv", "--input", str(root / "shapes" / "captions.csv"),
+                 "--images-dir", str(root / "shapes" / "images"), "--output", str(root / "prepared"),
+                 "--set", "validation_fraction=0.25", "--quiet"]) == 0
+    tiny_config(epochs=1, tensorboard=False).save(root / "tiny.json")
+    assert main(["train", "--data", str(root / "prepared"), "--output", str(root / "run"),
+                 "--preset", str(root / "tiny.json"), "--quiet"]) == 0
+    return root
+
+
+@pytest.mark.slow
+def test_evaluate_index_search_add_remove(workspace, capsys, tmp_path):
+    root = workspace
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(root / "run"), "--data", str(root / "prepared")]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert {"t2i_recall@1", "i2t_recall@10", "t2i_median_rank", "top100_accuracy"} <= set(metrics)
+
+    gallery = tmp_path / "gallery"
+    gallery.mkdir()
+    images = sorted((root / "shapes" / "images").glob("*.png"))
+    for image in images[:10]:
+        (gallery / image.name).write_bytes(image.read_bytes())
+    (gallery / "notes.jpg").write_text("not an image")
+    assert main(["index", "build", "--model", str(root / "run"), "--images", str(gallery),
+                 "--output", str(root / "index"), "--quiet"]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith("10 items") and "notes.jpg" in out.err
+
+    assert main(["search", "--index", str(root / "index"), "find images of a red circle", "-k", "3", "--json",
+                 "--grid", str(tmp_path / "grid.png")]) == 0
+    hits = json.loads(capsys.readouterr().out.split("\ngrid:")[0])
+    assert [h["rank"] for h in hits] == [1, 2, 3] and set(hits[0]) == {"rank", "id", "path", "score"}
+    assert (tmp_path / "grid.png").stat().st_size > 0
+
+    for image in images[10:12]:
+        (gallery / image.name).write_bytes(image.read_bytes())
+    assert main(["index", "add", "--index", str(root / "index"), "--images", str(gallery), "--quiet"]) == 0
+    assert capsys.readouterr().out.startswith("12 items")
+    (gallery / images[0].name).unlink()
+    assert main(["index", "remove", "--index", str(root / "index"), "--missing"]) == 0
+    assert capsys.readouterr().out.startswith("11 items")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["search", "--index", "/nonexistent/index", "a red circle"], "does not exist"),
+        (["prepare", "--source", "coco", "--images-dir", ".", "--output", "/tmp/x"], "--input is required"),
+        (["train", "--data", ".", "--output", "/tmp/x", "--set", "no_such_key=1"], "unknown config key"),
+        (["train", "--data", ".", "--output", "/tmp/x", "--preset", "no-such-preset"], "unknown preset"),
+        (["index", "remove", "--index", "/tmp/x"], "--missing"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert err.strip().count("\n") == 0
+
+
+def test_annotation_file_that_is_not_json_exits_2(tmp_path, capsys):
+    (tmp_path / "captions.json").write_text("{not json")
+    code = main(["prepare", "--source", "coco", "--input", str(tmp_path / "captions.json"),
+                 "--images-dir", str(tmp_path), "--output", str(tmp_path / "out")])
+    assert code == 2
+    assert "captions.json" in capsys.readouterr().err
+
+
+def test_usage_errors_exit_2(capsys):
+    assert main(["search", "--index", "x", "q", "-k", "0"]) == 2
+    assert main(["search", "--index", "x", "q", "-k", "abc"]) == 2
+    assert main(["prepare", "--source", "pdf", "--images-dir", ".", "--output", "x"]) == 2
