@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
 # 64k rows x 256 dims is a 64 MiB float32 chunk: big enough for BLAS to run at full speed, small
@@ -28,58 +30,61 @@ def exact_search(
     Args:
         gallery: `[N, D]` float32 or float16 array (may be a `np.memmap`).
         queries: `[Q, D]` array.
-        k: results per query; clamped to `N`.
+        k: results per query, at least 1; clamped to `N`.
         chunk_rows: gallery rows scored per matrix product.
         query_block: queries scored per matrix product.
 
     Returns:
-        `(rows, scores)`: int64 `[Q, min(k, N)]` gallery rows and float32 scores.
+        `(rows, scores)`: int64 `[Q, min(k, N)]` gallery rows and their float32 scores.
     """
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    num_queries = queries.shape[0]
     k = min(int(k), gallery.shape[0])
-    best_rows = np.zeros((num_queries, 0), dtype=np.int64)
-    best_scores = np.zeros((num_queries, 0), dtype=np.float32)
+    rows = np.zeros((queries.shape[0], k), dtype=np.int64)
+    scores = np.zeros((queries.shape[0], k), dtype=np.float32)
     # A first chunk of at least k rows gives every query k candidates to compare later chunks with.
     step = max(chunk_rows, k)
-    block_rows, block_scores = [], []
+    # Converted chunks reuse one buffer: a fresh 64 MiB array per chunk costs page faults every time.
+    shape = (min(step, gallery.shape[0]), gallery.shape[1])
+    buffer = None if gallery.dtype == np.float32 else np.empty(shape, np.float32)
     for start in range(0, gallery.shape[0], step):
-        chunk = np.asarray(gallery[start : start + step], dtype=np.float32)
-        block_rows, block_scores = [], []
-        for q in range(0, num_queries, query_block):
-            scores = queries[q : q + query_block] @ chunk.T
-            rows, top = _merge(best_rows[q : q + query_block], best_scores[q : q + query_block], scores, start, k)
-            block_rows.append(rows)
-            block_scores.append(top)
-        best_rows = np.concatenate(block_rows) if block_rows else best_rows
-        best_scores = np.concatenate(block_scores) if block_scores else best_scores
-    return best_rows, best_scores
+        chunk = np.asarray(gallery[start : start + step])  # a plain view, also of a np.memmap
+        if buffer is not None:
+            np.copyto(buffer[: len(chunk)], chunk)
+            chunk = buffer[: len(chunk)]
+        for first in range(0, queries.shape[0], query_block):
+            block = slice(first, first + query_block)
+            held = None if start == 0 else (rows[block], scores[block])
+            rows[block], scores[block] = _merge(held, queries[block] @ chunk.T, start, k)
+    return rows, scores
 
 
 def _merge(
-    best_rows: np.ndarray, best_scores: np.ndarray, scores: np.ndarray, offset: int, k: int
+    held: Optional[tuple[np.ndarray, np.ndarray]], chunk_scores: np.ndarray, offset: int, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Merge one chunk's `scores` (rows `offset...`) into the running top-k of each query."""
-    num_queries, chunk_size = scores.shape
-    if best_rows.shape[1] < k:
-        # First chunk: keep everything at or above each query's k-th score (ties included).
-        if chunk_size > k:
-            threshold = np.partition(scores, chunk_size - k, axis=1)[:, chunk_size - k, None]
-            candidates = scores >= threshold
-        else:
-            candidates = np.ones_like(scores, dtype=bool)
+    """Merge one chunk's scores (gallery rows `offset...`) into each query's held top-k."""
+    num_queries, chunk_size = chunk_scores.shape
+    if held is None:
+        # First chunk: keep everything at or above each query's k-th score, ties included.
+        threshold = np.partition(chunk_scores, chunk_size - k, axis=1)[:, chunk_size - k, None]
+        query_ids, columns = np.nonzero(chunk_scores >= threshold)
+        held_rows = np.zeros((num_queries, 0), dtype=np.int64)
+        held_scores = np.zeros((num_queries, 0), dtype=np.float32)
     else:
+        held_rows, held_scores = held
         # Later chunks hold higher rows, which lose ties: only strictly better scores can enter.
-        candidates = scores > best_scores[:, -1:]
-    query_ids, columns = np.nonzero(candidates)
-    if query_ids.size == 0:
-        return best_rows, best_scores
-    held = best_rows.shape[1]
-    all_queries = np.concatenate([np.repeat(np.arange(num_queries), held), query_ids])
-    all_rows = np.concatenate([best_rows.ravel(), columns.astype(np.int64) + offset])
-    all_scores = np.concatenate([best_scores.ravel(), scores[query_ids, columns]])
+        # Most queries have none, and a row maximum is much cheaper than `nonzero` on every row.
+        hot = np.flatnonzero(chunk_scores.max(axis=1) > held_scores[:, -1])
+        if hot.size == 0:
+            return held_rows, held_scores
+        hot_ids, columns = np.nonzero(chunk_scores[hot] > held_scores[hot, -1:])
+        query_ids = hot[hot_ids]
+    all_queries = np.concatenate([np.repeat(np.arange(num_queries), held_rows.shape[1]), query_ids])
+    all_rows = np.concatenate([held_rows.ravel(), columns.astype(np.int64) + offset])
+    all_scores = np.concatenate([held_scores.ravel(), chunk_scores[query_ids, columns]])
     order = np.lexsort((all_rows, -all_scores, all_queries))
-    # Every query has at least k entries now; its first k in (query, -score, row) order win.
+    # Every query has at least k entries; its first k in (query, -score, row) order win.
     starts = np.concatenate([[0], np.cumsum(np.bincount(all_queries, minlength=num_queries))[:-1]])
     take = order[starts[:, None] + np.arange(k)]
     return all_rows[take], all_scores[take]

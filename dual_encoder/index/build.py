@@ -1,0 +1,186 @@
+"""Build an index from a gallery source, add new or changed images to it, remove images from it."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Iterable, Optional, Union
+
+import numpy as np
+
+from dual_encoder.config import IndexConfig
+from dual_encoder.index.embed import GallerySource, SkippedFile, embed_contents, load_checked_model, open_gallery
+from dual_encoder.index.errors import GallerySourceError
+from dual_encoder.index.store import ImageIndex, check_replaceable
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexSummary:
+    """What a build, add or remove did.
+
+    Args:
+        index_dir: the index directory.
+        count: items in the index afterwards.
+        kind: the index's search kind.
+        dtype: its embedding dtype.
+        dim: its embedding dimension.
+        embedded: images run through the image tower (equal bytes count once).
+        reused: new paths whose content was already indexed (embedding copied, not recomputed).
+        replaced: indexed paths whose content changed (re-embedded, new id).
+        removed: items removed.
+        unchanged: offered images already indexed with the same content.
+        skipped: files not indexed (or paths not found for removal), with reasons.
+        written: whether the index on disk was (re)written.
+        seconds: wall time.
+    """
+
+    index_dir: Path
+    count: int
+    kind: str
+    dtype: str
+    dim: int
+    embedded: int = 0
+    reused: int = 0
+    replaced: int = 0
+    removed: int = 0
+    unchanged: int = 0
+    skipped: list[SkippedFile] = dataclasses.field(default_factory=list)
+    written: bool = True
+    seconds: float = 0.0
+
+
+def build_index(
+    model_dir: Union[str, Path],
+    source: Union[str, Path, GallerySource],
+    output: Union[str, Path],
+    config: IndexConfig = IndexConfig(),
+    progress: bool = True,
+) -> IndexSummary:
+    """Embed every image of `source` with the image tower of `model_dir` and save a new index at `output`.
+
+    An existing index at `output` is replaced atomically. Undecodable and non-image files are skipped
+    and listed in the summary.
+
+    Args:
+        model_dir: a directory written by `save_model`.
+        source: an image folder, a list file, or `DatasetSplit(prepared_dir, split)`.
+        output: the index directory to write.
+        config: dtype, kind and ANN parameters.
+        progress: show progress bars.
+
+    Example:
+        >>> summary = build_index("runs/model", "photos/", "photos.index", IndexConfig(dtype="float16"))
+        >>> summary.count, [s.path for s in summary.skipped]
+    """
+    started = time.perf_counter()
+    check_replaceable(Path(output).absolute())  # before the slow part, not after
+    model, model_record = load_checked_model(model_dir)
+    gallery = open_gallery(source, progress)
+    rows = range(len(gallery.records))
+    vectors, failed = embed_contents(model, gallery, rows, config.embed_batch_size, progress)
+    kept = [gallery.records[r] for r in rows if gallery.records[r].sha256 in vectors]
+    skipped = gallery.skipped + failed
+    if not kept:
+        raise GallerySourceError(f"no images could be indexed from {gallery.source} ({len(skipped)} files skipped)")
+    index = ImageIndex.create(np.stack([vectors[r.sha256] for r in kept]), kept, config, model_record)
+    path = index.save(output)
+    return _summary(index, path, started, embedded=len(vectors), skipped=skipped)
+
+
+def add_to_index(
+    index_dir: Union[str, Path],
+    images: Union[str, Path, GallerySource],
+    model_dir: Optional[Union[str, Path]] = None,
+    progress: bool = True,
+) -> IndexSummary:
+    """Add the images of a source to an index; only content the index has not seen is embedded.
+
+    A path already indexed with the same content is left alone; with new content it is re-embedded
+    (and gets a new id). A new path whose content is already indexed reuses that embedding. Nothing
+    is written when nothing changes.
+
+    Args:
+        index_dir: an existing index.
+        images: an image folder, a list file, or a `DatasetSplit`.
+        model_dir: the model to embed with; defaults to the one recorded in the index, and must
+            have the same fingerprint.
+        progress: show progress bars.
+    """
+    started = time.perf_counter()
+    index = ImageIndex.load(index_dir)
+    gallery = open_gallery(images, progress)
+    row_of_path = {path: row for row, path in enumerate(index.items.paths)}
+    row_of_hash = {digest.decode("ascii"): row for row, digest in enumerate(index.items.sha256)}
+    unchanged, replaced, reuse, to_embed = 0, [], [], []
+    for new_row, record in enumerate(gallery.records):
+        old_row = row_of_path.get(record.path)
+        if old_row is not None and index.items.sha256[old_row].decode("ascii") == record.sha256:
+            unchanged += 1
+            continue
+        if old_row is not None:
+            replaced.append(old_row)
+        (reuse if record.sha256 in row_of_hash else to_embed).append(new_row)
+    # Every new path takes the embedding of its content: from the index, or freshly computed.
+    vectors = {gallery.records[r].sha256: index.embeddings[row_of_hash[gallery.records[r].sha256]] for r in reuse}
+    embedded, skipped = 0, list(gallery.skipped)
+    if to_embed:
+        model, _ = load_checked_model(model_dir or index.model.directory, expected=index.model)
+        fresh, failed = embed_contents(model, gallery, to_embed, index.config.embed_batch_size, progress)
+        vectors.update(fresh)
+        embedded, skipped = len(fresh), skipped + failed
+    added = [gallery.records[r] for r in sorted(reuse + to_embed) if gallery.records[r].sha256 in vectors]
+    if not added and not replaced:
+        return _summary(index, index_dir, started, unchanged=unchanged, skipped=skipped, written=False)
+    index.remove(replaced)
+    if added:
+        index.add(added, np.stack([vectors[record.sha256] for record in added]))
+    path = index.save(index_dir)
+    return _summary(
+        index, path, started, embedded=embedded, reused=len(reuse), replaced=len(replaced),
+        unchanged=unchanged, skipped=skipped,
+    )
+
+
+def remove_from_index(
+    index_dir: Union[str, Path], paths: Optional[Iterable[Union[str, Path]]] = None, missing: bool = False
+) -> IndexSummary:
+    """Remove items by path (a folder path removes everything under it) and/or items whose file is gone.
+
+    Args:
+        index_dir: an existing index.
+        paths: image files or folders to remove; ones matching nothing are reported as skipped.
+        missing: also remove items whose file no longer exists.
+    """
+    started = time.perf_counter()
+    index = ImageIndex.load(index_dir)
+    item_paths = index.items.paths
+    doomed: set[int] = set()
+    skipped = []
+    for given in paths or ():
+        target = os.path.abspath(given)
+        inside = target.rstrip(os.sep) + os.sep
+        matches = {row for row, path in enumerate(item_paths) if path == target or path.startswith(inside)}
+        if not matches:
+            skipped.append(SkippedFile(target, "not in the index"))
+        doomed |= matches
+    if missing:
+        doomed |= {row for row, path in enumerate(item_paths) if not os.path.exists(path)}
+    if not doomed:
+        return _summary(index, index_dir, started, skipped=skipped, written=False)
+    index.remove(sorted(doomed))
+    path = index.save(index_dir)
+    return _summary(index, path, started, removed=len(doomed), skipped=skipped)
+
+
+def _summary(index: ImageIndex, path, started: float, **counts) -> IndexSummary:
+    return IndexSummary(
+        index_dir=Path(path).absolute(),
+        count=len(index),
+        kind=index.kind.value,
+        dtype=index.dtype,
+        dim=index.dim,
+        seconds=time.perf_counter() - started,
+        **counts,
+    )

@@ -1,0 +1,238 @@
+"""Gallery sources (image folder, list file, prepared dataset split) -> image records and their embeddings."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import hashlib
+import os
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Union
+
+import keras
+import numpy as np
+import tensorflow as tf
+from tqdm.auto import tqdm
+
+from dual_encoder.data import tfrecords
+from dual_encoder.data.pipeline import decode_and_resize, make_image_dataset, read_split
+from dual_encoder.index.errors import GallerySourceError, ModelMismatchError
+from dual_encoder.index.items import ImageRecord
+from dual_encoder.index.store import ModelRecord, file_sha256
+from dual_encoder.models import load_model, model_fingerprint
+
+# What `decode_and_resize` decodes; other files in a folder are reported as skipped.
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp"})
+UNDECODABLE = "not a decodable image (JPEG/PNG/GIF/BMP)"
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFolder:
+    """Every image under `path`, recursively, chosen by file extension (hidden files are ignored)."""
+
+    path: Path
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageList:
+    """A text file with one image path per line; relative paths are relative to the list's folder.
+
+    Blank lines and lines starting with `#` are ignored.
+    """
+
+    path: Path
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSplit:
+    """A split of a dataset written by `prepare` (images come from its TFRecords, captions are kept)."""
+
+    prepared: Path
+    split: str
+
+
+GallerySource = Union[ImageFolder, ImageList, DatasetSplit]
+
+
+@dataclasses.dataclass(frozen=True)
+class SkippedFile:
+    """A file that was not indexed, and why."""
+
+    path: str
+    reason: str
+
+
+def as_source(source: Union[str, Path, GallerySource]) -> GallerySource:
+    """A source object as is; a path is a folder if it is a directory, else a list file."""
+    if isinstance(source, (ImageFolder, ImageList, DatasetSplit)):
+        return source
+    path = Path(source)
+    if path.is_dir():
+        return ImageFolder(path)
+    if path.is_file():
+        return ImageList(path)
+    raise GallerySourceError(f"gallery source {path} does not exist")
+
+
+class Gallery(abc.ABC):
+    """The images of one source: their records (hashed, in a fixed order) and a way to decode them.
+
+    Args:
+        records: one record per image that could be read.
+        skipped: files left out while listing and hashing.
+        source: where the gallery came from (for messages).
+    """
+
+    def __init__(self, records: list[ImageRecord], skipped: list[SkippedFile], source: str):
+        self.records = records
+        self.skipped = skipped
+        self.source = source
+
+    @abc.abstractmethod
+    def images(self, rows: Sequence[int], image_size: int, batch_size: int) -> tf.data.Dataset:
+        """`{"row": int64 [B], "images": uint8 [B, S, S, 3]}` for `rows` (increasing); undecodable rows are dropped."""
+
+
+class FileGallery(Gallery):
+    """Images read from their files (folder and list sources)."""
+
+    def images(self, rows: Sequence[int], image_size: int, batch_size: int) -> tf.data.Dataset:
+        rows = np.asarray(rows, dtype=np.int64)
+        paths = tf.constant([self.records[r].path for r in rows], dtype=tf.string)
+
+        def decode(row: tf.Tensor, path: tf.Tensor) -> dict[str, tf.Tensor]:
+            return {"row": row, "images": decode_and_resize(tf.io.read_file(path), image_size)}
+
+        dataset = tf.data.Dataset.from_tensor_slices((rows, paths))
+        dataset = dataset.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        # A corrupt file fails its own element only; `embed_contents` reports the rows that went missing.
+        return dataset.ignore_errors().batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+class SplitGallery(Gallery):
+    """Images of a prepared dataset split, decoded from its TFRecords by the data pipeline."""
+
+    def __init__(self, records: list[ImageRecord], source: DatasetSplit):
+        super().__init__(records, [], f"{source.prepared} [{source.split}]")
+        self._split = source
+
+    def images(self, rows: Sequence[int], image_size: int, batch_size: int) -> tf.data.Dataset:
+        wanted = np.zeros(len(self.records), dtype=bool)
+        wanted[np.asarray(rows, dtype=np.int64)] = True
+        wanted = tf.constant(wanted)
+        split = make_image_dataset(
+            self._split.prepared, self._split.split, image_size=image_size, batch_size=batch_size
+        )
+        numbered = tf.data.Dataset.zip(tf.data.Dataset.range(len(self.records)), split.unbatch())
+        return (
+            numbered.filter(lambda row, batch: wanted[row])
+            .map(lambda row, batch: {"row": row, "images": batch["images"]})
+            .batch(batch_size)
+        )
+
+
+def open_gallery(source: Union[str, Path, GallerySource], progress: bool = True) -> Gallery:
+    """List and hash the images of `source`; unreadable files are skipped and reported."""
+    source = as_source(source)
+    if isinstance(source, DatasetSplit):
+        return _open_split(source, progress)
+    paths, skipped = _list_folder(source.path) if isinstance(source, ImageFolder) else _list_file(source.path)
+    records = []
+    for path in tqdm(paths, desc="hashing", unit="file", disable=not progress):
+        try:
+            stat = os.stat(path)
+            records.append(ImageRecord(path=path, sha256=file_sha256(path), size=stat.st_size, mtime=stat.st_mtime))
+        except OSError as error:
+            skipped.append(SkippedFile(path, f"unreadable ({error.strerror or error})"))
+    return FileGallery(records, skipped, str(source.path))
+
+
+def _list_folder(folder: Path) -> tuple[list[str], list[SkippedFile]]:
+    paths, skipped = [], []
+    for root, directories, files in os.walk(folder):
+        directories[:] = sorted(d for d in directories if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            path = os.path.abspath(os.path.join(root, name))
+            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                paths.append(path)
+            else:
+                skipped.append(SkippedFile(path, "not an image file (extension)"))
+    return paths, skipped
+
+
+def _list_file(list_path: Path) -> tuple[list[str], list[SkippedFile]]:
+    try:
+        lines = list_path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise GallerySourceError(f"cannot read image list {list_path}: {error}") from None
+    base = list_path.absolute().parent
+    paths, skipped = [], []
+    for line in (line.strip() for line in lines):
+        if line and not line.startswith("#"):
+            path = os.path.abspath(base / line)
+            if os.path.isfile(path):
+                paths.append(path)
+            else:
+                skipped.append(SkippedFile(path, "file not found"))
+    return paths, skipped
+
+
+def _open_split(source: DatasetSplit, progress: bool) -> Gallery:
+    info = read_split(source.prepared, source.split)
+    records = []
+    examples = tfrecords.read_examples(info.shards)
+    for path, captions, example in tqdm(
+        zip(info.paths, info.captions, examples), total=info.num_images, desc="hashing", disable=not progress
+    ):
+        records.append(
+            ImageRecord(
+                path=str(path),
+                sha256=hashlib.sha256(example.image_bytes).hexdigest(),
+                size=len(example.image_bytes),
+                mtime=path.stat().st_mtime if path.is_file() else None,
+                caption=captions[0] if captions else None,
+            )
+        )
+    return SplitGallery(records, source)
+
+
+def embed_contents(
+    model: keras.Model, gallery: Gallery, rows: Iterable[int], batch_size: int, progress: bool = True
+) -> tuple[dict[str, np.ndarray], list[SkippedFile]]:
+    """Embed the images `gallery.records[rows]` with the image tower, in batches; equal bytes are embedded once.
+
+    Returns:
+        `(vectors, skipped)`: float32 embeddings keyed by content sha256, and the rows that failed to decode.
+    """
+    rows = list(rows)
+    first_row_of_hash = {}
+    for row in rows:
+        first_row_of_hash.setdefault(gallery.records[row].sha256, row)
+    unique_rows = sorted(first_row_of_hash.values())
+    image_size = int(model.image_size)
+    encode = tf.function(
+        model.encode_image, input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.uint8)]
+    )
+    vectors: dict[str, np.ndarray] = {}
+    with tqdm(total=len(unique_rows), desc="embedding", unit="img", disable=not progress) as bar:
+        for batch in gallery.images(unique_rows, image_size, batch_size):
+            embeddings = keras.ops.convert_to_numpy(encode(batch["images"]))
+            for row, vector in zip(batch["row"].numpy(), embeddings):
+                vectors[gallery.records[row].sha256] = vector
+            bar.update(len(embeddings))
+    failed = [r for r in rows if gallery.records[r].sha256 not in vectors]
+    skipped = [SkippedFile(gallery.records[r].path, UNDECODABLE) for r in failed]
+    return vectors, skipped
+
+
+def load_checked_model(model_dir: Union[str, Path], expected: Optional[ModelRecord] = None):
+    """`(model, ModelRecord)` for `model_dir`; refuses a model whose fingerprint differs from `expected`'s."""
+    fingerprint = model_fingerprint(model_dir)
+    if expected is not None and fingerprint != expected.fingerprint:
+        raise ModelMismatchError(
+            f"model {model_dir} (fingerprint {fingerprint[:12]}) is not the model the index was built with "
+            f"({expected.directory}, fingerprint {expected.fingerprint[:12]}): fingerprint mismatch"
+        )
+    return load_model(model_dir), ModelRecord(os.path.abspath(model_dir), fingerprint)

@@ -1,0 +1,410 @@
+"""The image index: embeddings + item table + optional FAISS structure; add, remove, search, save, load.
+
+On disk (one directory): `embeddings.npy` (L2-normalised, float32 or float16, memory-mapped on load),
+`items.jsonl`, `ann.faiss` for approximate kinds, and `manifest.json` with counts, parameters, the
+model fingerprint and the sha256 of every file. Saving writes a complete sibling directory first and
+then renames it into place, so a crash at any moment leaves the previous index loadable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from dual_encoder.config import IndexConfig
+from dual_encoder.index.ann import AnnIndex, IndexKind, resolve_kind
+from dual_encoder.index.errors import (
+    ImageIndexError,
+    IndexConfigError,
+    IndexCorruptError,
+    IndexNotFoundError,
+    QueryError,
+)
+from dual_encoder.index.items import ImageRecord, ItemTable
+from dual_encoder.index.topk import exact_search
+
+FORMAT = "dual_encoder.image_index"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+EMBEDDINGS = "embeddings.npy"
+ITEMS = "items.jsonl"
+ANN = "ann.faiss"
+DTYPES = {"float32": np.float32, "float16": np.float16}
+_HASH_BLOCK = 1 << 22
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRecord:
+    """The model an index was embedded with.
+
+    Args:
+        directory: the model directory (absolute path as given at build time).
+        fingerprint: `model_fingerprint(directory)` at build time.
+    """
+
+    directory: str
+    fingerprint: str
+
+
+class ImageIndex:
+    """Normalised image embeddings with their item table, searchable by inner product.
+
+    Args:
+        embeddings: `[N, D]` array in the index dtype (a `np.memmap` when loaded from disk).
+        items: the item table, row `i` describing embedding row `i`.
+        config: dtype, kind and ANN parameters.
+        model: the model the embeddings came from.
+        next_id: the id the next added item gets (ids are never reused).
+        ann: the FAISS structure for approximate kinds (built here when None and needed).
+
+    Example:
+        >>> index = ImageIndex.create(np.eye(3, 4), records, IndexConfig(), ModelRecord("m", "abc"))
+        >>> rows, scores = index.search(np.eye(1, 4), k=2)
+        >>> index.save("gallery.index"); ImageIndex.load("gallery.index")
+    """
+
+    def __init__(
+        self,
+        embeddings: np.ndarray,
+        items: ItemTable,
+        config: IndexConfig,
+        model: ModelRecord,
+        next_id: int,
+        ann: Optional[AnnIndex] = None,
+    ):
+        if embeddings.ndim != 2 or embeddings.shape[0] != len(items):
+            raise ImageIndexError(f"{embeddings.shape[0]} embeddings for {len(items)} items")
+        self._embeddings = embeddings
+        self.items = items
+        self.config = config
+        self.model = model
+        self.next_id = next_id
+        self.kind = resolve_kind(config, len(items))
+        self._ann = ann if ann is not None else self._build_ann()
+
+    @classmethod
+    def create(
+        cls, embeddings: np.ndarray, records: Sequence[ImageRecord], config: IndexConfig, model: ModelRecord
+    ) -> "ImageIndex":
+        """A new index over `records` and their embeddings (normalised and cast here)."""
+        items = ItemTable.from_records(records, first_id=0)
+        return cls(_prepare(embeddings, config), items, config, model, next_id=len(items))
+
+    # -- properties ---------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def embeddings(self) -> np.ndarray:
+        return self._embeddings
+
+    @property
+    def dim(self) -> int:
+        return int(self._embeddings.shape[1])
+
+    @property
+    def dtype(self) -> str:
+        return self.config.dtype
+
+    @property
+    def ann_params(self) -> dict[str, int]:
+        return dict(self._ann.params) if self._ann is not None else {}
+
+    # -- search -------------------------------------------------------------------------------
+
+    def search(self, query_embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-`k` rows for each query by inner product, best first.
+
+        Args:
+            query_embeddings: `[Q, D]` (or `[D]`) query embeddings.
+            k: results per query, a positive integer; clamped to the gallery size.
+
+        Returns:
+            `(rows, scores)`, `[Q, min(k, N)]` each. `self.items[row]` describes a row; an
+            approximate index marks missing results with row -1.
+        """
+        queries = np.asarray(query_embeddings, dtype=np.float32)
+        queries = queries[None] if queries.ndim == 1 else queries
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise QueryError(f"query embeddings have shape {queries.shape}, expected [Q, {self.dim}]")
+        k = validate_k(k)
+        if len(self) == 0:
+            return np.zeros((len(queries), 0), dtype=np.int64), np.zeros((len(queries), 0), dtype=np.float32)
+        k = min(k, len(self))
+        if self._ann is not None:
+            return self._ann.search(queries, k)
+        return exact_search(self._embeddings, queries, k)
+
+    # -- changes ------------------------------------------------------------------------------
+
+    def add(self, records: Sequence[ImageRecord], embeddings: np.ndarray) -> None:
+        """Append items; they get new ids. An approximate structure grows in place when it can."""
+        new_items = ItemTable.from_records(records, first_id=self.next_id)
+        new_embeddings = _prepare(embeddings, self.config)
+        if new_embeddings.shape[1] != self.dim or len(new_embeddings) != len(new_items):
+            raise ImageIndexError(
+                f"cannot add {new_embeddings.shape[0]} embeddings of dimension {new_embeddings.shape[1]} "
+                f"for {len(new_items)} items to a {self.dim}-d index"
+            )
+        self._embeddings = np.concatenate([self._embeddings, new_embeddings])
+        self.items = self.items.concat(new_items)
+        self.next_id += len(new_items)
+        kind = resolve_kind(self.config, len(self))
+        if kind == self.kind and self._ann is not None:
+            self._ann.add(new_embeddings)
+        else:
+            self.kind = kind
+            self._ann = self._build_ann()
+
+    def remove(self, rows: Sequence[int]) -> None:
+        """Drop the given rows; the approximate structure (if any) is rebuilt."""
+        if len(rows) == 0:
+            return
+        keep = np.setdiff1d(np.arange(len(self)), np.asarray(rows, dtype=np.int64))
+        self._embeddings = np.ascontiguousarray(self._embeddings[keep])
+        self.items = self.items.take(keep)
+        self.kind = resolve_kind(self.config, len(self))
+        self._ann = self._build_ann()
+
+    def _build_ann(self) -> Optional[AnnIndex]:
+        if self.kind == IndexKind.EXACT or len(self) == 0:
+            return None
+        return AnnIndex.build(self.kind, self._embeddings, self.config)
+
+    # -- persistence --------------------------------------------------------------------------
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the index to `directory` atomically (replacing an existing index); returns the path."""
+        target = Path(directory).absolute()
+        check_replaceable(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _finish_interrupted_swap(target)
+        _remove_abandoned_staging(target)
+        staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(target, os.getpid()), dir=target.parent))
+        try:
+            self._write(staging)
+            _swap_into_place(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return target
+
+    def _write(self, directory: Path) -> None:
+        with open(directory / EMBEDDINGS, "wb") as stream:
+            np.save(stream, np.ascontiguousarray(self._embeddings))
+        self.items.write_jsonl(directory / ITEMS)
+        if self._ann is not None:
+            self._ann.save(directory / ANN)
+        names = [EMBEDDINGS, ITEMS] + ([ANN] if self._ann is not None else [])
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "count": len(self),
+            "dim": self.dim,
+            "dtype": self.dtype,
+            "kind": self.kind.value,
+            "ann": self.ann_params,
+            "config": dataclasses.asdict(self.config),
+            "model": {"dir": self.model.directory, "fingerprint": self.model.fingerprint},
+            "next_id": self.next_id,
+            "files": {name: _describe_file(directory / name) for name in names},
+            "written_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        # The manifest goes last: a directory with a manifest is complete.
+        (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        for name in names + [MANIFEST]:
+            _fsync(directory / name)
+        _fsync(directory)
+
+    @classmethod
+    def load(cls, directory: str | Path, verify: bool = True) -> "ImageIndex":
+        """Open a saved index; embeddings are memory-mapped, not read.
+
+        Args:
+            directory: the index directory.
+            verify: check the sha256 of every file (sizes, shapes and counts are always checked).
+
+        Raises:
+            IndexNotFoundError: no index at `directory`.
+            IndexCorruptError: a file is missing, truncated, altered or inconsistent (the message names it).
+        """
+        source = _readable_location(Path(directory).absolute())
+        manifest = read_manifest(source)
+        for name, expected in manifest["files"].items():
+            _check_file(source / name, expected, verify)
+        embeddings_path = source / EMBEDDINGS
+        try:
+            embeddings = np.load(embeddings_path, mmap_mode="r")
+        except ValueError as error:
+            raise IndexCorruptError(f"{embeddings_path}: not a readable .npy file ({error})") from None
+        expected_shape = (manifest["count"], manifest["dim"])
+        if embeddings.shape != expected_shape or embeddings.dtype != DTYPES[manifest["dtype"]]:
+            raise IndexCorruptError(
+                f"{embeddings_path}: holds {embeddings.dtype}{list(embeddings.shape)}, "
+                f"manifest says {manifest['dtype']}{list(expected_shape)}"
+            )
+        items = ItemTable.read_jsonl(source / ITEMS)
+        if len(items) != manifest["count"]:
+            raise IndexCorruptError(f"{source / ITEMS}: {len(items)} items, manifest says {manifest['count']}")
+        try:
+            config = IndexConfig(**manifest["config"])
+            kind = IndexKind(manifest["kind"])
+        except (TypeError, ValueError) as error:
+            raise IndexCorruptError(f"{source / MANIFEST}: bad config or kind ({error})") from None
+        ann = AnnIndex.load(kind, source / ANN, manifest["ann"]) if ANN in manifest["files"] else None
+        model = ModelRecord(manifest["model"]["dir"], manifest["model"]["fingerprint"])
+        index = cls(embeddings, items, config, model, manifest["next_id"], ann=ann)
+        if index.kind != kind:
+            raise IndexCorruptError(f"{source / MANIFEST}: kind '{kind.value}' does not match its config")
+        return index
+
+
+def validate_k(k: Any) -> int:
+    """`k` as an int, or a `QueryError` for zero, negative or non-integer values."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise QueryError(f"k must be a positive integer, got {k!r}")
+    if k <= 0:
+        raise QueryError(f"k must be a positive integer, got {k}")
+    return int(k)
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    """The parsed `manifest.json` of an index directory (not its data files)."""
+    path = Path(directory) / MANIFEST
+    if not Path(directory).is_dir():
+        raise IndexNotFoundError(f"no index at {directory}: directory does not exist")
+    if not path.is_file():
+        raise IndexCorruptError(f"{path}: missing (not an index directory, or an unfinished write)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise IndexCorruptError(f"{path}: unreadable ({error})") from None
+    required = {"format_version", "count", "dim", "dtype", "kind", "ann", "config", "model", "next_id", "files"}
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or required - set(manifest):
+        raise IndexCorruptError(f"{path}: not a {FORMAT} manifest")
+    if manifest["format_version"] > FORMAT_VERSION:
+        raise IndexCorruptError(f"{path}: format version {manifest['format_version']} is newer than this code")
+    if manifest["dtype"] not in DTYPES:
+        raise IndexCorruptError(f"{path}: unknown dtype '{manifest['dtype']}'")
+    return manifest
+
+
+def _prepare(embeddings: np.ndarray, config: IndexConfig) -> np.ndarray:
+    """L2-normalise in float32, then store in the configured dtype."""
+    if config.dtype not in DTYPES:
+        raise IndexConfigError(f"unknown index dtype '{config.dtype}'; choose one of {sorted(DTYPES)}")
+    vectors = np.asarray(embeddings, dtype=np.float32)
+    if vectors.ndim != 2:
+        raise ImageIndexError(f"embeddings must be a [N, D] matrix, got shape {vectors.shape}")
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return (vectors / np.maximum(norms, 1e-12)).astype(DTYPES[config.dtype])
+
+
+def _describe_file(path: Path) -> dict[str, Any]:
+    return {"sha256": file_sha256(path), "bytes": path.stat().st_size}
+
+
+def _check_file(path: Path, expected: dict[str, Any], verify: bool) -> None:
+    if not path.is_file():
+        raise IndexCorruptError(f"{path}: missing")
+    size = path.stat().st_size
+    if size != expected["bytes"]:
+        raise IndexCorruptError(f"{path}: {size} bytes, manifest says {expected['bytes']} (truncated or altered)")
+    if verify and file_sha256(path) != expected["sha256"]:
+        raise IndexCorruptError(f"{path}: sha256 differs from the manifest (file altered)")
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while block := stream.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+# -- atomic replacement ---------------------------------------------------------------------------
+# A directory cannot be renamed over a non-empty one, so replacing takes two renames:
+# target -> backup, staging -> target. A crash between them leaves only the (complete) backup,
+# which `load` reads and the next `save` puts back before doing anything else.
+
+
+def check_replaceable(target: Path) -> None:
+    """Only an index (or nothing, or an empty folder) may be replaced: never a user's folder."""
+    if target.exists() and not target.is_dir():
+        raise ImageIndexError(f"{target} exists and is not a directory: not writing an index there")
+    if target.is_dir() and any(target.iterdir()):
+        try:
+            read_manifest(target)
+        except ImageIndexError:
+            raise ImageIndexError(f"{target} is a non-empty directory that is not an index: not replacing it") from None
+
+
+def _backup_of(target: Path) -> Path:
+    return target.parent / f".{target.name}.previous"
+
+
+def _swap_into_place(staging: Path, target: Path) -> None:
+    backup = _backup_of(target)
+    if target.exists():
+        shutil.rmtree(backup, ignore_errors=True)  # a finished swap's leftover: target is complete
+        os.rename(target, backup)
+        os.rename(staging, target)
+        _fsync(target.parent)
+        shutil.rmtree(backup)
+    else:
+        os.rename(staging, target)
+    _fsync(target.parent)
+
+
+def _finish_interrupted_swap(target: Path) -> None:
+    backup = _backup_of(target)
+    if not target.exists() and backup.is_dir():
+        os.rename(backup, target)
+
+
+def _staging_prefix(target: Path, pid: int) -> str:
+    return f".{target.name}.tmp-{pid}-"
+
+
+def _remove_abandoned_staging(target: Path) -> None:
+    """Delete staging directories whose writer process is gone (killed mid-write)."""
+    for staging in target.parent.glob(f".{target.name}.tmp-*-*"):
+        pid = staging.name[len(f".{target.name}.tmp-") :].split("-", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _readable_location(target: Path) -> Path:
+    backup = _backup_of(target)
+    if not target.exists() and backup.is_dir():
+        return backup
+    return target

@@ -1,0 +1,256 @@
+"""The HTTP API and the search page: a thin FastAPI layer over a loaded `Searcher`.
+
+Errors are JSON `{"detail": "<one line>"}`; bad input is a 4xx, never a 500 or a traceback.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the endpoints' annotations at runtime, and
+# those made inside `create_app` refer to its local limits.
+import contextlib
+import logging
+import re
+from pathlib import Path
+from typing import Annotated, Any, Optional, Union
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field, StringConstraints
+
+from dual_encoder.config import ServeConfig
+from dual_encoder.errors import DualEncoderError
+from dual_encoder.index.errors import QueryError, UnknownItemError
+from dual_encoder.index.items import Item
+from dual_encoder.serve.batching import QueryBatcher
+from dual_encoder.serve.images import (
+    THUMBNAIL_MEDIA_TYPE,
+    ByteLRUCache,
+    UnreadableImageError,
+    make_thumbnail,
+    media_type,
+)
+
+STATIC_DIR = Path(__file__).parent / "static"
+DEFAULT_K = 10
+MAX_BATCH_QUERIES = 64  # queries in one POST: bounds one request's text-tower batch and response size
+THUMBNAIL_CACHE_BYTES = 64 << 20
+# Indexed images never change under an id (a changed file gets a new id), so browsers may keep them.
+IMAGE_CACHE_CONTROL = "public, max-age=86400"
+_ITEM_ID = re.compile(r"[0-9]{1,18}")  # int64 range: anything else cannot be an id
+
+# Request errors and their status; any other `DualEncoderError` is a 400.
+ERROR_STATUS: dict[type[Exception], int] = {
+    QueryError: 400,
+    UnknownItemError: 404,
+    UnreadableImageError: 404,
+    DualEncoderError: 400,
+}
+
+logger = logging.getLogger(__name__)
+
+
+class HitOut(BaseModel):
+    rank: int
+    id: int
+    score: float
+    caption: Optional[str]
+    image_url: str
+    thumbnail_url: str
+
+
+class SearchOut(BaseModel):
+    query: str
+    normalized_query: str
+    hits: list[HitOut]
+
+
+def create_app(searcher, serve_config: ServeConfig = ServeConfig(), *, max_batch: int = 32) -> FastAPI:
+    """The FastAPI app serving `searcher`: the JSON API under `/api`, the search page at `/`.
+
+    Args:
+        searcher: a loaded `dual_encoder.search.Searcher` (model and index load once, before this).
+        serve_config: request limits and thumbnail size.
+        max_batch: most concurrent `GET /api/search` queries merged into one text-tower call; 1 turns
+            merging off (queries are then searched one at a time, in arrival order).
+    """
+    batcher = QueryBatcher(lambda queries, k: searcher.search(queries, k=k), max_batch=max_batch)
+    thumbnails = ByteLRUCache(THUMBNAIL_CACHE_BYTES)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        await batcher.start()
+        try:
+            yield
+        finally:
+            await batcher.stop()
+
+    app = FastAPI(
+        title="dual_encoder image search",
+        summary="Natural-language search over an image index.",
+        lifespan=lifespan,
+    )
+    _install_error_handlers(app)
+
+    QueryText = Annotated[str, StringConstraints(max_length=serve_config.max_query_chars)]
+    K = Annotated[int, Field(ge=1, le=serve_config.max_k)]
+    default_k = min(DEFAULT_K, serve_config.max_k)
+
+    class SearchBatch(BaseModel):
+        queries: list[QueryText] = Field(min_length=1, max_length=MAX_BATCH_QUERIES)
+        k: K = default_k
+
+    @app.get("/api/search", response_model=SearchOut)
+    async def search(
+        q: Annotated[str, Query(max_length=serve_config.max_query_chars, description="What to look for.")],
+        k: Annotated[int, Query(ge=1, le=serve_config.max_k, description="How many results.")] = default_k,
+    ) -> JSONResponse:
+        result = await batcher.search(q, k)
+        # A response object skips re-validating what `_result_json` built (the hot path under load);
+        # `response_model` still documents the shape.
+        return JSONResponse(_result_json(result, k))
+
+    @app.post("/api/search", response_model=list[SearchOut])
+    def search_batch(body: SearchBatch) -> list[dict[str, Any]]:
+        """Several queries in one text-tower call; one result per query, in order."""
+        return [_result_json(result, body.k) for result in searcher.search(body.queries, k=body.k)]
+
+    @app.get("/api/images/{item_id}")
+    def image(item_id: str, request: Request) -> Response:
+        item = _find_item(searcher, item_id)
+        etag = f'"{item.sha256}"'
+        if _matches(request, etag):
+            return _not_modified(etag)
+        return FileResponse(item.path, media_type=media_type(item.path), headers=_cache_headers(etag))
+
+    @app.get("/api/thumbnails/{item_id}")
+    def thumbnail(item_id: str, request: Request) -> Response:
+        item = _find_item(searcher, item_id)
+        etag = f'"{item.sha256}-{serve_config.thumbnail_size}"'
+        if _matches(request, etag):
+            return _not_modified(etag)
+        body = thumbnails.get(item.sha256)
+        if body is None:
+            body = make_thumbnail(item.path, serve_config.thumbnail_size)
+            thumbnails.put(item.sha256, body)
+        return Response(body, media_type=THUMBNAIL_MEDIA_TYPE, headers=_cache_headers(etag))
+
+    @app.get("/api/info")
+    def info() -> dict[str, Any]:
+        """The index being searched and the request limits."""
+        limits = {"max_k": serve_config.max_k, "max_query_chars": serve_config.max_query_chars}
+        return {"index": searcher.info(), "limits": limits}
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
+
+
+def run_server(
+    index_dir: Union[str, Path],
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    model_dir: Optional[Union[str, Path]] = None,
+    serve_config: ServeConfig = ServeConfig(),
+    *,
+    max_batch: int = 32,
+    access_log: bool = False,
+) -> None:
+    """Load the index and its model once, then serve the API and page with uvicorn until interrupted.
+
+    Args:
+        index_dir: the index to search.
+        host: the interface to bind; 127.0.0.1 keeps the server private to this machine ("0.0.0.0" opens
+            it to the network).
+        port: the TCP port.
+        model_dir: the model to embed queries with; by default the one the index records.
+        serve_config: request limits and thumbnail size (its host and port are not used: pass them above).
+        max_batch: see `create_app`.
+        access_log: log one line per request (off by default: a busy server would write hundreds a second).
+    """
+    import uvicorn
+
+    from dual_encoder.search import Searcher
+
+    searcher = Searcher.load(index_dir, model_dir=model_dir)
+    app = create_app(searcher, serve_config, max_batch=max_batch)
+    uvicorn.run(app, host=host, port=port, access_log=access_log, log_level="info")
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+
+
+def _result_json(result, k: int) -> dict[str, Any]:
+    # A micro-batch searches with the largest k asked in it: each caller gets only its own k.
+    return {
+        "query": result.query,
+        "normalized_query": result.normalized_query,
+        "hits": [
+            {
+                "rank": hit.rank,
+                "id": hit.id,
+                "score": hit.score,
+                "caption": hit.caption,
+                "image_url": f"/api/images/{hit.id}",
+                "thumbnail_url": f"/api/thumbnails/{hit.id}",
+            }
+            for hit in result.hits[:k]
+        ],
+    }
+
+
+def _find_item(searcher, item_id: str) -> Item:
+    """The indexed item with this id; only ids are looked up, so no request text ever reaches a path."""
+    items = searcher.index.items
+    row = items.row_of(int(item_id)) if _ITEM_ID.fullmatch(item_id) else None
+    if row is None:
+        raise UnknownItemError(f"no item with id {item_id[:40]!r} in the index")
+    return items[row]
+
+
+def _matches(request: Request, etag: str) -> bool:
+    candidates = request.headers.get("if-none-match", "")
+    return any(tag.strip() in (etag, "*", f"W/{etag}") for tag in candidates.split(","))
+
+
+def _cache_headers(etag: str) -> dict[str, str]:
+    return {"ETag": etag, "Cache-Control": IMAGE_CACHE_CONTROL}
+
+
+def _not_modified(etag: str) -> Response:
+    return Response(status_code=304, headers=_cache_headers(etag))
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def user_error(_: Request, error: Exception) -> JSONResponse:
+        status = next(code for cls, code in ERROR_STATUS.items() if isinstance(error, cls))
+        return JSONResponse({"detail": str(error)}, status_code=status)
+
+    async def invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": _validation_message(error)}, status_code=422)
+
+    async def unexpected(request: Request, error: Exception) -> JSONResponse:
+        # Last resort: the details go to the server log, never to the client.
+        logger.exception("unhandled error serving %s %s", request.method, request.url.path, exc_info=error)
+        return JSONResponse({"detail": "internal server error"}, status_code=500)
+
+    for error_class in ERROR_STATUS:
+        app.add_exception_handler(error_class, user_error)
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(Exception, unexpected)
+
+
+def _validation_message(error: RequestValidationError) -> str:
+    """FastAPI's list of validation errors as one line: `k: Input should be less than or equal to 100`."""
+    parts = []
+    for problem in error.errors():
+        where = [str(part) for part in problem.get("loc", ())]  # ("query", "k") or ("body", "queries", 0)
+        location = ".".join(where[1:]) or ".".join(where) or "request"
+        parts.append(f"{location}: {problem.get('msg', 'invalid value')}")
+    return "; ".join(parts)

@@ -1,0 +1,45 @@
+"""Models, images and vectors the index and search tests make themselves (nothing is downloaded)."""
+
+from pathlib import Path
+
+import keras
+import numpy as np
+from PIL import Image
+
+from dual_encoder.config import ModelConfig
+from dual_encoder.models import build_dual_encoder, save_model
+
+TINY_MODEL = ModelConfig(
+    image_size=32, image_width=8, text_width=16, embed_dim=16, vocabulary_size=50, sequence_length=8, dropout=0.0
+)
+CAPTIONS = ["a red circle", "two blue squares", "a green triangle above a red square", "one large yellow star"]
+
+
+def save_tiny_model(directory: Path, seed: int = 0) -> Path:
+    """An untrained small_cnn + small_transformer model dir; different seeds give different fingerprints."""
+    keras.utils.set_random_seed(seed)
+    return save_model(build_dual_encoder(TINY_MODEL, captions=CAPTIONS), directory)
+
+
+def write_image(path: Path, seed: int, size: int = 40) -> Path:
+    """A PNG (or JPEG, by suffix) of random 4x4 blocks: distinct seeds give distinct contents."""
+    blocks = np.random.default_rng(seed).integers(0, 256, (size // 4, size // 4, 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.repeat(np.repeat(blocks, 4, axis=0), 4, axis=1)).save(path)
+    return path
+
+
+def write_images(folder: Path, count: int, first_seed: int = 0) -> list[Path]:
+    return [write_image(folder / f"{first_seed + i:03d}.png", first_seed + i) for i in range(count)]
+
+
+def unit_vectors(count: int, dim: int, seed: int) -> np.ndarray:
+    vectors = np.random.default_rng(seed).standard_normal((count, dim)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def brute_force_top_k(gallery: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The reference: score every row, fully sort by (-score, row), keep k."""
+    scores = np.asarray(queries, np.float32) @ np.asarray(gallery, np.float32).T
+    order = np.stack([np.lexsort((np.arange(len(row)), -row))[:k] for row in scores])
+    return order, np.take_along_axis(scores, order, axis=1)
