@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import keras
 import tensorflow as tf
 
+from dual_encoder.atomic import atomic_directory
 from dual_encoder.data.pipeline import decode_and_resize
 from dual_encoder.search import REQUEST_PREFIX, Searcher
 
@@ -142,13 +140,11 @@ def export_saved_models(index_dir: str | Path, output: str | Path, model_dir: st
     """Write `text_encoder/`, `image_encoder/` and `searcher/` SavedModels plus `export.json` under `output`.
 
     The model is the one the index was built with (its fingerprint is checked). The whole output is written
-    to a temporary sibling and renamed into place, so a failed export leaves a previous one intact.
+    atomically (`dual_encoder.atomic`), so a failed export leaves a previous one intact.
     """
     searcher = Searcher.load(index_dir, model_dir=model_dir)
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
-    try:
+    with atomic_directory(output, marker="export.json", what="an export") as staging:
         signatures = {
             TEXT_ENCODER: export_text_encoder(searcher.model, staging / TEXT_ENCODER),
             IMAGE_ENCODER: export_image_encoder(searcher.model, staging / IMAGE_ENCODER),
@@ -168,16 +164,5 @@ def export_saved_models(index_dir: str | Path, output: str | Path, model_dir: st
                 default=str,
             )
         )
-        if output.exists():
-            old = output.with_name(f".{output.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(output, old)
-            os.replace(staging, output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     artifacts = {name: output / name for name in signatures}
     return ExportSummary(output, artifacts, signatures, needs_text)

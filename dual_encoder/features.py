@@ -5,15 +5,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
+from dual_encoder.atomic import atomic_directory
 from dual_encoder.data.pipeline import make_image_dataset, read_split
 from dual_encoder.models.compiled import compiled
 
@@ -77,7 +75,8 @@ def load_or_compute_features(model, data_dir: str | Path, split: str, *, batch_s
         with np.load(cached) as arrays:
             return SplitFeatures(**{name: arrays[name] for name in arrays.files})
     features = compute_features(model, data_dir, split, batch_size=batch_size, progress=progress)
-    _write_atomically(cache_dir, features)
+    with atomic_directory(cache_dir, marker="features.npz", what="a feature cache") as staging:
+        np.savez(staging / "features.npz", **dataclasses.asdict(features))
     return features
 
 
@@ -100,16 +99,3 @@ def compute_features(model, data_dir: str | Path, split: str, *, batch_size: int
         text_features=np.concatenate(text_rows),
         num_captions=np.array([len(c) for c in info.captions], dtype=np.int64),
     )
-
-
-def _write_atomically(cache_dir: Path, features: SplitFeatures) -> None:
-    cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=cache_dir.parent, prefix=".tmp-"))
-    try:
-        np.savez(tmp / "features.npz", **dataclasses.asdict(features))
-        os.replace(tmp, cache_dir)
-    except OSError:
-        if cache_dir.is_dir():  # another process finished the same cache first
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            raise

@@ -7,15 +7,11 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import contextlib
 import dataclasses
 import hashlib
 import io
 import json
 import os
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -23,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
+from dual_encoder.atomic import atomic_directory
 from dual_encoder.config import DataConfig
 from dual_encoder.data import tfrecords
 from dual_encoder.data.sources import DataError, Reason, Record, Skipped, SourceResult, read_source
@@ -189,33 +186,6 @@ def _is_up_to_date(output: Path, fingerprint: str) -> Optional[dict[str, Any]]:
     return manifest if manifest.get("fingerprint") == fingerprint else None
 
 
-@contextlib.contextmanager
-def _atomic_directory(output: Path) -> Iterator[Path]:
-    """Yield a temp dir beside `output`; on success it replaces `output`, on failure it is removed."""
-    if output.exists() and not (output / tfrecords.MANIFEST_NAME).is_file() and (
-        not output.is_dir() or any(output.iterdir())
-    ):
-        raise DataError(f"refusing to overwrite {output}: it exists and is not a prepared dataset")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    try:
-        yield temporary
-        os.chmod(temporary, 0o755)  # mkdtemp makes it private
-        if output.exists():
-            previous = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(output, previous)
-            try:
-                os.replace(temporary, output)
-            except BaseException:
-                os.replace(previous, output)
-                raise
-            shutil.rmtree(previous, ignore_errors=True)
-        else:
-            os.replace(temporary, output)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
-
-
 # --- prepare -----------------------------------------------------------------------------------------------------
 
 
@@ -309,7 +279,7 @@ def prepare_dataset(
     skipped = list(result.skipped)
     formats: collections.Counter = collections.Counter()
     manifest_splits = {}
-    with _atomic_directory(output) as directory:
+    with atomic_directory(output, marker=tfrecords.MANIFEST_NAME, what="a prepared dataset", error=DataError) as directory:
         with tqdm(total=len(result.records), desc="prepare", unit="img", disable=not progress) as bar:
             for name in SPLITS:
                 writer = _SplitWriter(config, bar)

@@ -10,11 +10,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from dual_encoder.atomic import atomic_directory
 from dual_encoder.config import ModelConfig
 from dual_encoder.errors import DualEncoderError
 from dual_encoder.models.dual_encoder import DualEncoder
@@ -37,10 +35,7 @@ def save_model(model: DualEncoder, directory: str | Path) -> Path:
     An existing model directory there is replaced; any other non-empty directory is left alone (error).
     """
     directory = Path(directory)
-    _check_replaceable(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
-    try:
+    with atomic_directory(directory, marker=FINGERPRINT_FILE, what="a saved model", error=ModelDirectoryError) as staging:
         assets = model.text_encoder.save_assets(staging / ASSETS_DIR)
         config = {
             "format_version": FORMAT_VERSION,
@@ -53,9 +48,6 @@ def save_model(model: DualEncoder, directory: str | Path) -> Path:
             _write_json(staging / VOCABULARY_FILE, list(model.vocabulary))
         model.save_weights(staging / WEIGHTS_FILE)
         _write_json(staging / FINGERPRINT_FILE, {"sha256": _hash_directory(staging)})
-        _swap_into_place(staging, directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return directory
 
 
@@ -111,24 +103,6 @@ def _hash_directory(directory: Path) -> str:
                 digest.update(block)
         digest.update(b"\0")
     return digest.hexdigest()
-
-
-def _check_replaceable(directory: Path) -> None:
-    if directory.exists() and not directory.is_dir():
-        raise ModelDirectoryError(f"{directory} exists and is not a directory")
-    if directory.is_dir() and any(directory.iterdir()) and not (directory / FINGERPRINT_FILE).is_file():
-        raise ModelDirectoryError(f"{directory} is a non-empty directory that is not a saved model: not replacing it")
-
-
-def _swap_into_place(staging: Path, directory: Path) -> None:
-    if not directory.exists():
-        os.replace(staging, directory)
-        return
-    # Renames keep a complete model at `directory` except for the instant between the two renames.
-    retired = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old-"))
-    os.replace(directory, retired / directory.name)
-    os.replace(staging, directory)
-    shutil.rmtree(retired, ignore_errors=True)
 
 
 def _write_json(path: Path, value) -> None:

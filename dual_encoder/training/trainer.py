@@ -13,17 +13,16 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import keras
-import numpy as np
 import tensorflow as tf
 
+from dual_encoder.atomic import write_file_atomically
 from dual_encoder.config import Config
-from dual_encoder.errors import DualEncoderError
 from dual_encoder.data.pipeline import epoch_order, make_train_dataset, read_split, sample_caption_indices
+from dual_encoder.errors import DualEncoderError
 from dual_encoder.evaluation import evaluate_split
 from dual_encoder.features import load_or_compute_features
 from dual_encoder.models import build_dual_encoder, save_model
@@ -338,10 +337,7 @@ def _format_record(record: dict) -> str:
 
 
 def _write_json(path: Path, value) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, default=float) + "\n")
-    os.replace(tmp, path)
+    write_file_atomically(path, json.dumps(value, indent=2, default=float) + "\n")
 
 
 def _plot_history(history: list[dict], path: Path) -> None:

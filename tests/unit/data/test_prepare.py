@@ -299,7 +299,7 @@ def test_rerun_with_the_same_inputs_is_a_no_op(tmp_path):
 def test_refuses_to_overwrite_a_folder_that_is_not_a_prepared_dataset(tmp_path):
     (tmp_path / "prepared").mkdir()
     (tmp_path / "prepared" / "thesis.tex").write_text("years of work")
-    with pytest.raises(DataError, match="refusing to overwrite"):
+    with pytest.raises(DataError, match="not a prepared dataset: not replacing it"):
         _prepare(tmp_path, _good_images(tmp_path))
     assert (tmp_path / "prepared" / "thesis.tex").read_text() == "years of work"
 
