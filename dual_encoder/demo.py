@@ -65,7 +65,8 @@ def run_demo(
     """Run every stage of the product on the synthetic dataset and return what it measured and wrote."""
     # Imported here: each pulls in TensorFlow.
     from dual_encoder.data.prepare import prepare_dataset
-    from dual_encoder.data.synthetic import example_queries, generate_synthetic
+    from dual_encoder.data.pipeline import read_split
+    from dual_encoder.data.synthetic import generate_synthetic
     from dual_encoder.evaluation import evaluate_split
     from dual_encoder.export import export_saved_models
     from dual_encoder.index import DatasetSplit, build_index
@@ -116,14 +117,17 @@ def run_demo(
     echo(f"{index.count} images indexed ({index.kind}, {index.dtype}, dim {index.dim})")
     start = _lap(seconds, "index", start)
 
-    stage(6, "Searching")
+    stage(6, "Searching the held-out images with captions of a few of them")
     searcher = Searcher.load(paths["index"])
-    requests = [template.format(q) for template, q in zip(EXAMPLE_REQUESTS, example_queries(len(EXAMPLE_REQUESTS), seed=1))]
+    held_out = read_split(paths["dataset"], "validation")
+    wanted = [Path(path).name for path in held_out.paths[: len(EXAMPLE_REQUESTS)]]
+    requests = [template.format(captions[0]) for template, captions in zip(EXAMPLE_REQUESTS, held_out.captions)]
     results = searcher.search(requests, k=5)
-    for found in results:
-        echo(f'\n  "{found.query}"  ->  "{found.normalized_query}"')
+    for found, target in zip(results, wanted):
+        echo(f'\n  "{found.query}"  ->  searched as "{found.normalized_query}"  (described image: {target})')
         for hit in found.hits[:3]:
-            echo(f"    {hit.rank}. {hit.score:.3f}  {Path(hit.path).name}  ({hit.caption or ''})")
+            mark = "  <- the described image" if Path(hit.path).name == target else ""
+            echo(f"    {hit.rank}. {hit.score:.3f}  {Path(hit.path).name}{mark}")
     write_grid(results[0], paths["grid"])
     start = _lap(seconds, "search", start)
 
