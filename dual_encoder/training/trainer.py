@@ -54,6 +54,7 @@ class _LoopState:
     epochs_since_best: int = 0
     epochs_since_lr_drop: int = 0
     stopped_early: bool = False
+    best_checkpoint: str = ""  # the best epoch's weights (`backup/best-<epoch>`)
     history: list = dataclasses.field(default_factory=list)
 
 
@@ -141,7 +142,8 @@ def train(
     strategy: str | tf.distribute.Strategy = "auto",
     progress: bool = True,
 ) -> TrainResult:
-    """Train a dual encoder on a prepared dataset; the best model by validation recall lands in `run_dir/model`.
+    """Train a dual encoder on a prepared dataset; the best model by validation recall lands in `run_dir/model`
+    when training ends (until then the best weights are in `run_dir/backup/best`).
 
     Re-running the same command on the same `run_dir` resumes from the last completed epoch.
     """
@@ -193,11 +195,17 @@ class _Run:
                 config.train.min_learning_rate_ratio,
             )
             self.optimizer = _build_optimizer(config, self.schedule, self.model)
+        # Frozen towers never change and are rebuilt identically from the config (pretrained or seeded
+        # weights): backups and the best checkpoint hold only what training changes, so a run with frozen
+        # backbones writes its heads each epoch, not the backbones too.
+        changing = _changing_variables(self.model)
         self.backup = tf.train.CheckpointManager(
-            tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, lr_scale=self.schedule.scale),
+            tf.train.Checkpoint(variables=changing, optimizer=self.optimizer, lr_scale=self.schedule.scale),
             str(self._backup_dir()),
             max_to_keep=2,
         )
+        self.best = tf.train.Checkpoint(variables=changing)
+        self._backup_dir().mkdir(parents=True, exist_ok=True)
         self.train_step = make_train_step(self.model, self.optimizer, strategy, config.train.mixed_precision)
 
     def _backup_dir(self) -> Path:
@@ -219,6 +227,7 @@ class _Run:
     def fit(self) -> TrainResult:
         cfg = self.config.train
         state = self._restore()
+        trained = state.epoch < cfg.epochs and not state.stopped_early
         writer = tf.summary.create_file_writer(str(self.run_dir / "logs")) if self.chief and cfg.tensorboard else None
         while state.epoch < cfg.epochs and not state.stopped_early:
             epoch = state.epoch
@@ -240,6 +249,10 @@ class _Run:
                         if isinstance(value, (int, float)) and name != "epoch":
                             tf.summary.scalar(name, value)
                 writer.flush()
+        model_dir = self.run_dir / "model"
+        if self.chief and state.best_metrics and (trained or not model_dir.is_dir()):
+            self.best.read(state.best_checkpoint).assert_consumed()
+            save_model(self.model, model_dir)
         if self.chief:
             _plot_history(state.history, self.run_dir / "curves.png")
         return TrainResult(self.run_dir, self.run_dir / "model", state.history, state.best_metrics, state.epoch)
@@ -263,8 +276,7 @@ class _Run:
         if metrics[MONITOR] > state.best:
             state.best, state.best_metrics = metrics[MONITOR], {"epoch": state.epoch, **metrics}
             state.epochs_since_best = state.epochs_since_lr_drop = 0
-            if self.chief:
-                save_model(self.model, self.run_dir / "model")
+            state.best_checkpoint = self.best.write(str(self._backup_dir() / f"best-{state.epoch}"))
         else:
             state.epochs_since_best += 1
             state.epochs_since_lr_drop += 1
@@ -281,6 +293,9 @@ class _Run:
         path = self.backup.directory + f"/ckpt-{state.epoch}"
         _write_json(Path(path + ".state.json"), dataclasses.asdict(state))
         self.backup.save(checkpoint_number=state.epoch)
+        for stale in self._backup_dir().glob("best-*"):  # the backup now names a newer best
+            if not stale.name.startswith(Path(state.best_checkpoint).name + "."):
+                stale.unlink()
 
 
 def make_train_step(model, optimizer, strategy: tf.distribute.Strategy, mixed_precision: bool = False):
@@ -304,6 +319,11 @@ def make_train_step(model, optimizer, strategy: tf.distribute.Strategy, mixed_pr
         return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
     return train_step
+
+
+def _changing_variables(model) -> list:
+    frozen = {id(v) for tower in (model.image_encoder, model.text_encoder) if not tower.trainable for v in tower.weights}
+    return [v for v in model.weights if id(v) not in frozen]
 
 
 def _build_optimizer(config: Config, schedule, model) -> keras.optimizers.Optimizer:

@@ -195,7 +195,7 @@ def test_multi_worker_training_on_two_local_processes_ends_with_identical_weight
 
     chief = tf.train.load_checkpoint(str(tmp_path / "run" / "backup"))
     worker = tf.train.load_checkpoint(str(tmp_path / "run" / "backup" / ".worker-1"))
-    names = [name for name in chief.get_variable_to_shape_map() if name.startswith("model/")]
+    names = [name for name in chief.get_variable_to_shape_map() if name.startswith("variables/")]
     assert names
     for name in names:
         np.testing.assert_array_equal(chief.get_tensor(name), worker.get_tensor(name), err_msg=name)
