@@ -137,21 +137,30 @@ class ItemTable:
                 stream.write(json.dumps(dataclasses.asdict(item), ensure_ascii=False) + "\n")
 
     @classmethod
-    def read_jsonl(cls, path: str | Path) -> "ItemTable":
-        columns: dict[str, list] = {name: [] for name in ("ids", "paths", "sha256", "sizes", "mtimes", "captions")}
+    def read_jsonl(cls, path: str | Path, count: int) -> "ItemTable":
+        """Read a table written by `write_jsonl`; `count` is the number of items the manifest promises."""
+        # Numeric columns fill preallocated arrays: a million transient Python ints and bytes would
+        # otherwise stay in the process's resident memory after parsing.
+        ids, sizes = np.empty(count, np.int64), np.empty(count, np.int64)
+        mtimes, sha256 = np.empty(count, np.float64), np.empty(count, "S64")
+        paths: list[str] = []
+        captions: list[Optional[str]] = []
         with open(path, encoding="utf-8") as stream:
-            for number, line in enumerate(stream, start=1):
+            for row, line in enumerate(stream):
+                if row >= count:
+                    raise IndexCorruptError(f"{path}: more than the {count} items the manifest lists")
                 try:
                     item = json.loads(line)
-                    columns["ids"].append(int(item["id"]))
-                    columns["paths"].append(str(item["path"]))
-                    columns["sha256"].append(item["sha256"].encode("ascii"))
-                    columns["sizes"].append(-1 if item["size"] is None else int(item["size"]))
-                    columns["mtimes"].append(math.nan if item["mtime"] is None else float(item["mtime"]))
-                    columns["captions"].append(item["caption"])
+                    ids[row] = item["id"]
+                    sha256[row] = item["sha256"].encode("ascii")
+                    sizes[row] = -1 if item["size"] is None else item["size"]
+                    mtimes[row] = math.nan if item["mtime"] is None else item["mtime"]
+                    paths.append(str(item["path"]))
+                    captions.append(item["caption"])
                 except (ValueError, KeyError, TypeError, AttributeError) as error:
-                    raise IndexCorruptError(f"{path}:{number}: not a valid item ({error})") from None
-        table = cls(**columns)
-        if np.any(np.diff(table.ids) <= 0):
+                    raise IndexCorruptError(f"{path}:{row + 1}: not a valid item ({error})") from None
+        if len(paths) != count:
+            raise IndexCorruptError(f"{path}: {len(paths)} items, the manifest lists {count}")
+        if np.any(np.diff(ids) <= 0):
             raise IndexCorruptError(f"{path}: item ids are not increasing")
-        return table
+        return cls(ids, paths, sha256, sizes, mtimes, captions)

@@ -253,9 +253,7 @@ class ImageIndex:
                 f"{embeddings_path}: holds {embeddings.dtype}{list(embeddings.shape)}, "
                 f"manifest says {manifest['dtype']}{list(expected_shape)}"
             )
-        items = ItemTable.read_jsonl(source / ITEMS)
-        if len(items) != manifest["count"]:
-            raise IndexCorruptError(f"{source / ITEMS}: {len(items)} items, manifest says {manifest['count']}")
+        items = ItemTable.read_jsonl(source / ITEMS, manifest["count"])
         try:
             config = IndexConfig(**manifest["config"])
             kind = IndexKind(manifest["kind"])
