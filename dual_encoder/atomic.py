@@ -37,7 +37,7 @@ def atomic_directory(
     try:
         yield staging
         os.chmod(staging, 0o755)  # mkdtemp makes it private
-        _fsync(staging)
+        fsync(staging)
         _swap_into_place(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -88,11 +88,11 @@ def _swap_into_place(staging: Path, target: Path) -> None:
         shutil.rmtree(backup, ignore_errors=True)  # a finished swap's leftover: the target is complete
         os.rename(target, backup)
         os.rename(staging, target)
-        _fsync(target.parent)
+        fsync(target.parent)
         shutil.rmtree(backup)
     else:
         os.rename(staging, target)
-    _fsync(target.parent)
+    fsync(target.parent)
 
 
 def _remove_abandoned_staging(target: Path) -> None:
@@ -114,7 +114,8 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
+    """Flush a file or a folder's entries to disk."""
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)

@@ -12,14 +12,13 @@ import dataclasses
 import datetime
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from dual_encoder import atomic
+from dual_encoder.atomic import atomic_directory, readable_path
 from dual_encoder.config import IndexConfig
 from dual_encoder.index.ann import AnnIndex, IndexKind, resolve_kind
 from dual_encoder.index.errors import (
@@ -186,17 +185,8 @@ class ImageIndex:
     def save(self, directory: str | Path) -> Path:
         """Write the index to `directory` atomically (replacing an existing index); returns the path."""
         target = Path(directory).absolute()
-        check_replaceable(target)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _finish_interrupted_swap(target)
-        _remove_abandoned_staging(target)
-        staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(target, os.getpid()), dir=target.parent))
-        try:
+        with atomic_directory(target, marker=MANIFEST, what="an index", error=ImageIndexError) as staging:
             self._write(staging)
-            _swap_into_place(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         return target
 
     def _write(self, directory: Path) -> None:
@@ -223,8 +213,8 @@ class ImageIndex:
         # The manifest goes last: a directory with a manifest is complete.
         (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         for name in names + [MANIFEST]:
-            _fsync(directory / name)
-        _fsync(directory)
+            atomic.fsync(directory / name)
+        atomic.fsync(directory)
 
     @classmethod
     def load(cls, directory: str | Path, verify: bool = True) -> "ImageIndex":
@@ -238,7 +228,7 @@ class ImageIndex:
             IndexNotFoundError: no index at `directory`.
             IndexCorruptError: a file is missing, truncated, altered or inconsistent (the message names it).
         """
-        source = _readable_location(Path(directory).absolute())
+        source = readable_path(Path(directory).absolute())
         manifest = read_manifest(source)
         for name, expected in manifest["files"].items():
             _check_file(source / name, expected, verify)
@@ -331,78 +321,6 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-# -- atomic replacement ---------------------------------------------------------------------------
-# A directory cannot be renamed over a non-empty one, so replacing takes two renames:
-# target -> backup, staging -> target. A crash between them leaves only the (complete) backup,
-# which `load` reads and the next `save` puts back before doing anything else.
-
-
 def check_replaceable(target: Path) -> None:
     """Only an index (or nothing, or an empty folder) may be replaced: never a user's folder."""
-    if target.exists() and not target.is_dir():
-        raise ImageIndexError(f"{target} exists and is not a directory: not writing an index there")
-    if target.is_dir() and any(target.iterdir()):
-        try:
-            read_manifest(target)
-        except ImageIndexError:
-            raise ImageIndexError(f"{target} is a non-empty directory that is not an index: not replacing it") from None
-
-
-def _backup_of(target: Path) -> Path:
-    return target.parent / f".{target.name}.previous"
-
-
-def _swap_into_place(staging: Path, target: Path) -> None:
-    backup = _backup_of(target)
-    if target.exists():
-        shutil.rmtree(backup, ignore_errors=True)  # a finished swap's leftover: target is complete
-        os.rename(target, backup)
-        os.rename(staging, target)
-        _fsync(target.parent)
-        shutil.rmtree(backup)
-    else:
-        os.rename(staging, target)
-    _fsync(target.parent)
-
-
-def _finish_interrupted_swap(target: Path) -> None:
-    backup = _backup_of(target)
-    if not target.exists() and backup.is_dir():
-        os.rename(backup, target)
-
-
-def _staging_prefix(target: Path, pid: int) -> str:
-    return f".{target.name}.tmp-{pid}-"
-
-
-def _remove_abandoned_staging(target: Path) -> None:
-    """Delete staging directories whose writer process is gone (killed mid-write)."""
-    for staging in target.parent.glob(f".{target.name}.tmp-*-*"):
-        pid = staging.name[len(f".{target.name}.tmp-") :].split("-", 1)[0]
-        if pid.isdigit() and not _process_alive(int(pid)):
-            shutil.rmtree(staging, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _readable_location(target: Path) -> Path:
-    backup = _backup_of(target)
-    if not target.exists() and backup.is_dir():
-        return backup
-    return target
+    atomic.check_replaceable(target, marker=MANIFEST, what="an index", error=ImageIndexError)
