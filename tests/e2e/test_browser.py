@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.unit.serve.tiny_index import build_tiny_index
+from tests.tiny import build_tiny_index
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from dual_encoder.cli import main
-from tests.unit.training.conftest import tiny_config
+from tests.tiny import tiny_config
 
 
 @pytest.fixture(scope="module")

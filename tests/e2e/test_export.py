@@ -13,7 +13,7 @@ import tensorflow as tf
 from dual_encoder.cli import main
 from dual_encoder.export import export_saved_models
 from dual_encoder.search import Searcher
-from tests.unit.serve.tiny_index import build_tiny_index
+from tests.tiny import build_tiny_index
 
 QUERIES = ["find images of a small red circle on the left", "Show me pictures of a big blue square", "a green star"]
 

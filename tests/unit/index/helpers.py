@@ -6,13 +6,8 @@ import keras
 import numpy as np
 from PIL import Image
 
-from dual_encoder.config import ModelConfig
 from dual_encoder.models import build_dual_encoder, save_model
-
-TINY_MODEL = ModelConfig(
-    image_size=32, image_width=8, text_width=16, embed_dim=16, vocabulary_size=50, sequence_length=8, dropout=0.0
-)
-CAPTIONS = ["a red circle", "two blue squares", "a green triangle above a red square", "one large yellow star"]
+from tests.tiny import CAPTIONS, TINY_MODEL
 
 
 def save_tiny_model(directory: Path, seed: int = 0) -> Path:

@@ -6,7 +6,7 @@ from fastapi.testclient import TestClient
 from dual_encoder.config import ServeConfig
 from dual_encoder.search import Searcher
 from dual_encoder.serve import create_app
-from tests.unit.serve.tiny_index import build_tiny_index
+from tests.tiny import build_tiny_index
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ from dual_encoder.models import build_dual_encoder, load_model
 from dual_encoder.training.distribute import get_strategy
 from dual_encoder.training.trainer import MONITOR, make_train_step, train
 
-from .conftest import TINY_MODEL, tiny_config
+from tests.tiny import TINY_MODEL, tiny_config
 
 CAPTIONS = ["a red circle on the left", "a blue square", "two green triangles at the top", "a small star"]
 

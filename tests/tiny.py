@@ -1,19 +1,35 @@
-"""A tiny real model and index for the serving tests (untrained: the plumbing, not the ranking, is tested)."""
+"""The tiny real model, config and index that tests across the suite build (nothing is downloaded)."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 from pathlib import Path
 
-from dual_encoder.config import DataConfig, IndexConfig, ModelConfig
+from dual_encoder.config import Config, DataConfig, IndexConfig, ModelConfig, TrainConfig
 from dual_encoder.data.prepare import prepare_dataset
 from dual_encoder.data.synthetic import generate_synthetic
 from dual_encoder.index import DatasetSplit, build_index
 from dual_encoder.models import build_dual_encoder, save_model
 
 TINY_MODEL = ModelConfig(
-    image_size=32, image_width=8, text_width=16, embed_dim=16, vocabulary_size=200, sequence_length=12
+    image_size=32,
+    image_width=8,
+    text_width=16,
+    text_layers=1,
+    text_heads=2,
+    embed_dim=16,
+    vocabulary_size=200,
+    sequence_length=12,
+    dropout=0.0,
 )
+CAPTIONS = ["a red circle", "two blue squares", "a green triangle above a red square", "one large yellow star"]
+
+
+def tiny_config(**train_overrides) -> Config:
+    """The tiny model with a short training run (batch 8, 2 epochs) unless overridden."""
+    train = dataclasses.replace(TrainConfig(batch_size=8, epochs=2, tensorboard=True), **train_overrides)
+    return Config(model=TINY_MODEL, train=train)
 
 
 def build_tiny_index(root: Path, num_images: int = 40) -> Path:
