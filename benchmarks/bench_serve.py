@@ -42,7 +42,6 @@ from dual_encoder.index.store import ImageIndex, ModelRecord  # noqa: E402
 from dual_encoder.models import build_dual_encoder, model_fingerprint, save_model  # noqa: E402
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Mode:
     """One server set-up to measure.

@@ -361,15 +361,14 @@ def _write_json(path: Path, value) -> None:
 
 
 def _plot_history(history: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure draws off-screen without switching the pyplot backend of a notebook's kernel.
+    from matplotlib.figure import Figure
 
     if not history:
         return
     epochs = [r["epoch"] for r in history]
-    fig, (ax_loss, ax_recall) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    ax_loss, ax_recall = fig.subplots(1, 2)
     ax_loss.plot(epochs, [r["loss"] for r in history], marker="o")
     ax_loss.set(title="training loss", xlabel="epoch")
     for name in ("val_t2i_recall@1", "val_t2i_recall@10", "val_i2t_recall@1", f"val_{MONITOR}"):
@@ -379,4 +378,3 @@ def _plot_history(history: list[dict], path: Path) -> None:
     ax_recall.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
