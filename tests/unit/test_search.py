@@ -26,6 +26,7 @@ NORMALISED = [
     ("finding nemo", "finding nemo"),
     ("find a red circle", "find a red circle"),
     ("imagesof", "imagesof"),
+    ("a dog showing pictures of cats", "a dog showing pictures of cats"),  # only a leading phrase goes
     ("A Red Circle", "A Red Circle"),
 ]
 
