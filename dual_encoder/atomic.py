@@ -4,12 +4,13 @@ A directory cannot be renamed over a non-empty one, so replacing takes two renam
 staging -> target. A kill between them leaves only the complete backup, which `recover` (run by the next
 write, and by readers through `readable_path`) puts back; a kill before them leaves the target untouched and
 a staging folder that the next write removes. Datasets, models, feature caches, indexes and exports all
-use this one mechanism.
+use this one mechanism, and `file_sha256` for the checksums their manifests record.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -121,3 +122,12 @@ def fsync(path: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while block := stream.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()

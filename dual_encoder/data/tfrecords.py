@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any, Iterable, Iterator
 
 import tensorflow as tf
 
+from dual_encoder.atomic import file_sha256
 from dual_encoder.data.sources import DataError
 
 MANIFEST_NAME = "manifest.json"
@@ -107,14 +107,6 @@ def decode_example(serialized: bytes) -> Example:
         image_format=parsed["image/format"].numpy().decode(),
         captions=tuple(c.decode() for c in parsed["captions"].numpy()),
     )
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_shards(examples: Iterable[Example], directory: Path, split: str, shard_size: int) -> SplitFiles:

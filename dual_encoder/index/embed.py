@@ -14,11 +14,12 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
+from dual_encoder.atomic import file_sha256
 from dual_encoder.data import tfrecords
 from dual_encoder.data.pipeline import decode_and_resize, make_image_dataset, read_split
 from dual_encoder.index.errors import GallerySourceError, ModelMismatchError
 from dual_encoder.index.items import ImageRecord
-from dual_encoder.index.store import ModelRecord, file_sha256
+from dual_encoder.index.store import ModelRecord
 from dual_encoder.models import load_model, model_fingerprint
 
 # What `decode_and_resize` decodes; other files in a folder are reported as skipped.

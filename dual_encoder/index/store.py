@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -18,7 +17,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from dual_encoder import atomic
-from dual_encoder.atomic import atomic_directory, readable_path
+from dual_encoder.atomic import atomic_directory, file_sha256, readable_path
 from dual_encoder.config import IndexConfig
 from dual_encoder.index.ann import AnnIndex, IndexKind, resolve_kind
 from dual_encoder.index.errors import (
@@ -38,7 +37,6 @@ EMBEDDINGS = "embeddings.npy"
 ITEMS = "items.jsonl"
 ANN = "ann.faiss"
 DTYPES = {"float32": np.float32, "float16": np.float16}
-_HASH_BLOCK = 1 << 22
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,15 +308,6 @@ def _check_file(path: Path, expected: dict[str, Any], verify: bool) -> None:
         raise IndexCorruptError(f"{path}: {size} bytes, manifest says {expected['bytes']} (truncated or altered)")
     if verify and file_sha256(path) != expected["sha256"]:
         raise IndexCorruptError(f"{path}: sha256 differs from the manifest (file altered)")
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes, read in blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while block := stream.read(_HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_replaceable(target: Path) -> None:
