@@ -7,6 +7,12 @@ share. Summing the per-replica values — what `strategy.reduce(SUM, ...)` does 
 loss and gradient on the whole batch: the gradient of `all_gather` sums every replica's upstream gradient
 and the shares sum to 1. So the caller applies NO further scaling (do not divide by the number of
 replicas). Outside a strategy, or with one replica, the share is 1: the plain batch loss.
+
+Duplicate captions: a partial caption ("a red star") fits many images, and one batch may hold it for several.
+Given `caption_ids` (equal for captions identical after normalisation, see `data.pipeline.caption_ids`), every
+loss treats the pairs (i, j) whose captions are identical as positives — the positives mask P has P_ij = 1 when
+caption_i == caption_j (so P_ii = 1) — instead of only the diagonal. The ids are gathered across replicas with
+the embeddings, so duplicates on different replicas are positives too.
 """
 
 from __future__ import annotations
@@ -36,8 +42,8 @@ def gather_across_replicas(x):
 class ContrastiveLoss(keras.layers.Layer):
     """Base of the losses: gathers the global batch, scores it, returns this replica's share (module doc).
 
-    Subclasses implement `batch_loss(image_embeddings, text_embeddings)` on L2-normalised `[B, D]`
-    embeddings whose row i of each is a matching pair. Computed in float32 under any dtype policy.
+    Subclasses implement `batch_loss(image_embeddings, text_embeddings, positives)` on L2-normalised `[B, D]`
+    embeddings whose row i of each is a matching pair, and the positives mask (module doc). Computed in float32 under any dtype policy.
 
     Args:
         gather_negatives: use the other replicas' examples as negatives. When False each replica scores only
@@ -49,23 +55,35 @@ class ContrastiveLoss(keras.layers.Layer):
         super().__init__(**kwargs)
         self.gather_negatives = gather_negatives
 
-    def call(self, image_embeddings, text_embeddings):
+    def call(self, image_embeddings, text_embeddings, caption_ids=None):
+        """This replica's share of the global-batch loss; `caption_ids` [B] int64 mark identical captions."""
         image_embeddings = ops.cast(image_embeddings, "float32")
         text_embeddings = ops.cast(text_embeddings, "float32")
         local_size = ops.cast(ops.shape(image_embeddings)[0], "float32")
         if self.gather_negatives:
             image_embeddings = gather_across_replicas(image_embeddings)
             text_embeddings = gather_across_replicas(text_embeddings)
+            caption_ids = None if caption_ids is None else gather_across_replicas(caption_ids)
             global_size = ops.cast(ops.shape(image_embeddings)[0], "float32")
         else:
             global_size = ops.sum(gather_across_replicas(ops.reshape(local_size, (1,))))
-        return self.batch_loss(image_embeddings, text_embeddings) * local_size / global_size
+        positives = positives_mask(caption_ids, ops.shape(image_embeddings)[0])
+        return self.batch_loss(image_embeddings, text_embeddings, positives) * local_size / global_size
 
-    def batch_loss(self, image_embeddings, text_embeddings):
+    def batch_loss(self, image_embeddings, text_embeddings, positives):
+        """The loss over one whole batch; `positives` [B, B] float32 is 1 where caption_i == caption_j."""
         raise NotImplementedError
 
     def get_config(self):
         return {**super().get_config(), "gather_negatives": self.gather_negatives}
+
+
+def positives_mask(caption_ids, size):
+    """[B, B] float32: 1 where two rows' captions are identical (the identity when `caption_ids` is None)."""
+    if caption_ids is None:
+        return ops.eye(size, dtype="float32")
+    caption_ids = ops.reshape(caption_ids, (-1,))
+    return ops.cast(ops.equal(caption_ids[:, None], caption_ids[None, :]), "float32")
 
 
 def _cross_entropy(targets, logits):
@@ -78,9 +96,11 @@ class ClipLoss(ContrastiveLoss):
 
         s = min(exp(t), max_logit_scale),   t initialised to log(1 / temperature)
         logits_per_image = s * I @ T^T,     logits_per_text = logits_per_image^T
-        loss = (CE(logits_per_image, diag) + CE(logits_per_text, diag)) / 2,  CE averaged over rows
+        targets = P / rowsum(P)             (the identity when every caption differs)
+        loss = (CE(targets, logits_per_image) + CE(targets, logits_per_text)) / 2
 
-    where CE(logits, diag) = -mean_i log_softmax(logits)_ii. Past the cap, t gets no gradient.
+    where CE(y, z) = mean_i -sum_j y_ij log_softmax(z)_ij and P is the positives mask (module doc; symmetric).
+    With distinct captions this is CLIP's -mean_i log_softmax(logits)_ii. Past the cap, t gets no gradient.
 
     Args:
         temperature: initial temperature (0.07 in CLIP).
@@ -100,10 +120,11 @@ class ClipLoss(ContrastiveLoss):
     def logit_scale(self):
         return ops.minimum(ops.exp(self.log_logit_scale), self.max_logit_scale)
 
-    def batch_loss(self, image_embeddings, text_embeddings):
+    def batch_loss(self, image_embeddings, text_embeddings, positives):
         logits_per_image = self.logit_scale * ops.matmul(image_embeddings, ops.transpose(text_embeddings))
-        image_loss = -ops.mean(ops.diagonal(ops.log_softmax(logits_per_image, axis=-1)))
-        text_loss = -ops.mean(ops.diagonal(ops.log_softmax(ops.transpose(logits_per_image), axis=-1)))
+        targets = positives / ops.sum(positives, axis=-1, keepdims=True)
+        image_loss = _cross_entropy(targets, logits_per_image)
+        text_loss = _cross_entropy(targets, ops.transpose(logits_per_image))
         return (image_loss + text_loss) / 2.0
 
     def get_config(self):
@@ -114,10 +135,13 @@ class SoftTargetLoss(ContrastiveLoss):
     """The Keras "natural language image search" example's loss, with a fixed temperature tau.
 
         logits  = T @ I^T / tau
-        targets = softmax_rows((I @ I^T + T @ T^T) / (2 tau))
+        S       = (I @ I^T + T @ T^T) / 2, with S_ij = 1 where P_ij = 1
+        targets = softmax_rows(S / tau)
         loss    = (CE(targets, logits) + CE(targets^T, logits^T)) / 2,  CE(y, z) = mean_i -sum_j y_ij log_softmax(z)_ij
 
-    As in the example, gradients also flow through the targets.
+    A pair with identical captions (P_ij = 1, module doc) gets the similarity of a pair with itself (1, as on the
+    diagonal of unit vectors), so it is a target as strong as the pair's own. With distinct captions this is the
+    example's loss. As in the example, gradients also flow through the targets.
 
     Args:
         temperature: the fixed temperature tau.
@@ -128,11 +152,14 @@ class SoftTargetLoss(ContrastiveLoss):
         super().__init__(**kwargs)
         self.temperature = temperature
 
-    def batch_loss(self, image_embeddings, text_embeddings):
+    def batch_loss(self, image_embeddings, text_embeddings, positives):
         logits = ops.matmul(text_embeddings, ops.transpose(image_embeddings)) / self.temperature
         images_similarity = ops.matmul(image_embeddings, ops.transpose(image_embeddings))
         texts_similarity = ops.matmul(text_embeddings, ops.transpose(text_embeddings))
-        targets = ops.softmax((images_similarity + texts_similarity) / (2.0 * self.temperature), axis=-1)
+        similarity = (images_similarity + texts_similarity) / 2.0
+        off_diagonal = positives * (1.0 - ops.eye(ops.shape(positives)[0], dtype="float32"))
+        similarity = ops.where(off_diagonal > 0, 1.0, similarity)
+        targets = ops.softmax(similarity / self.temperature, axis=-1)
         texts_loss = _cross_entropy(targets, logits)
         images_loss = _cross_entropy(ops.transpose(targets), ops.transpose(logits))
         return (texts_loss + images_loss) / 2.0
@@ -145,7 +172,7 @@ class SigLipLoss(ContrastiveLoss):
     """Pairwise sigmoid loss (SigLIP, Zhai et al. 2023) with a learnable scale and bias.
 
         s = min(exp(t'), max_logit_scale),  t' initialised to log 10;  b initialised to -10
-        logits_ij = s * I_i . T_j + b,      z_ij = 1 if i == j else -1
+        logits_ij = s * I_i . T_j + b,      z_ij = 1 if P_ij else -1  (P: positives mask, module doc)
         loss = -(1 / B) sum_i sum_j log sigmoid(z_ij * logits_ij)
 
     Args:
@@ -165,11 +192,10 @@ class SigLipLoss(ContrastiveLoss):
     def logit_scale(self):
         return ops.minimum(ops.exp(self.log_logit_scale), self.max_logit_scale)
 
-    def batch_loss(self, image_embeddings, text_embeddings):
+    def batch_loss(self, image_embeddings, text_embeddings, positives):
         logits = self.logit_scale * ops.matmul(image_embeddings, ops.transpose(text_embeddings)) + self.logit_bias
-        size = ops.shape(logits)[0]
-        signs = 2.0 * ops.eye(size, dtype="float32") - 1.0
-        return -ops.sum(ops.log_sigmoid(signs * logits)) / ops.cast(size, "float32")
+        signs = 2.0 * positives - 1.0
+        return -ops.sum(ops.log_sigmoid(signs * logits)) / ops.cast(ops.shape(logits)[0], "float32")
 
     def get_config(self):
         return {**super().get_config(), "max_logit_scale": self.max_logit_scale}

@@ -107,3 +107,63 @@ def _chunks(num_queries: int, num_items: int):
     step = max(1, _CHUNK_ELEMENTS // max(1, num_items))
     for start in range(0, num_queries, step):
         yield start, min(start + step, num_queries)
+
+
+# --- judged query sets -------------------------------------------------------------------------------------------
+
+# What `judged_metrics` reports, by our name -> the measure as ir_measures (trec_eval) computes it.
+JUDGED_MEASURES = {
+    "P@10": "P@10",  # precision of the first 10 results
+    "R-precision": "Rprec",  # precision of the first R results, R = the query's number of relevant images
+    "recall@100": "R@100",  # fraction of the relevant images among the first 100
+    "nDCG@10": "nDCG@10",
+    "MAP": "AP",  # mean (over queries) average precision over the whole ranking
+}
+JUDGED_DEPTH = 1000  # results per query handed to trec_eval (its usual run depth)
+
+
+def judged_metrics(scores: np.ndarray, qrels: list[dict[int, int]], depth: int = JUDGED_DEPTH) -> dict[str, np.ndarray]:
+    """Per-query IR measures of a score matrix, computed by trec_eval (through `ir_measures`).
+
+    Args:
+        scores: [Q, N] query-to-image scores (higher is better).
+        qrels: for each query, gallery row -> relevance (rows not listed are not relevant).
+        depth: how many of the best-scoring rows per query form the run.
+
+    Returns:
+        measure name (`JUDGED_MEASURES` keys) -> [Q] values, in query order.
+
+    Example:
+        >>> judged_metrics(np.array([[0.9, 0.1, 0.5]]), [{0: 1, 2: 1}])["R-precision"]
+        array([1.])
+    """
+    import ir_measures  # pytrec_eval underneath: the measures as the field computes them
+
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 2 or len(scores) != len(qrels):
+        raise MetricsInputError(f"need [Q, N] scores for {len(qrels)} queries, got shape {scores.shape}")
+    depth = min(depth, scores.shape[1])
+    top = np.argpartition(-scores, depth - 1, axis=1)[:, :depth] if depth < scores.shape[1] else None
+    run, judged = [], []
+    for q, relevant in enumerate(qrels):
+        rows = top[q] if top is not None else np.arange(scores.shape[1])
+        run.extend(ir_measures.ScoredDoc(str(q), str(int(r)), float(scores[q, r])) for r in rows)
+        judged.extend(ir_measures.Qrel(str(q), str(int(r)), int(rel)) for r, rel in relevant.items())
+    measures = {name: ir_measures.parse_measure(spec) for name, spec in JUDGED_MEASURES.items()}
+    names = {measure: name for name, measure in measures.items()}
+    values = {name: np.zeros(len(qrels)) for name in measures}
+    for metric in ir_measures.iter_calc(list(measures.values()), judged, run):
+        values[names[metric.measure]][int(metric.query_id)] = metric.value
+    return values
+
+
+def chance_judged_metrics(
+    num_images: int, qrels: list[dict[int, int]], runs: int = 5, seed: int = 0, depth: int = JUDGED_DEPTH
+) -> dict[str, np.ndarray]:
+    """`judged_metrics` of random rankings, averaged over `runs` seeded shuffles: each measure's chance level."""
+    rng = np.random.default_rng(seed)
+    totals = None
+    for _ in range(runs):
+        values = judged_metrics(rng.random((len(qrels), num_images)), qrels, depth)
+        totals = values if totals is None else {name: totals[name] + values[name] for name in values}
+    return {name: total / runs for name, total in totals.items()}

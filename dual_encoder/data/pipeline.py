@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -27,6 +27,7 @@ class SplitInfo:
         captions: every caption of each image.
         shards: the split's TFRecord files, in order.
         locations: int64 [N, 3]: each image's record as (shard number, byte offset, byte length).
+        metadata: each image's metadata from `prepare --metadata`, or None.
     """
 
     image_ids: list[str]
@@ -34,6 +35,7 @@ class SplitInfo:
     captions: list[list[str]]
     shards: list[Path]
     locations: np.ndarray
+    metadata: list[Optional[dict]]
 
     @property
     def num_images(self) -> int:
@@ -61,6 +63,7 @@ def read_split(prepared: Path, split: str) -> SplitInfo:
         captions=[item["captions"] for item in items],
         shards=[prepared / shard["file"] for shard in entry["shards"]],
         locations=np.array([[i["shard"], i["offset"], i["length"]] for i in items], dtype=np.int64).reshape(-1, 3),
+        metadata=[item.get("metadata") for item in items],
     )
 
 
@@ -87,6 +90,15 @@ def sample_caption_indices(num_captions: np.ndarray, epoch: int, seed: int) -> n
         permutations = np.argsort(rng.random((members.size, count)), axis=1)
         chosen[members] = permutations[:, step]
     return chosen
+
+
+def caption_ids(captions) -> tf.Tensor:
+    """int64 ids of captions, equal for captions identical after normalisation (case, whitespace, a trailing
+    period): the loss treats such pairs in a batch as positives of each other."""
+    text = tf.strings.lower(tf.convert_to_tensor(captions, dtype=tf.string), encoding="utf-8")
+    text = tf.strings.regex_replace(tf.strings.strip(text), r"\s+", " ")
+    text = tf.strings.regex_replace(text, r"\s*\.$", "")
+    return tf.strings.to_hash_bucket_fast(text, 1 << 62)
 
 
 def decode_and_resize(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
@@ -136,7 +148,8 @@ def make_train_dataset(
     shuffle: bool = True,
     drop_remainder: bool = True,
 ) -> tf.data.Dataset:
-    """One epoch of `{"images": uint8 [B, S, S, 3], "captions": string [B]}` batches.
+    """One epoch of `{"images": uint8 [B, S, S, 3], "captions": string [B], "caption_ids": int64 [B]}` batches
+    (`caption_ids` mark identical captions for the loss).
 
     Images come in `epoch_order(N, epoch, seed)` (or the fixed order without `shuffle`), each once, with the
     caption `sample_caption_indices` picks for this epoch: two captions of one image never meet in a batch,
@@ -150,9 +163,11 @@ def make_train_dataset(
 
     def to_pair(index: tf.Tensor, serialized: tf.Tensor) -> dict[str, tf.Tensor]:
         example = tfrecords.parse_example(serialized)
+        caption = tf.gather(example["captions"], chosen[index])
         return {
             "images": decode_and_resize(example["image/encoded"], image_size),
-            "captions": tf.gather(example["captions"], chosen[index]),
+            "captions": caption,
+            "caption_ids": caption_ids(caption),
         }
 
     return (

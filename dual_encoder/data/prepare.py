@@ -22,7 +22,16 @@ from tqdm import tqdm
 from dual_encoder.atomic import atomic_directory
 from dual_encoder.config import DataConfig
 from dual_encoder.data import tfrecords
-from dual_encoder.data.sources import DataError, Reason, Record, Skipped, SourceResult, read_source
+from dual_encoder.data.sources import (
+    DataError,
+    Reason,
+    Record,
+    Skipped,
+    SourceResult,
+    read_metadata,
+    read_source,
+    with_metadata,
+)
 
 SPLITS = ("train", "validation")
 # The DataConfig fields that shape the written dataset (the others only concern reading it).
@@ -171,7 +180,7 @@ def _fingerprint(kind: str, result: SourceResult, config: DataConfig) -> str:
             file_state = [stat.st_size, stat.st_mtime_ns]
         except OSError:
             file_state = None
-        digest.update(json.dumps([record.image_id, str(record.path), record.captions, file_state]).encode())
+        digest.update(json.dumps([record.image_id, str(record.path), record.captions, file_state, record.metadata]).encode())
     for skipped in result.skipped:
         digest.update(json.dumps(dataclasses.astuple(skipped)).encode())
     return digest.hexdigest()
@@ -226,7 +235,9 @@ class _SplitWriter:
                 continue
             data, image_format = loaded
             self.formats[image_format] += 1
-            yield tfrecords.Example(record.image_id, str(record.path), data, image_format, record.captions)
+            yield tfrecords.Example(
+                record.image_id, str(record.path), data, image_format, record.captions, record.metadata
+            )
 
     def write(self, directory: Path, split: str, records: list[Record]) -> dict[str, Any]:
         """Write the split; return its manifest entry."""
@@ -261,15 +272,19 @@ def prepare_dataset(
     output: Path,
     config: DataConfig,
     progress: bool = True,
+    metadata: Optional[Path] = None,
 ) -> PrepareSummary:
     """Read `source` (see `sources.read_source`), validate every image, and write a prepared dataset to `output`.
 
     `output` gets `{split}-NNNNN.tfrecord` shards, `{split}.jsonl` item tables and `manifest.json`. Bad items
     are skipped and recorded; `DataError` if the source is unusable or no image survives (the previous
-    `output`, if any, is left as it was).
+    `output`, if any, is left as it was). `metadata`, a JSONL file of per-image fields (`sources.read_metadata`),
+    is carried into the item tables.
     """
     output, images_dir = Path(output), Path(images_dir).resolve()  # absolute source paths in the manifest
     result = read_source(source, Path(input) if input is not None else None, images_dir)
+    if metadata is not None:
+        result = with_metadata(result, read_metadata(Path(metadata), images_dir))
     fingerprint = _fingerprint(source, result, config)
     existing = _is_up_to_date(output, fingerprint)
     if existing is not None:

@@ -48,11 +48,13 @@ class Record:
         image_id: stable identifier (the COCO id, else the path relative to the images folder).
         path: where the image file should be.
         captions: the image's captions, in source order.
+        metadata: what a metadata file says of the image (see `read_metadata`), or None.
     """
 
     image_id: str
     path: Path
     captions: tuple[str, ...]
+    metadata: Optional[dict] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,3 +271,29 @@ SOURCES: dict[str, tuple[Callable[[Optional[Path], Path], SourceResult], bool]] 
     "jsonl": (_read_jsonl, True),
     "folder": (_read_folder, False),
 }
+
+
+def read_metadata(path: Path, images_dir: Path) -> dict[Path, dict]:
+    """Per-image metadata from a JSONL file: one object per line naming its image (`image` or `file_name`,
+    relative to `images_dir`) plus any other fields (e.g. the synthetic generator's scene). -> image path ->
+    the other fields. A bad line raises `DataError` naming it."""
+    metadata: dict[Path, dict] = {}
+    for number, line in enumerate(_read_text(Path(path)).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+        name = _first_key(row, IMAGE_KEYS) if isinstance(row, dict) else None
+        if not name:
+            raise DataError(f"{path}:{number}: expected an object with one of {list(IMAGE_KEYS)}")
+        fields = {key: value for key, value in row.items() if key not in IMAGE_KEYS}
+        metadata[images_dir / _relative_name(name)] = fields
+    return metadata
+
+
+def with_metadata(result: SourceResult, metadata: dict[Path, dict]) -> SourceResult:
+    """`result` with each record's metadata attached (records that the metadata does not name keep None)."""
+    records = [dataclasses.replace(r, metadata=metadata.get(r.path, r.metadata)) for r in result.records]
+    return SourceResult(records, result.skipped)

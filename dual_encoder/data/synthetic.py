@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import math
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 CAPTIONS_FILE = "captions.csv"
+SCENES_FILE = "scenes.jsonl"
 IMAGES_DIR = "images"
 
 # --- drawing -----------------------------------------------------------------------------------------------------
@@ -129,21 +131,56 @@ _GRID = {
     "bottom left": (0, 2), "bottom": (1, 2), "bottom right": (2, 2),
 }  # fmt: skip
 POSITIONS: dict[str, Position] = {name: _position(column, row) for name, (column, row) in _GRID.items()}
+# A place a caption may name -> the cells it covers. A corner or the centre is one cell; "top", "left", … are a
+# whole side of three cells, so "a star on the left" is true of a star in the top left corner too. Each region
+# is named like the cell it is named after, and captions say it with that cell's `POSITIONS` phrases.
+
+
+def _region(column: int, row: int) -> frozenset[str]:
+    if column == 1 and row != 1:  # "at the top": the whole row
+        return frozenset(name for name, (_, r) in _GRID.items() if r == row)
+    if row == 1 and column != 1:  # "on the left": the whole column
+        return frozenset(name for name, (c, _) in _GRID.items() if c == column)
+    return frozenset(name for name, cell in _GRID.items() if cell == (column, row))  # a corner, the centre
+
+
+REGIONS: dict[str, frozenset[str]] = {name: _region(column, row) for name, (column, row) in _GRID.items()}
 _COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
-_OBJECT_COUNT_PROBABILITIES = (0.10, 0.50, 0.40)  # 1, 2, 3 objects: singles have the fewest combinations
+# 1, 2, 3 objects. The training default has singles rarest (they have the fewest combinations); fresh galleries
+# may use other mixes.
+OBJECT_COUNT_PROBABILITIES = (0.10, 0.50, 0.40)
 
 
 @dataclasses.dataclass(frozen=True)
 class ShapeObject:
-    """One drawn object, by the keys of `SHAPES`, `COLOURS`, `SIZES` and `POSITIONS`."""
+    """One drawn object, by the keys of `SHAPES`, `COLOURS`, `SIZES` and `POSITIONS` (its grid cell)."""
 
     shape: str
     colour: str
     size: str
     position: str
 
+    def regions(self) -> list[str]:
+        """The `REGIONS` this object lies in (its own cell's region first)."""
+        return [self.position] + [name for name, cells in REGIONS.items() if self.position in cells and name != self.position]
+
 
 Scene = tuple[ShapeObject, ...]
+
+
+def scene_to_json(scene: Scene) -> list[dict[str, str]]:
+    return [dataclasses.asdict(obj) for obj in scene]
+
+
+def scene_from_json(objects: list[dict[str, str]]) -> Scene:
+    return tuple(ShapeObject(**obj) for obj in objects)
+
+
+def read_scenes(path: Path) -> dict[str, Scene]:
+    """`scenes.jsonl` as written by `generate_synthetic`: image name -> scene."""
+    with open(path, encoding="utf-8") as handle:
+        rows = [json.loads(line) for line in handle if line.strip()]
+    return {row["image"]: scene_from_json(row["objects"]) for row in rows}
 
 
 def _pick(rng: np.random.Generator, options):
@@ -151,9 +188,10 @@ def _pick(rng: np.random.Generator, options):
     return options[int(rng.integers(len(options)))]
 
 
-def sample_scene(rng: np.random.Generator) -> Scene:
-    """1–3 objects in distinct grid cells; shape, colour and size drawn independently."""
-    count = int(rng.choice([1, 2, 3], p=_OBJECT_COUNT_PROBABILITIES))
+def sample_scene(rng: np.random.Generator, object_counts: tuple[float, ...] = OBJECT_COUNT_PROBABILITIES) -> Scene:
+    """1–3 objects (with probabilities `object_counts`) in distinct grid cells; shape, colour and size drawn
+    independently."""
+    count = int(rng.choice(np.arange(1, len(object_counts) + 1), p=np.asarray(object_counts) / sum(object_counts)))
     cells = rng.choice(len(POSITIONS), size=count, replace=False)
     names = list(POSITIONS)
     return tuple(
@@ -197,95 +235,228 @@ def render_scene(scene: Scene, image_size: int, rng: np.random.Generator) -> Ima
 # --- captions ----------------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class Mention:
+    """What a caption says of one object: which of its attributes it names (the shape may be left as "shape").
+
+    Args:
+        obj: the object described.
+        shape, colour, size: whether each is named.
+        region: the `REGIONS` key named for its place, or None.
+    """
+
+    obj: ShapeObject
+    shape: bool = True
+    colour: bool = True
+    size: bool = True
+    region: Optional[str] = None
+
+    def fits(self, obj: ShapeObject) -> bool:
+        """True when everything this mention names is true of `obj`."""
+        return (
+            (not self.shape or obj.shape == self.obj.shape)
+            and (not self.colour or obj.colour == self.obj.colour)
+            and (not self.size or obj.size == self.obj.size)
+            and (self.region is None or obj.position in REGIONS[self.region])
+        )
+
+
+def fits_scene(mentions: Sequence[Mention], scene: Scene) -> bool:
+    """True when distinct objects of `scene` fit each mention (a matching of mentions to objects)."""
+
+    def match(i: int, used: frozenset) -> bool:
+        if i == len(mentions):
+            return True
+        return any(k not in used and mentions[i].fits(obj) and match(i + 1, used | {k}) for k, obj in enumerate(scene))
+
+    return match(0, frozenset())
+
+
 def _article(phrase: str) -> str:
     return f"{'an' if phrase[0] in 'aeiou' else 'a'} {phrase}"
 
 
-def _noun_phrase(obj: ShapeObject, rng: np.random.Generator) -> str:
-    size = _pick(rng, SIZES[obj.size][1])
+def _noun_phrase(mention: Mention, rng: np.random.Generator) -> str:
+    """"a small red circle", "a circle in red", "a red shape", "a star" — only the attributes the mention names."""
+    obj = mention.obj
+    size = _pick(rng, SIZES[obj.size][1]) + " " if mention.size else ""
+    shape = _pick(rng, SHAPES[obj.shape][1]) if mention.shape else "shape"
+    if not mention.colour:
+        return _article(f"{size}{shape}")
     colour = _pick(rng, COLOURS[obj.colour][1])
-    shape = _pick(rng, SHAPES[obj.shape][1])
-    if rng.random() < 0.7:
-        return _article(f"{size} {colour} {shape}")
-    return _article(f"{size} {shape} in {colour}")
+    if mention.shape and rng.random() < 0.3:
+        return _article(f"{size}{shape} in {colour}")
+    return _article(f"{size}{colour} {shape}")
 
 
-def _clauses(objects: list[ShapeObject], rng: np.random.Generator) -> str:
+def _place(mention: Mention, rng: np.random.Generator) -> str:
+    return _pick(rng, POSITIONS[mention.region].phrases) if mention.region else ""
+
+
+def _clauses(mentions: list[Mention], rng: np.random.Generator) -> str:
     """"a small red circle on the left, a big blue star at the top and ..." """
-    parts = [f"{_noun_phrase(o, rng)} {_pick(rng, POSITIONS[o.position].phrases)}" for o in objects]
+    parts = [" ".join(filter(None, (_noun_phrase(m, rng), _place(m, rng)))) for m in mentions]
     return parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])} and {parts[-1]}"
 
 
-def _plain(objects, rng):
-    return _clauses(objects, rng)
+def _plain(mentions, count, rng):
+    return _clauses(mentions, rng)
 
 
-def _there_is(objects, rng):
-    return f"there is {_clauses(objects, rng)}"
+def _there_is(mentions, count, rng):
+    return f"there is {_clauses(mentions, rng)}"
 
 
-def _picture_of(objects, rng):
-    return f"{_pick(rng, ('an image with', 'a picture of', 'a drawing of'))} {_clauses(objects, rng)}"
+def _picture_of(mentions, count, rng):
+    return f"{_pick(rng, ('an image with', 'a picture of', 'a drawing of'))} {_clauses(mentions, rng)}"
 
 
-def _counted(objects, rng):
-    return f"{_COUNT_WORDS[len(objects)]} shape{'s' if len(objects) > 1 else ''}: {_clauses(objects, rng)}"
+def _counted(mentions, count, rng):
+    """"two shapes: ..." naming all of them, or "three shapes, one of them a red star" naming fewer."""
+    shapes = f"{_COUNT_WORDS[count]} shape{'s' if count > 1 else ''}"
+    if len(mentions) == count:
+        return f"{shapes}: {_clauses(mentions, rng)}"
+    named = _clauses(mentions, rng)
+    return f"{shapes}, one of them {named}" if len(mentions) == 1 else f"{shapes} including {named}"
 
 
-def _labelled(objects, rng):
-    """"left: a little red disc; top: a big blue star" """
-    return "; ".join(f"{_pick(rng, POSITIONS[o.position].labels)}: {_noun_phrase(o, rng)}" for o in objects)
+def _labelled(mentions, count, rng):
+    """"left: a little red disc; top: a big blue star" (every mention has a place)."""
+    return "; ".join(f"{_pick(rng, POSITIONS[m.region].labels)}: {_noun_phrase(m, rng)}" for m in mentions)
 
 
-def _position_first(objects, rng):
-    """"on the left a small red circle, at the top a big blue star" """
-    return ", ".join(f"{_pick(rng, POSITIONS[o.position].phrases)} {_noun_phrase(o, rng)}" for o in objects)
+def _position_first(mentions, count, rng):
+    """"on the left a small red circle, at the top a big blue star" (every mention has a place)."""
+    return ", ".join(f"{_place(m, rng)} {_noun_phrase(m, rng)}" for m in mentions)
 
 
-# Each template turns the objects (already in a random order) into one caption.
+# Each template turns mentions (already in a random order) into one caption; the last two need every place named.
 _TEMPLATES = (_plain, _there_is, _picture_of, _counted, _labelled, _position_first)
+_ANY_MENTION_TEMPLATES = _TEMPLATES[:4]
+
+# How often a partial caption names each attribute of an object it mentions, and mentions only one object.
+_NAMES_SHAPE, _NAMES_COLOUR, _NAMES_SIZE, _NAMES_PLACE = 0.9, 0.7, 0.3, 0.3
+_ONE_OBJECT = 0.6
 
 
-def caption_scene(scene: Scene, rng: np.random.Generator, count: int) -> list[str]:
-    """`count` distinct paraphrases, each naming every object's size, colour, shape and position."""
-    captions: dict[str, None] = {}
-    for _ in range(50 * count):
-        if len(captions) == count:
-            break
-        objects = [scene[i] for i in rng.permutation(len(scene))]
-        captions.setdefault(_pick(rng, _TEMPLATES)(objects, rng), None)
-    return list(captions)
+def full_mentions(scene: Scene) -> list[Mention]:
+    """Every object with every attribute and its own cell: what a full caption says."""
+    return [Mention(obj, region=obj.position) for obj in scene]
+
+
+def partial_mentions(scene: Scene, rng: np.random.Generator) -> list[Mention]:
+    """What a person might say of `scene`: one object or a few, each with some of its attributes."""
+    count = 1 if len(scene) == 1 or rng.random() < _ONE_OBJECT else int(rng.integers(2, len(scene) + 1))
+    mentions = []
+    for k in rng.choice(len(scene), size=count, replace=False):
+        obj = scene[int(k)]
+        shape = bool(rng.random() < _NAMES_SHAPE)
+        colour = bool(rng.random() < _NAMES_COLOUR) or not shape  # "a shape" alone says nothing
+        region = _pick(rng, obj.regions()) if rng.random() < _NAMES_PLACE else None
+        mentions.append(Mention(obj, shape, colour, bool(rng.random() < _NAMES_SIZE), region))
+    return mentions
+
+
+def render_caption(mentions: list[Mention], count: int, rng: np.random.Generator) -> str:
+    """One caption saying `mentions` of a scene of `count` objects, in a random template."""
+    templates = _TEMPLATES if all(m.region for m in mentions) else _ANY_MENTION_TEMPLATES
+    return _pick(rng, templates)(mentions, count, rng)
+
+
+def describe_scene(scene: Scene, rng: np.random.Generator, count: int, partial: float = 0.0) -> dict[str, bool]:
+    """`count` distinct captions of `scene` -> whether each is full (names every object's size, colour, shape and
+    cell). About `partial` of them are partial (`partial_mentions`); at least one is full unless `partial` is 1;
+    the full ones come first."""
+    num_partial = int(rng.binomial(count, partial))
+    num_full = count - num_partial if partial >= 1 else max(1, count - num_partial)
+    captions: dict[str, bool] = {}
+    for wanted, describe in ((num_full, full_mentions), (count, lambda s: partial_mentions(s, rng))):
+        for _ in range(50 * count):
+            if len(captions) >= wanted:
+                break
+            mentions = describe(scene)
+            order = rng.permutation(len(mentions))
+            caption = render_caption([mentions[i] for i in order], len(scene), rng)
+            captions.setdefault(caption, set(mentions) == set(full_mentions(scene)))
+    return captions
+
+
+def caption_scene(scene: Scene, rng: np.random.Generator, count: int, partial: float = 0.0) -> list[str]:
+    """The captions of `describe_scene`, full ones first."""
+    return list(describe_scene(scene, rng, count, partial))
 
 
 def example_queries(n: int, seed: int = 0) -> list[str]:
-    """`n` captions of fresh random scenes: queries in the generator's vocabulary (for demos)."""
+    """`n` full captions of fresh random scenes: queries in the generator's vocabulary (for demos)."""
     rng = np.random.default_rng([seed, 1_000_003])
     return [caption_scene(sample_scene(rng), rng, 1)[0] for _ in range(n)]
 
 
+@dataclasses.dataclass(frozen=True)
+class SyntheticOptions:
+    """What the generator draws and writes.
+
+    Args:
+        image_size: image side in pixels.
+        partial_captions: the expected fraction of an image's captions that are partial (one object or a few,
+            some of their attributes), as people write; the rest name everything.
+        object_counts: probabilities of 1, 2, 3 objects per image.
+        min_captions, max_captions: captions per image (inclusive range).
+    """
+
+    image_size: int = 64
+    partial_captions: float = 0.5
+    object_counts: tuple[float, ...] = OBJECT_COUNT_PROBABILITIES
+    min_captions: int = 3
+    max_captions: int = 5
+
+    def __post_init__(self):
+        if not 0.0 <= self.partial_captions <= 1.0:
+            raise ValueError(f"partial_captions must lie in [0, 1], got {self.partial_captions}")
+        if len(self.object_counts) not in (1, 2, 3) or min(self.object_counts) < 0 or sum(self.object_counts) <= 0:
+            raise ValueError(f"object_counts must be 1-3 non-negative probabilities, got {self.object_counts}")
+        if not 1 <= self.min_captions <= self.max_captions:
+            raise ValueError(f"need 1 <= min_captions <= max_captions, got {self.min_captions}, {self.max_captions}")
+
+
 def generate_synthetic(
-    output: Path, num_images: int, seed: int = 0, image_size: int = 64, progress: bool = False
+    output: Path,
+    num_images: int,
+    seed: int = 0,
+    image_size: Optional[int] = None,
+    progress: bool = False,
+    options: SyntheticOptions = SyntheticOptions(),
 ) -> Path:
-    """Write `output/images/NNNNNN.png` and `output/captions.csv` (3–5 captions per image); return the CSV path.
+    """Write `output/images/NNNNNN.png`, `output/captions.csv` and `output/scenes.jsonl`; return the CSV path.
 
     The CSV (`image`, `caption`; image paths relative to `output/images`) is the `csv` source:
-    `read_source("csv", path, path.parent / "images")`. Same seed -> byte-identical files.
+    `read_source("csv", path, path.parent / "images")`. `scenes.jsonl` holds each image's scene (objects with
+    shape, colour, size and grid cell) and its full captions: the per-image metadata `prepare --metadata` carries
+    into the prepared dataset, and what judged query sets are made from. Same seed -> byte-identical files.
     """
     if num_images < 1:
         raise ValueError(f"num_images must be positive, got {num_images}")
+    if image_size is not None:
+        options = dataclasses.replace(options, image_size=image_size)
     output = Path(output)
     images_dir = output / IMAGES_DIR
     images_dir.mkdir(parents=True, exist_ok=True)
     captions_path = output / CAPTIONS_FILE
     width = max(6, len(str(num_images - 1)))
-    with open(captions_path, "w", encoding="utf-8", newline="") as handle:
+    with open(captions_path, "w", encoding="utf-8", newline="") as handle, open(
+        output / SCENES_FILE, "w", encoding="utf-8"
+    ) as scenes:
         writer = csv.writer(handle)
         writer.writerow(["image", "caption"])
         for index in tqdm(range(num_images), desc="generate", unit="img", disable=not progress):
             rng = np.random.default_rng([seed, index])  # per image: any image can be regenerated alone
-            scene = sample_scene(rng)
+            scene = sample_scene(rng, options.object_counts)
             name = f"{index:0{width}d}.png"
-            render_scene(scene, image_size, rng).save(images_dir / name, format="PNG")
-            for caption in caption_scene(scene, rng, int(rng.integers(3, 6))):
+            render_scene(scene, options.image_size, rng).save(images_dir / name, format="PNG")
+            count = int(rng.integers(options.min_captions, options.max_captions + 1))
+            captions = describe_scene(scene, rng, count, options.partial_captions)
+            for caption in captions:
                 writer.writerow([name, caption])
+            full = [caption for caption, is_full in captions.items() if is_full]
+            scenes.write(json.dumps({"image": name, "objects": scene_to_json(scene), "full_captions": full}) + "\n")
     return captions_path

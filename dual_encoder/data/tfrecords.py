@@ -6,7 +6,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Optional
 
 import tensorflow as tf
 
@@ -38,6 +38,7 @@ class Example:
         image_bytes: encoded image, as stored.
         image_format: `jpeg`, `png`, `gif` or `bmp`.
         captions: every caption of the image.
+        metadata: per-image fields from a metadata file (kept in the item table only), or None.
     """
 
     image_id: str
@@ -45,6 +46,7 @@ class Example:
     image_bytes: bytes
     image_format: str
     captions: tuple[str, ...]
+    metadata: Optional[dict] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +145,8 @@ def write_shards(examples: Iterable[Example], directory: Path, split: str, shard
                 "offset": offset + _RECORD_HEADER,
                 "length": len(record),
             }
+            if example.metadata is not None:
+                item["metadata"] = example.metadata
             items.write(json.dumps(item, ensure_ascii=False) + "\n")
             offset += _RECORD_HEADER + len(record) + _RECORD_FOOTER
             count += 1

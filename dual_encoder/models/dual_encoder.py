@@ -119,9 +119,11 @@ class DualEncoder(keras.Model):
         return self.encode_text_features(features, training=training)
 
     def call(self, batch, training=False):
-        """A batch with `images` or `image_features`, and `captions` or `text_features` ->
-        {"image_embeddings", "text_embeddings"}."""
+        """A batch with `images` or `image_features`, and `captions` or `text_features` (and optionally
+        `caption_ids`, passed through for the loss) -> {"image_embeddings", "text_embeddings"[, "caption_ids"]}."""
+        extra = {"caption_ids": batch["caption_ids"]} if "caption_ids" in batch else {}
         return {
+            **extra,
             "image_embeddings": self._embed(
                 batch, "images", self.encode_image, "image_features", self.encode_image_features, training
             ),
@@ -142,7 +144,9 @@ class DualEncoder(keras.Model):
 
     def compute_contrastive_loss(self, outputs):
         """This replica's share of the global-batch loss for `call`'s outputs (see `dual_encoder.losses`)."""
-        return self.contrastive_loss(outputs["image_embeddings"], outputs["text_embeddings"])
+        return self.contrastive_loss(
+            outputs["image_embeddings"], outputs["text_embeddings"], caption_ids=outputs.get("caption_ids")
+        )
 
     def get_config(self):
         return {

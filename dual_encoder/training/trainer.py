@@ -17,11 +17,18 @@ import time
 from pathlib import Path
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from dual_encoder.atomic import write_file_atomically
 from dual_encoder.config import Config
-from dual_encoder.data.pipeline import epoch_order, make_train_dataset, read_split, sample_caption_indices
+from dual_encoder.data.pipeline import (
+    caption_ids,
+    epoch_order,
+    make_train_dataset,
+    read_split,
+    sample_caption_indices,
+)
 from dual_encoder.errors import DualEncoderError
 from dual_encoder.evaluation import evaluate_split
 from dual_encoder.features import load_or_compute_features
@@ -115,9 +122,11 @@ class _FeatureBatches:
     """Training batches of cached backbone features (frozen backbones): the same images and captions per epoch
     as `_ImageBatches` would give, so the heads see the same examples either way."""
 
-    def __init__(self, features, config: Config):
+    def __init__(self, features, captions: list[list[str]], config: Config):
         self.features, self.config = features, config
         self.num_images = len(features.num_captions)
+        flat = [caption for image_captions in captions for caption in image_captions]
+        self.caption_ids = caption_ids(flat).numpy() if flat else np.zeros(0, np.int64)
 
     def dataset(self, epoch: int) -> tf.data.Dataset:
         seed = self.config.train.seed
@@ -126,6 +135,7 @@ class _FeatureBatches:
         rows = {
             "image_features": self.features.image_features[order],
             "text_features": self.features.text_features[captions[order]],
+            "caption_ids": self.caption_ids[captions[order]],
         }
         return (
             tf.data.Dataset.from_tensor_slices(rows)
@@ -164,7 +174,8 @@ class _Run:
     def __init__(self, config, data_dir, run_dir, strategy, chief, progress):
         self.config, self.data_dir, self.run_dir = config, data_dir, run_dir
         self.strategy, self.chief, self.progress = strategy, chief, progress
-        train_captions = [c for caps in read_split(data_dir, "train").captions for c in caps]
+        train_split = read_split(data_dir, "train")
+        train_captions = [c for caps in train_split.captions for c in caps]
         keras.utils.set_random_seed(config.train.seed)
         with strategy.scope():
             self.model = build_dual_encoder(config.model, captions=train_captions)
@@ -175,6 +186,7 @@ class _Run:
                 batch = max(config.train.batch_size, 64)
                 self.source = _FeatureBatches(
                     load_or_compute_features(self.model, data_dir, "train", batch_size=batch, progress=progress),
+                    train_split.captions,
                     config,
                 )
                 self.val_features = load_or_compute_features(
