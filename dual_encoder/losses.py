@@ -135,11 +135,11 @@ class SoftTargetLoss(ContrastiveLoss):
     """The Keras "natural language image search" example's loss, with a fixed temperature tau.
 
         logits  = T @ I^T / tau
-        S       = (I @ I^T + T @ T^T) / 2, with S_ij = 1 where P_ij = 1
+        S       = (I @ I^T + T @ T^T) / 2, with S_ij = 1 where P_ij = 1 and i != j
         targets = softmax_rows(S / tau)
         loss    = (CE(targets, logits) + CE(targets^T, logits^T)) / 2,  CE(y, z) = mean_i -sum_j y_ij log_softmax(z)_ij
 
-    A pair with identical captions (P_ij = 1, module doc) gets the similarity of a pair with itself (1, as on the
+    A pair of rows with identical captions (P_ij = 1, i != j; module doc) gets the similarity of a pair with itself (1, as on the
     diagonal of unit vectors), so it is a target as strong as the pair's own. With distinct captions this is the
     example's loss. As in the example, gradients also flow through the targets.
 

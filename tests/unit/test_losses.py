@@ -30,18 +30,37 @@ def _clip_reference(images, texts, log_scale, max_scale=100.0):
     return -(np.mean(np.diag(_log_softmax(logits))) + np.mean(np.diag(_log_softmax(logits.T)))) / 2
 
 
-def _soft_target_reference(images, texts, temperature):
+def _positives(ids):
+    return (np.asarray(ids)[:, None] == np.asarray(ids)[None, :]).astype(float)
+
+
+def _clip_duplicates_reference(images, texts, log_scale, ids):
+    """Written out per row: the loss of row i averages -log p over every j whose caption equals caption i."""
+    logits = min(np.exp(log_scale), 100.0) * images @ texts.T
+    positives = _positives(ids)
+    rows = [
+        -np.mean(_log_softmax(z)[i][positives[i] > 0])
+        for z in (logits, logits.T)
+        for i in range(len(ids))
+    ]
+    return np.sum(rows) / (2 * len(ids))
+
+
+def _soft_target_reference(images, texts, temperature, ids=None):
     logits = texts @ images.T / temperature
-    similarity = (images @ images.T + texts @ texts.T) / (2 * temperature)
+    similarity = (images @ images.T + texts @ texts.T) / 2
+    if ids is not None:  # duplicate captions (off the diagonal): as similar as a pair with itself
+        similarity = np.where((_positives(ids) > 0) & ~np.eye(len(ids), dtype=bool), 1.0, similarity)
+    similarity = similarity / temperature
     targets = np.exp(_log_softmax(similarity))
     texts_loss = -np.sum(targets * _log_softmax(logits), axis=1)
     images_loss = -np.sum(targets.T * _log_softmax(logits.T), axis=1)
     return np.mean((texts_loss + images_loss) / 2)
 
 
-def _siglip_reference(images, texts, log_scale, bias, max_scale=100.0):
+def _siglip_reference(images, texts, log_scale, bias, max_scale=100.0, ids=None):
     logits = min(np.exp(log_scale), max_scale) * images @ texts.T + bias
-    signs = 2 * np.eye(len(images)) - 1
+    signs = 2 * (np.eye(len(images)) if ids is None else _positives(ids)) - 1
     return -np.sum(np.log(1 / (1 + np.exp(-signs * logits)))) / len(images)
 
 
@@ -64,15 +83,37 @@ CASES = {
 }
 
 
+DUPLICATE_IDS = [7, 3, 7, 5]  # rows 0 and 2 have the same caption
+DUPLICATE_CASES = {
+    "clip": (
+        lambda: ClipLoss(temperature=0.5),
+        lambda i, t, s: _clip_duplicates_reference(i, t, *s, DUPLICATE_IDS),
+        ["log_logit_scale"],
+    ),
+    "soft_target": (
+        lambda: SoftTargetLoss(temperature=0.5),
+        lambda i, t, s: _soft_target_reference(i, t, 0.5, DUPLICATE_IDS),
+        [],
+    ),
+    "siglip": (
+        lambda: SigLipLoss(),
+        lambda i, t, s: _siglip_reference(i, t, *s, ids=DUPLICATE_IDS),
+        ["log_logit_scale", "logit_bias"],
+    ),
+}
+
+
+@pytest.mark.parametrize("duplicates", [False, True], ids=["distinct", "duplicate-captions"])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_loss_value_and_gradients_match_numpy_reference(name):
-    make_loss, reference, scalar_names = CASES[name]
+def test_loss_value_and_gradients_match_numpy_reference(name, duplicates):
+    make_loss, reference, scalar_names = (DUPLICATE_CASES if duplicates else CASES)[name]
     loss = make_loss()
     scalars = [getattr(loss, n) for n in scalar_names]
     images, texts = tf.constant(IMAGES, tf.float32), tf.constant(TEXTS, tf.float32)
+    ids = tf.constant(DUPLICATE_IDS, tf.int64) if duplicates else None
     with tf.GradientTape() as tape:
         tape.watch([images, texts])
-        value = loss(images, texts)
+        value = loss(images, texts, caption_ids=ids)
     image_grad, text_grad, *scalar_grads = tape.gradient(value, [images, texts, *[s.value for s in scalars]])
 
     scalar_values = [float(s.numpy()) for s in scalars]
@@ -91,6 +132,29 @@ def test_loss_value_and_gradients_match_numpy_reference(name):
             return reference(IMAGES, TEXTS, values)
 
         np.testing.assert_allclose(float(grad), _numeric_gradient(vary_scalar, scalar_values[i]), rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_distinct_caption_ids_change_nothing_and_duplicates_do(name):
+    loss = CASES[name][0]()
+    plain = float(loss(IMAGES, TEXTS))
+    assert float(loss(IMAGES, TEXTS, caption_ids=tf.constant([4, 3, 2, 1], tf.int64))) == pytest.approx(plain, rel=1e-6)
+    assert abs(float(loss(IMAGES, TEXTS, caption_ids=tf.constant(DUPLICATE_IDS, tf.int64))) - plain) > 1e-3
+
+
+def test_a_duplicate_caption_is_not_pushed_away_from_the_other_image():
+    """Two images with the caption "a star": the clip loss's gradient no longer separates the caption from the
+    image it was not drawn for, as it does when that image counts as a negative."""
+    loss = ClipLoss(temperature=0.5)
+    images = tf.constant(IMAGES, tf.float32)
+    for ids, sign in (([0, 1, 2, 3], 1.0), (DUPLICATE_IDS, -1.0)):
+        texts = tf.constant(TEXTS, tf.float32)
+        with tf.GradientTape() as tape:
+            tape.watch(texts)
+            value = loss(images, texts, caption_ids=tf.constant(ids, tf.int64))
+        gradient = tape.gradient(value, texts).numpy()
+        # d loss / d text_0 along image 2: positive = descending moves text 0 away from image 2
+        assert sign * float(gradient[0] @ IMAGES[2]) > 0
 
 
 def test_clip_scale_starts_at_inverse_temperature_and_is_capped():
@@ -154,11 +218,15 @@ def _towers_and_loss(name, gather_negatives=True):
     return image_tower, text_tower, loss, variables
 
 
-def _loss_and_gradients(image_tower, text_tower, loss, variables, features, caption_features):
+# Rows 0 and 5 (on different replicas when split 4 + 4 or 4 + 3), and 2 and 3, share a caption.
+BATCH_CAPTION_IDS = np.array([11, 12, 13, 13, 14, 11, 15, 16], dtype=np.int64)
+
+
+def _loss_and_gradients(image_tower, text_tower, loss, variables, features, caption_features, caption_ids=None):
     with tf.GradientTape() as tape:
         image_embeddings = tf.math.l2_normalize(image_tower(features), axis=-1)
         text_embeddings = tf.math.l2_normalize(text_tower(caption_features), axis=-1)
-        value = loss(image_embeddings, text_embeddings)
+        value = loss(image_embeddings, text_embeddings, caption_ids=caption_ids)
     return value, tape.gradient(value, [v.value for v in variables])
 
 
@@ -178,16 +246,19 @@ def _two_replicas() -> tf.distribute.MirroredStrategy:
         tf.distribute.MirroredStrategy._collective_key_base = default_base
 
 
-def _two_replica_loss_and_gradients(name, batch_size, gather_negatives=True):
+def _two_replica_loss_and_gradients(name, batch_size, gather_negatives=True, duplicates=False):
     strategy = _two_replicas()
     with strategy.scope():
         towers_and_loss = _towers_and_loss(name, gather_negatives)
-    dataset = tf.data.Dataset.from_tensor_slices((FEATURES[:batch_size], CAPTION_FEATURES[:batch_size]))
+    ids = BATCH_CAPTION_IDS[:batch_size] if duplicates else np.arange(batch_size, dtype=np.int64)
+    dataset = tf.data.Dataset.from_tensor_slices((FEATURES[:batch_size], CAPTION_FEATURES[:batch_size], ids))
     batch = next(iter(strategy.experimental_distribute_dataset(dataset.batch(batch_size))))
 
     @tf.function
-    def step(features, caption_features):
-        value, gradients = strategy.run(_loss_and_gradients, args=(*towers_and_loss, features, caption_features))
+    def step(features, caption_features, caption_ids):
+        value, gradients = strategy.run(
+            _loss_and_gradients, args=(*towers_and_loss, features, caption_features, caption_ids)
+        )
         # What the training loop does: SUM the per-replica losses and gradients.
         reduce = lambda x: strategy.reduce(tf.distribute.ReduceOp.SUM, x, axis=None)  # noqa: E731
         return reduce(value), [reduce(g) for g in gradients]
@@ -195,13 +266,18 @@ def _two_replica_loss_and_gradients(name, batch_size, gather_negatives=True):
     return step(*batch)
 
 
+@pytest.mark.parametrize("duplicates", [False, True], ids=["distinct", "duplicates-across-replicas"])
 @pytest.mark.parametrize("name", ["clip", "siglip", "soft_target"])
 @pytest.mark.parametrize("batch_size", [8, 7])  # 7 splits unevenly, 4 + 3
-def test_two_replicas_with_gathering_equal_one_device_on_the_whole_batch(name, batch_size):
-    value, gradients = _two_replica_loss_and_gradients(name, batch_size)
+def test_two_replicas_with_gathering_equal_one_device_on_the_whole_batch(name, batch_size, duplicates):
+    value, gradients = _two_replica_loss_and_gradients(name, batch_size, duplicates=duplicates)
+    ids = tf.constant(BATCH_CAPTION_IDS[:batch_size]) if duplicates else None
     expected_value, expected_gradients = _loss_and_gradients(
-        *_towers_and_loss(name), FEATURES[:batch_size], CAPTION_FEATURES[:batch_size]
+        *_towers_and_loss(name), FEATURES[:batch_size], CAPTION_FEATURES[:batch_size], ids
     )
+    if duplicates:  # the duplicates matter: the loss differs from the one with all captions distinct
+        distinct_value, _ = _loss_and_gradients(*_towers_and_loss(name), FEATURES[:batch_size], CAPTION_FEATURES[:batch_size])
+        assert abs(float(distinct_value) - float(expected_value)) > 1e-4
     np.testing.assert_allclose(float(value), float(expected_value), rtol=1e-5)
     assert len(gradients) == len(expected_gradients)
     for got, expected in zip(gradients, expected_gradients):

@@ -99,3 +99,46 @@ def test_chunking_does_not_change_results(monkeypatch):
 def test_bad_inputs_raise_a_clear_error(images, texts, owners, message):
     with pytest.raises(MetricsInputError, match=message):
         retrieval_metrics(images, texts, owners)
+
+
+# --- judged query sets (trec_eval through ir_measures) -------------------------------------------------------------
+
+# Query 0 ranks rows 3, 1, 0, 2, 4 (scores descending); rows 1 and 2 are relevant.
+# Query 1 ranks rows 0, 1, 2, 3, 4; row 4 is relevant.
+JUDGED_SCORES = np.array([[0.3, 0.8, 0.2, 0.9, 0.1], [0.9, 0.8, 0.7, 0.6, 0.5]])
+JUDGED_QRELS = [{1: 1, 2: 1}, {4: 1}]
+
+
+def test_judged_metrics_equal_a_hand_computation():
+    values = metrics.judged_metrics(JUDGED_SCORES, JUDGED_QRELS)
+    # query 0: relevant at ranks 2 and 4. P@10 = 2/10; R-precision = 1 of the first 2; AP = (1/2 + 2/4) / 2;
+    # nDCG@10 = (1/log2(3) + 1/log2(5)) / (1 + 1/log2(3)). Query 1: relevant at rank 5.
+    np.testing.assert_allclose(values["P@10"], [0.2, 0.1])
+    np.testing.assert_allclose(values["R-precision"], [0.5, 0.0])
+    np.testing.assert_allclose(values["MAP"], [0.5, 0.2])
+    np.testing.assert_allclose(values["recall@100"], [1.0, 1.0])
+    ideal = 1 + 1 / np.log2(3)
+    np.testing.assert_allclose(values["nDCG@10"], [(1 / np.log2(3) + 1 / np.log2(5)) / ideal, 1 / np.log2(6)])
+
+
+def test_judged_metrics_equal_the_library_called_directly():
+    import ir_measures
+
+    run = [ir_measures.ScoredDoc(str(q), f"{r}", float(JUDGED_SCORES[q, r])) for q in range(2) for r in range(5)]
+    qrels = [ir_measures.Qrel(str(q), str(r), rel) for q, judged in enumerate(JUDGED_QRELS) for r, rel in judged.items()]
+    expected = ir_measures.calc_aggregate([ir_measures.parse_measure(m) for m in metrics.JUDGED_MEASURES.values()], qrels, run)
+    values = metrics.judged_metrics(JUDGED_SCORES, JUDGED_QRELS)
+    for name, spec in metrics.JUDGED_MEASURES.items():
+        assert values[name].mean() == pytest.approx(expected[ir_measures.parse_measure(spec)])
+
+
+def test_judged_depth_cuts_the_run():
+    values = metrics.judged_metrics(JUDGED_SCORES, JUDGED_QRELS, depth=3)
+    np.testing.assert_allclose(values["recall@100"], [0.5, 0.0])  # query 0's rank-4 item is beyond the run
+
+
+def test_chance_level_is_the_relevant_fraction_for_precision():
+    qrels = [{r: 1 for r in range(40)}] * 50  # 40 of 1,000 relevant: P@10 by chance 0.04
+    chance = metrics.chance_judged_metrics(1000, qrels, runs=4)
+    assert chance["P@10"].mean() == pytest.approx(0.04, abs=0.01)
+    assert chance["R-precision"].mean() == pytest.approx(0.04, abs=0.01)

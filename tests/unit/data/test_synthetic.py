@@ -7,11 +7,20 @@ from dual_encoder.data.sources import read_source
 from dual_encoder.data.synthetic import (
     COLOURS,
     POSITIONS,
+    REGIONS,
     SHAPES,
     SIZES,
+    Mention,
+    ShapeObject,
+    SyntheticOptions,
     caption_scene,
+    describe_scene,
     example_queries,
+    fits_scene,
     generate_synthetic,
+    partial_mentions,
+    read_scenes,
+    render_caption,
     render_scene,
     sample_scene,
 )
@@ -26,7 +35,7 @@ def test_same_seed_gives_identical_bytes_and_another_seed_does_not(tmp_path):
     again = _files(generate_synthetic(tmp_path / "b", 12, seed=3, image_size=32).parent)
     other = _files(generate_synthetic(tmp_path / "c", 12, seed=4, image_size=32).parent)
     assert first == again
-    assert len(first) == 13 and "captions.csv" in first and "images/000011.png" in first
+    assert len(first) == 14 and {"captions.csv", "scenes.jsonl", "images/000011.png"} <= set(first)
     assert all(first[name] != other[name] for name in first)
 
 
@@ -110,3 +119,93 @@ def test_example_queries_are_deterministic_captions():
 def test_num_images_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="positive"):
         generate_synthetic(tmp_path, 0)
+
+
+# --- partial captions and scenes --------------------------------------------------------------------------------
+
+_ALL_WORDS = {
+    "colour": {w: k for k, (_, ws) in COLOURS.items() for w in ws},
+    "shape": {w: k for k, (_, ws) in SHAPES.items() for w in ws},
+    "size": {w: k for k, (_, ws) in SIZES.items() for w in ws},
+}
+
+
+def _named(caption, kind):
+    """The keys of every word of `kind` the caption uses (longest words first, each span read once)."""
+    found, text = set(), f" {caption.replace(',', ' ').replace(';', ' ').replace(':', ' ')} "
+    for word, key in sorted(_ALL_WORDS[kind].items(), key=lambda pair: -len(pair[0])):
+        while f" {word} " in text:
+            found.add(key)
+            text = text.replace(f" {word} ", " | ", 1)
+    return found
+
+
+def test_partial_captions_state_only_what_is_drawn():
+    rng = np.random.default_rng(5)
+    seen_partial = 0
+    for _ in range(300):
+        scene = sample_scene(rng)
+        for caption, full in describe_scene(scene, rng, 5, partial=0.8).items():
+            seen_partial += not full
+            for kind, attribute in (("colour", "colour"), ("shape", "shape"), ("size", "size")):
+                assert _named(caption, kind) <= {getattr(o, attribute) for o in scene}, (caption, scene)
+            places = [name for name, p in POSITIONS.items() for ph in p.phrases + p.labels if f" {ph}" in f" {caption}"]
+            assert all(any(o.position in REGIONS[name] for o in scene) for name in places), (caption, scene)
+    assert seen_partial > 500
+
+
+def test_partial_mentions_fit_their_scene_and_name_fewer_things():
+    rng = np.random.default_rng(6)
+    shorter = 0
+    for _ in range(300):
+        scene = sample_scene(rng)
+        mentions = partial_mentions(scene, rng)
+        assert 1 <= len(mentions) <= len(scene) and fits_scene(mentions, scene)
+        caption = render_caption(mentions, len(scene), rng)
+        shorter += len(caption.split()) < len(caption_scene(scene, rng, 1)[0].split())
+    assert shorter > 250  # a partial caption is usually shorter than a full one
+
+
+def test_the_partial_mix_is_an_option_and_full_captions_come_first():
+    rng = np.random.default_rng(7)
+    scenes = [sample_scene(rng) for _ in range(200)]
+    kinds = {p: [list(describe_scene(s, rng, 5, partial=p).values()) for s in scenes] for p in (0.0, 0.5, 1.0)}
+    assert all(all(k) for k in kinds[0.0])  # no partial captions
+    # only partial ones, but a partial draw may happen to name everything (then it is marked full, as it is)
+    assert np.mean([k for image in kinds[1.0] for k in image]) < 0.05
+    half = [k for image in kinds[0.5] for k in image]
+    assert 0.35 < 1 - np.mean(half) < 0.6
+    assert all(image[0] and image == sorted(image, reverse=True) for image in kinds[0.5])
+
+
+def test_a_side_region_covers_three_cells_and_a_corner_one():
+    assert REGIONS["left"] == {"top left", "left", "bottom left"} and REGIONS["top left"] == {"top left"}
+    assert REGIONS["centre"] == {"centre"} and REGIONS["bottom"] == {"bottom left", "bottom", "bottom right"}
+    star = ShapeObject("star", "red", "small", "top left")
+    assert star.regions() == ["top left", "top", "left"]
+    assert Mention(star, size=False, region="left").fits(ShapeObject("star", "red", "large", "bottom left"))
+    assert not Mention(star, region="left").fits(ShapeObject("star", "red", "small", "top"))
+
+
+def test_two_mentions_need_two_distinct_objects():
+    star = ShapeObject("star", "red", "small", "left")
+    one_star = (star,)
+    two = [Mention(star, colour=False, size=False), Mention(star, size=False)]
+    assert not fits_scene(two, one_star)
+    assert fits_scene(two, (star, ShapeObject("star", "blue", "large", "top")))  # "a star and a red star"
+
+
+def test_scenes_file_round_trips_and_counts_follow_the_option(tmp_path):
+    options = SyntheticOptions(object_counts=(1.0, 0.0, 0.0), partial_captions=0.5)
+    captions = generate_synthetic(tmp_path, 40, seed=2, image_size=32, options=options)
+    scenes = read_scenes(tmp_path / "scenes.jsonl")
+    assert len(scenes) == 40 and all(len(scene) == 1 for scene in scenes.values())
+    rows = [line for line in (tmp_path / "scenes.jsonl").read_text().splitlines()]
+    result = read_source("csv", captions, tmp_path / "images")
+    by_name = {record.path.name: record.captions for record in result.records}
+    import json
+
+    for row in map(json.loads, rows):
+        assert row["full_captions"] and set(row["full_captions"]) <= set(by_name[row["image"]])
+    with pytest.raises(ValueError, match="partial_captions"):
+        SyntheticOptions(partial_captions=1.5)
