@@ -47,16 +47,58 @@ def _echo_json(value) -> None:
 
 @app.command()
 def synthetic(
-    output: Path = typer.Option(..., help="Folder to write images/ and captions.csv into."),
+    output: Path = typer.Option(..., help="Folder to write images/, captions.csv and scenes.jsonl into."),
     num_images: int = typer.Option(5000, min=1, help="How many images to draw."),
     seed: int = typer.Option(0, help="Random seed: the same seed gives the same dataset."),
     image_size: int = typer.Option(64, min=16, help="Image side in pixels."),
+    partial_captions: float = typer.Option(
+        0.5, min=0.0, max=1.0, help="Fraction of captions that name only some objects or attributes, as people write."
+    ),
+    object_counts: str = typer.Option("0.1,0.5,0.4", help="Probabilities of 1, 2 and 3 objects per image."),
+    queries: bool = typer.Option(False, "--queries", help="Also write a judged query set (queries.tsv, qrels.txt)."),
+    min_relevant: int = typer.Option(10, min=1, help="With --queries: keep queries with this many relevant images."),
 ):
-    """Generate the captioned-shapes dataset (the offline default) as images plus a captions CSV."""
-    from dual_encoder.data.synthetic import generate_synthetic
+    """Generate the captioned-shapes dataset (the offline default): images, captions and each image's scene."""
+    from dual_encoder.data.synthetic import SCENES_FILE, SyntheticOptions, generate_synthetic, read_scenes
 
-    captions = generate_synthetic(output, num_images, seed=seed, image_size=image_size)
-    typer.echo(f"{num_images} images and their captions written to {output} (captions: {captions})")
+    try:
+        counts = tuple(float(p) for p in object_counts.split(","))
+        options = SyntheticOptions(image_size=image_size, partial_captions=partial_captions, object_counts=counts)
+    except ValueError as error:
+        raise DualEncoderError(f"--object-counts / --partial-captions: {error}") from None
+    captions = generate_synthetic(output, num_images, seed=seed, options=options)
+    typer.echo(f"{num_images} images, their captions and scenes written to {output} (captions: {captions})")
+    if queries:
+        _write_shape_queries(read_scenes(output / SCENES_FILE), output, min_relevant, seed)
+
+
+def _write_shape_queries(scenes, output: Path, min_relevant: int, seed: int) -> None:
+    from dual_encoder.data.judgements import write_query_set
+    from dual_encoder.data.shape_queries import make_query_set
+
+    query_set = make_query_set(scenes, min_relevant=min_relevant, seed=seed)
+    queries_path, qrels_path = write_query_set(query_set, output)
+    groups = ", ".join(f"{g} {list(query_set.groups.values()).count(g)}" for g in query_set.group_names())
+    typer.echo(f"{len(query_set.queries)} judged queries ({groups}): {queries_path}, {qrels_path}")
+
+
+@app.command("synthetic-queries")
+def synthetic_queries(
+    data: Path = typer.Option(..., help="A prepared captioned-shapes dataset (prepared with --metadata scenes.jsonl)."),
+    output: Path = typer.Option(..., help="Folder to write queries.tsv and qrels.txt into."),
+    split: str = typer.Option("validation", help="The split whose images are judged."),
+    min_relevant: int = typer.Option(10, min=1, help="Keep queries with at least this many relevant images."),
+    seed: int = typer.Option(0, help="Seed of the sample kept from large groups."),
+):
+    """Write a judged query set of short queries for one split of a prepared captioned-shapes dataset."""
+    from dual_encoder.data.pipeline import read_split
+    from dual_encoder.data.synthetic import scene_from_json
+
+    info = read_split(data, split)
+    if not all(meta and "objects" in meta for meta in info.metadata):
+        raise DualEncoderError(f"{data} has no scene metadata: prepare it with --metadata <synthetic>/scenes.jsonl")
+    scenes = {image_id: scene_from_json(meta["objects"]) for image_id, meta in zip(info.image_ids, info.metadata)}
+    _write_shape_queries(scenes, output, min_relevant, seed)
 
 
 @app.command()
@@ -65,6 +107,9 @@ def prepare(
     images_dir: Path = typer.Option(..., help="Folder the image paths are relative to."),
     output: Path = typer.Option(..., help="Folder to write TFRecord shards and manifest.json into."),
     input: Optional[Path] = typer.Option(None, "--input", help="Annotation file (not for --source folder)."),
+    metadata: Optional[Path] = typer.Option(
+        None, help="JSONL of per-image fields to keep (one object per line with 'image'), e.g. scenes.jsonl."
+    ),
     preset: str = typer.Option("synthetic-small", help="Preset whose data section to use."),
     set_: List[str] = typer.Option([], "--set", help="Override a config key, e.g. validation_fraction=0.2."),
     quiet: bool = typer.Option(False, help="No progress bar."),
@@ -75,7 +120,9 @@ def prepare(
     if source is not Source.folder and input is None:
         raise DualEncoderError(f"--input is required for --source {source.value}")
     config = _config(preset, set_)
-    summary = prepare_dataset(source.value, input, images_dir, output, config.data, progress=not quiet)
+    summary = prepare_dataset(
+        source.value, input, images_dir, output, config.data, progress=not quiet, metadata=metadata
+    )
     typer.echo(summary.summary_line())
 
 
@@ -100,16 +147,47 @@ def train(
 
 @app.command()
 def evaluate(
-    model: Path = typer.Option(..., help="A model folder or a run folder."),
-    data: Path = typer.Option(..., help="A prepared dataset folder."),
+    model: Optional[Path] = typer.Option(None, help="A model folder or a run folder (with --data)."),
+    data: Optional[Path] = typer.Option(None, help="A prepared dataset folder (with --model)."),
     split: str = typer.Option("validation", help="Which split to score."),
+    index: Optional[Path] = typer.Option(None, help="Score a judged query set on this index instead (with --queries)."),
+    queries: Optional[Path] = typer.Option(None, help="A judged query set: queries.tsv (id, query[, group])."),
+    qrels: Optional[Path] = typer.Option(None, help="Its TREC qrels (default: qrels.txt beside --queries)."),
     batch_size: int = typer.Option(64, min=1),
 ):
-    """Print retrieval metrics (recall@1/5/10 both ways, median rank, top-100 accuracy) as JSON."""
-    from dual_encoder.evaluation import evaluate_split
-    from dual_encoder.models import load_model
+    """Print retrieval metrics as JSON: caption recall@1/5/10 both ways, median rank, top-100 accuracy; with
+    --queries, precision@10, R-precision, recall@100, nDCG@10 and MAP per query group (table on stderr)."""
+    from dual_encoder.data.judgements import read_query_set
+    from dual_encoder.evaluation import evaluate_query_set, evaluate_split, format_judged_table, split_gallery
 
-    _echo_json(evaluate_split(load_model(model), data, split, batch_size=batch_size))
+    if index is not None and (model is not None or data is not None):
+        raise DualEncoderError("give --model and --data (a prepared split), or --index, not both")
+    if index is None and (model is None or data is None):
+        raise DualEncoderError("give --model and --data (a prepared split), or --index with --queries")
+    if index is not None and queries is None:
+        raise DualEncoderError("--index needs --queries: an index has no captions to score")
+    query_set = read_query_set(queries, qrels) if queries is not None else None
+    report = {}
+    if index is not None:
+        from dual_encoder.search import Searcher
+
+        searcher = Searcher.load(index)
+        gallery = searcher.index.embeddings, [[item.path] for item in searcher.index.items]
+        encode = searcher.encode_queries
+    else:
+        from dual_encoder.models import load_model
+        from dual_encoder.models.compiled import compiled
+
+        loaded = load_model(model)
+        report = evaluate_split(loaded, data, split, batch_size=batch_size)
+        if query_set is not None:
+            gallery = split_gallery(loaded, data, split, batch_size=batch_size)
+            encode = lambda texts: compiled(loaded, "encode_text")(texts).numpy()  # noqa: E731
+    if query_set is not None:
+        judged = evaluate_query_set(encode, *gallery, query_set)
+        typer.echo(format_judged_table(judged), err=True)
+        report = {**report, "query_set": judged} if report else judged
+    _echo_json(report)
 
 
 def _gallery(images: Optional[Path], data: Optional[Path], split: str, list_file: Optional[Path]):

@@ -15,6 +15,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Optional
 
 import keras
 import numpy as np
@@ -49,6 +50,42 @@ class TrainResult:
     history: list[dict]
     best: dict
     epochs_run: int
+    warning: Optional[str] = None  # set when training did not learn (see `learning_warning`)
+
+
+CHANCE_FACTOR = 2.0  # validation recall@10 below this many times chance counts as "at chance"
+LOSS_STUCK_FRACTION = 0.95  # a loss that never fell below this fraction of ln(batch) never left chance
+
+
+def chance_recall(k: int, gallery: int) -> float:
+    """Text->image recall@k of a random ranking over a gallery of `gallery` images."""
+    return min(1.0, k / max(1, gallery))
+
+
+def learning_warning(history: list[dict], config: Config, num_train: int, num_validation: int) -> Optional[str]:
+    """A warning with the likely causes when a run ended at chance or its loss never left ln(batch); else None.
+
+    The contrastive loss of a model that has learnt nothing is ln(batch) (every caption equally likely for every
+    image), and its validation recall@10 is 10 / gallery.
+    """
+    if not history:
+        return None
+    chance = chance_recall(10, num_validation)
+    best_recall = max(r.get("val_t2i_recall@10", 0.0) for r in history)
+    stuck_loss = min(r["loss"] for r in history) > LOSS_STUCK_FRACTION * math.log(config.train.batch_size)
+    if best_recall >= CHANCE_FACTOR * chance and not stuck_loss:
+        return None
+    train = config.train
+    steps = len(history) * (num_train // train.batch_size)
+    what = (
+        f"validation text->image recall@10 peaked at {best_recall:.3f} (chance {chance:.3f})"
+        + (f"; the loss never fell below {LOSS_STUCK_FRACTION:.0%} of ln(batch) = {math.log(train.batch_size):.2f}" if stuck_loss else "")
+    )  # fmt: skip
+    return (
+        f"training did not learn: {what}. Likely causes: too little training — {num_train} images and "
+        f"{len(history)} epochs are {steps} steps of batch {train.batch_size} (the synthetic-small demo needs "
+        f"thousands of images and ~20 epochs); or the learning rate ({train.learning_rate:g}) is too high or too low."
+    )
 
 
 @dataclasses.dataclass
@@ -175,6 +212,7 @@ class _Run:
         self.config, self.data_dir, self.run_dir = config, data_dir, run_dir
         self.strategy, self.chief, self.progress = strategy, chief, progress
         train_split = read_split(data_dir, "train")
+        self.num_validation = read_split(data_dir, "validation").num_images
         train_captions = [c for caps in train_split.captions for c in caps]
         keras.utils.set_random_seed(config.train.seed)
         with strategy.scope():
@@ -253,7 +291,9 @@ class _Run:
                 "seconds": round(time.perf_counter() - start, 3),
                 **{f"val_{k}": v for k, v in metrics.items()},
             }
-            print(_format_record(record))
+            chance = chance_recall(10, self.num_validation)
+            at_chance = record.get("val_t2i_recall@10", 0.0) < CHANCE_FACTOR * chance
+            print(_format_record(record) + (f"  (recall@10 at chance: {chance:.3f})" if at_chance else ""))
             self._after_epoch(state, record, metrics)
             if writer is not None:
                 with writer.as_default(step=epoch + 1):
@@ -267,7 +307,10 @@ class _Run:
             save_model(self.model, model_dir)
         if self.chief:
             _plot_history(state.history, self.run_dir / "curves.png")
-        return TrainResult(self.run_dir, self.run_dir / "model", state.history, state.best_metrics, state.epoch)
+        warning = learning_warning(state.history, self.config, self.source.num_images, self.num_validation)
+        if warning:
+            print(f"WARNING: {warning}")
+        return TrainResult(self.run_dir, self.run_dir / "model", state.history, state.best_metrics, state.epoch, warning)
 
     def _train_epoch(self, epoch: int) -> float:
         iterator = iter(self.strategy.experimental_distribute_dataset(self.source.dataset(epoch)))

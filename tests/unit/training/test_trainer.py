@@ -48,6 +48,32 @@ def test_training_writes_the_best_model_history_curves_and_logs(tiny_data, tmp_p
     assert again.history == result.history
 
 
+def test_a_run_that_learns_nothing_says_so_with_the_likely_cause(tiny_data, tmp_path, capsys):
+    # 36 images, 2 epochs of 4 steps: far too little to leave chance on a 12-image validation gallery
+    result = train(tiny_config(learning_rate=1e-7), tiny_data, tmp_path / "run", strategy="default", progress=False)
+    printed = capsys.readouterr().out
+    assert result.warning and result.warning in printed and "WARNING: training did not learn" in printed
+    assert "too little training" in result.warning and "learning rate (1e-07)" in result.warning
+    assert "ln(batch) = 2.08" in result.warning  # batch 8: the loss stayed at chance
+
+
+def _history(losses, recalls):
+    return [{"epoch": i + 1, "loss": l, "val_t2i_recall@10": r} for i, (l, r) in enumerate(zip(losses, recalls))]
+
+
+def test_learning_warning_compares_recall_with_chance_and_the_loss_with_ln_batch():
+    from dual_encoder.training.trainer import learning_warning
+
+    config = tiny_config(batch_size=64)  # ln 64 = 4.16; chance recall@10 on 1,000 images = 0.01
+    learnt = _history([4.1, 3.0, 1.2], [0.02, 0.4, 0.9])
+    assert learning_warning(learnt, config, 6000, 1000) is None
+    at_chance = learning_warning(_history([4.0, 3.9], [0.01, 0.015]), config, 600, 1000)
+    assert "recall@10 peaked at 0.015 (chance 0.010)" in at_chance and "600 images and 2 epochs are 18 steps" in at_chance
+    stuck = learning_warning(_history([4.16, 4.15], [0.5, 0.5]), config, 600, 1000)
+    assert "never fell below 95% of ln(batch) = 4.16" in stuck
+    assert learning_warning([], config, 600, 1000) is None
+
+
 def test_batch_larger_than_the_training_set_is_a_clear_error(tiny_data, tmp_path):
     from dual_encoder.training.trainer import TrainingError
 
