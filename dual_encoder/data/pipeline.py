@@ -50,6 +50,8 @@ def read_split(prepared: Path, split: str) -> SplitInfo:
     """The images and captions of `split` in a dataset written by `prepare_dataset` (no image bytes read)."""
     prepared = Path(prepared)
     manifest = tfrecords.read_manifest(prepared)
+    if not isinstance(manifest.get("splits"), dict):
+        raise DataError(f"{prepared} is not a prepared dataset (its manifest.json lists no splits)")
     if split not in manifest["splits"]:
         raise DataError(f"no split '{split}' in {prepared}; it has {sorted(manifest['splits'])}")
     entry = manifest["splits"][split]

@@ -11,9 +11,11 @@ from tests.tiny import tiny_config
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    assert main(["synthetic", "--output", str(root / "shapes"), "--num-images", "48", "--image-size", "32"]) == 0
+    assert main(["synthetic", "--output", str(root / "shapes"), "--num-images", "48", "--image-size", "32",
+                 "--queries", "--min-relevant", "3"]) == 0
     assert main(["prepare", "--source", "csv", "--input", str(root / "shapes" / "captions.csv"),
                  "--images-dir", str(root / "shapes" / "images"), "--output", str(root / "prepared"),
+                 "--metadata", str(root / "shapes" / "scenes.jsonl"),
                  "--set", "validation_fraction=0.25", "--quiet"]) == 0
     tiny_config(epochs=1, tensorboard=False).save(root / "tiny.json")
     assert main(["train", "--data", str(root / "prepared"), "--output", str(root / "run"),
@@ -53,6 +55,39 @@ def test_evaluate_index_search_add_remove(workspace, capsys, tmp_path):
     (gallery / images[0].name).unlink()
     assert main(["index", "remove", "--index", str(root / "index"), "--missing"]) == 0
     assert capsys.readouterr().out.startswith("11 items")
+
+
+@pytest.mark.slow
+def test_judged_query_sets_from_the_generator_score_a_split_and_an_index(workspace, capsys, tmp_path):
+    root = workspace
+    assert (root / "shapes" / "queries.tsv").is_file() and (root / "shapes" / "qrels.txt").is_file()
+    assert main(["synthetic-queries", "--data", str(root / "prepared"), "--split", "validation",
+                 "--output", str(tmp_path / "held-out"), "--min-relevant", "2"]) == 0
+    assert "judged queries" in capsys.readouterr().out
+
+    assert main(["evaluate", "--model", str(root / "run"), "--data", str(root / "prepared"),
+                 "--queries", str(tmp_path / "held-out" / "queries.tsv")]) == 0
+    out = capsys.readouterr()
+    report = json.loads(out.out)
+    assert report["captions"] == "full" and "t2i_recall@1" in report
+    groups = report["query_set"]["groups"]
+    assert "shape" in groups and {"P@10", "R-precision", "recall@100", "nDCG@10", "MAP"} <= set(groups["shape"])
+    assert "chance" in out.err and "all queries" in out.err
+
+    assert main(["index", "build", "--model", str(root / "run"), "--images", str(root / "shapes" / "images"),
+                 "--output", str(tmp_path / "index"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--index", str(tmp_path / "index"), "--queries", str(root / "shapes" / "queries.tsv")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["gallery"] == 48 and report["queries_without_relevant"] == 0
+    assert report["all"]["queries"] == len((root / "shapes" / "queries.tsv").read_text().splitlines()) - 1
+
+    (tmp_path / "bad.txt").write_text("shape-000 000001.png\n")
+    assert main(["evaluate", "--index", str(tmp_path / "index"), "--queries", str(root / "shapes" / "queries.tsv"),
+                 "--qrels", str(tmp_path / "bad.txt")]) == 2
+    assert "bad.txt:1: expected 'query_id 0 doc_id relevance'" in capsys.readouterr().err
+    assert main(["evaluate", "--index", str(tmp_path / "index")]) == 2
+    assert main(["synthetic-queries", "--data", str(tmp_path / "index"), "--output", str(tmp_path / "q")]) == 2
 
 
 @pytest.mark.parametrize(
