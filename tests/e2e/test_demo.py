@@ -6,22 +6,28 @@ import pytest
 from PIL import Image
 
 from dual_encoder.cli import main
-from dual_encoder.demo import SCALES, TARGETS
+from dual_encoder.demo import QUERY_TARGETS, SCALES, STAGES, TARGETS, missed_targets
 
 
 @pytest.mark.slow
 def test_quick_demo_runs_every_stage_and_writes_a_summary(tmp_path, capsys):
     assert main(["demo", "--quick", "--quiet", "--output", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
-    for stage in range(1, 8):
-        assert f"[{stage}/7]" in printed
-    assert "Demo summary" in printed
+    for stage in range(1, STAGES + 1):
+        assert f"[{stage}/{STAGES}]" in printed
+    assert "Demo summary" in printed and "precision@10 on the fresh gallery" in printed
 
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["targets_met"] is None  # the quick size checks no quality target
     assert 0.0 <= summary["metrics"]["t2i_recall@1"] <= summary["metrics"]["t2i_recall@10"] <= 1.0
-    assert [q["normalized_query"] for q in summary["queries"]][:2] == [q["query"].split(" of ", 1)[1] for q in summary["queries"][:2]]
-    assert all(len(q["hits"]) == 5 for q in summary["queries"])
+    assert summary["metrics"]["captions"] == "full"
+    assert summary["queries"][0]["normalized_query"] == "a red star"
+    assert all(len(q["hits"]) == 10 for q in summary["queries"])
+    for gallery in ("held-out split", "fresh gallery"):
+        groups = summary["query_metrics"][gallery]["groups"]
+        assert {"shape", "colour+shape"} <= set(groups)
+        assert all(0.0 <= g["P@10"] <= 1.0 and 0.0 < g["chance"]["P@10"] < 1.0 for g in groups.values())
+    assert (tmp_path / "queries" / "fresh" / "qrels.txt").is_file()
     for name in ("text_encoder", "image_encoder", "searcher"):
         assert (tmp_path / "exported" / name / "saved_model.pb").is_file()
     assert Image.open(tmp_path / "results.png").size[0] > 100
@@ -30,5 +36,19 @@ def test_quick_demo_runs_every_stage_and_writes_a_summary(tmp_path, capsys):
 
 def test_the_full_demo_checks_the_issue_targets():
     full = SCALES["full"]
-    assert full.check_targets and full.validation_images == 1000
+    assert full.check_targets and full.validation_images == 1000 and full.fresh_images == 1000
     assert TARGETS == {"t2i_recall@1": 0.90, "t2i_recall@10": 0.99}
+    assert QUERY_TARGETS == {
+        "shape": 0.95, "colour+shape": 0.90, "size+colour+shape": 0.85, "synonyms": 0.85,
+        "colour+shape+position": 0.80, "two objects": 0.70,
+    }  # fmt: skip
+
+
+def test_a_missed_target_is_named():
+    metrics = {"t2i_recall@1": 0.95, "t2i_recall@10": 0.98}
+    groups = {g: {"P@10": 1.0} for g in QUERY_TARGETS}
+    groups["two objects"] = {"P@10": 0.5}
+    missed = missed_targets(metrics, {"fresh gallery": {"groups": groups}})
+    assert missed == ["t2i_recall@10 0.980 < 0.99", "fresh gallery two objects P@10 0.500 < 0.7"]
+    del groups["shape"]
+    assert "fresh gallery shape P@10 none < 0.95" in missed_targets(metrics, {"fresh gallery": {"groups": groups}})
