@@ -8,11 +8,16 @@ loss and gradient on the whole batch: the gradient of `all_gather` sums every re
 and the shares sum to 1. So the caller applies NO further scaling (do not divide by the number of
 replicas). Outside a strategy, or with one replica, the share is 1: the plain batch loss.
 
-Duplicate captions: a partial caption ("a red star") fits many images, and one batch may hold it for several.
-Given `caption_ids` (equal for captions identical after normalisation, see `data.pipeline.caption_ids`), every
-loss treats the pairs (i, j) whose captions are identical as positives — the positives mask P has P_ij = 1 when
-caption_i == caption_j (so P_ii = 1) — instead of only the diagonal. The ids are gathered across replicas with
-the embeddings, so duplicates on different replicas are positives too.
+Captions that fit several images: a partial caption ("a red star") fits many images of a batch. Every loss
+scores with a positives mask P ([B images, B captions]; P_ij = 1 when caption j fits image i; P_ii = 1) instead
+of the identity:
+- `caption_ids` (equal for captions identical after normalisation, `data.pipeline.caption_ids`): caption j fits
+  image i when it is identical to caption i, image i's own.
+- `image_labels` / `caption_labels` (0-padded hashed labels, `data.pipeline.label_arrays`), where the dataset
+  says what its images hold and what its captions ask: caption j fits image i when image i has every label of
+  caption j.
+They are gathered across replicas with the embeddings, so the mask of the global batch is the same on every
+replica and the distributed contract above holds.
 """
 
 from __future__ import annotations
@@ -55,35 +60,47 @@ class ContrastiveLoss(keras.layers.Layer):
         super().__init__(**kwargs)
         self.gather_negatives = gather_negatives
 
-    def call(self, image_embeddings, text_embeddings, caption_ids=None):
-        """This replica's share of the global-batch loss; `caption_ids` [B] int64 mark identical captions."""
+    def call(self, image_embeddings, text_embeddings, caption_ids=None, image_labels=None, caption_labels=None):
+        """This replica's share of the global-batch loss; the optional inputs say which captions fit which
+        images (module doc): `caption_ids` [B] int64, `image_labels` [B, L] and `caption_labels` [B, L'] int64."""
         image_embeddings = ops.cast(image_embeddings, "float32")
         text_embeddings = ops.cast(text_embeddings, "float32")
         local_size = ops.cast(ops.shape(image_embeddings)[0], "float32")
+        fit_inputs = (caption_ids, image_labels, caption_labels)
         if self.gather_negatives:
             image_embeddings = gather_across_replicas(image_embeddings)
             text_embeddings = gather_across_replicas(text_embeddings)
-            caption_ids = None if caption_ids is None else gather_across_replicas(caption_ids)
+            fit_inputs = tuple(None if x is None else gather_across_replicas(x) for x in fit_inputs)
             global_size = ops.cast(ops.shape(image_embeddings)[0], "float32")
         else:
             global_size = ops.sum(gather_across_replicas(ops.reshape(local_size, (1,))))
-        positives = positives_mask(caption_ids, ops.shape(image_embeddings)[0])
+        positives = positives_mask(ops.shape(image_embeddings)[0], *fit_inputs)
         return self.batch_loss(image_embeddings, text_embeddings, positives) * local_size / global_size
 
     def batch_loss(self, image_embeddings, text_embeddings, positives):
-        """The loss over one whole batch; `positives` [B, B] float32 is 1 where caption_i == caption_j."""
+        """The loss over one whole batch; `positives` [B, B] float32 is 1 where caption j fits image i."""
         raise NotImplementedError
 
     def get_config(self):
         return {**super().get_config(), "gather_negatives": self.gather_negatives}
 
 
-def positives_mask(caption_ids, size):
-    """[B, B] float32: 1 where two rows' captions are identical (the identity when `caption_ids` is None)."""
-    if caption_ids is None:
-        return ops.eye(size, dtype="float32")
-    caption_ids = ops.reshape(caption_ids, (-1,))
-    return ops.cast(ops.equal(caption_ids[:, None], caption_ids[None, :]), "float32")
+def positives_mask(size, caption_ids=None, image_labels=None, caption_labels=None):
+    """[B images, B captions] float32: 1 where caption j fits image i (module doc); the identity without inputs."""
+    positives = ops.eye(size, dtype="bool")
+    if caption_ids is not None:
+        caption_ids = ops.reshape(caption_ids, (-1,))
+        positives = ops.logical_or(positives, ops.equal(caption_ids[:, None], caption_ids[None, :]))
+    if image_labels is not None and caption_labels is not None:
+        # found[i, j, l]: image i has label l of caption j; padding (0) is always found.
+        found = ops.any(ops.equal(caption_labels[None, :, :, None], image_labels[:, None, None, :]), axis=-1)
+        found = ops.logical_or(found, ops.equal(caption_labels, 0)[None, :, :])
+        positives = ops.logical_or(positives, ops.all(found, axis=-1))
+    return ops.cast(positives, "float32")
+
+
+def _row_normalised(matrix):
+    return matrix / ops.sum(matrix, axis=-1, keepdims=True)
 
 
 def _cross_entropy(targets, logits):
@@ -96,10 +113,10 @@ class ClipLoss(ContrastiveLoss):
 
         s = min(exp(t), max_logit_scale),   t initialised to log(1 / temperature)
         logits_per_image = s * I @ T^T,     logits_per_text = logits_per_image^T
-        targets = P / rowsum(P)             (the identity when every caption differs)
-        loss = (CE(targets, logits_per_image) + CE(targets, logits_per_text)) / 2
+        loss = (CE(P / rowsum(P), logits_per_image) + CE(P^T / rowsum(P^T), logits_per_text)) / 2
 
-    where CE(y, z) = mean_i -sum_j y_ij log_softmax(z)_ij and P is the positives mask (module doc; symmetric).
+    where CE(y, z) = mean_i -sum_j y_ij log_softmax(z)_ij and P is the positives mask (module doc): each image's
+    targets are spread evenly over the captions that fit it, each caption's over the images it fits.
     With distinct captions this is CLIP's -mean_i log_softmax(logits)_ii. Past the cap, t gets no gradient.
 
     Args:
@@ -122,9 +139,8 @@ class ClipLoss(ContrastiveLoss):
 
     def batch_loss(self, image_embeddings, text_embeddings, positives):
         logits_per_image = self.logit_scale * ops.matmul(image_embeddings, ops.transpose(text_embeddings))
-        targets = positives / ops.sum(positives, axis=-1, keepdims=True)
-        image_loss = _cross_entropy(targets, logits_per_image)
-        text_loss = _cross_entropy(targets, ops.transpose(logits_per_image))
+        image_loss = _cross_entropy(_row_normalised(positives), logits_per_image)
+        text_loss = _cross_entropy(_row_normalised(ops.transpose(positives)), ops.transpose(logits_per_image))
         return (image_loss + text_loss) / 2.0
 
     def get_config(self):
@@ -135,11 +151,11 @@ class SoftTargetLoss(ContrastiveLoss):
     """The Keras "natural language image search" example's loss, with a fixed temperature tau.
 
         logits  = T @ I^T / tau
-        S       = (I @ I^T + T @ T^T) / 2, with S_ij = 1 where P_ij = 1 and i != j
+        S       = (I @ I^T + T @ T^T) / 2, with S_ij = 1 where P_ij or P_ji, i != j
         targets = softmax_rows(S / tau)
         loss    = (CE(targets, logits) + CE(targets^T, logits^T)) / 2,  CE(y, z) = mean_i -sum_j y_ij log_softmax(z)_ij
 
-    A pair of rows with identical captions (P_ij = 1, i != j; module doc) gets the similarity of a pair with itself (1, as on the
+    A pair of examples where either caption fits the other image (module doc) gets the similarity of a pair with itself (1, as on the
     diagonal of unit vectors), so it is a target as strong as the pair's own. With distinct captions this is the
     example's loss. As in the example, gradients also flow through the targets.
 
@@ -157,7 +173,8 @@ class SoftTargetLoss(ContrastiveLoss):
         images_similarity = ops.matmul(image_embeddings, ops.transpose(image_embeddings))
         texts_similarity = ops.matmul(text_embeddings, ops.transpose(text_embeddings))
         similarity = (images_similarity + texts_similarity) / 2.0
-        off_diagonal = positives * (1.0 - ops.eye(ops.shape(positives)[0], dtype="float32"))
+        either = ops.maximum(positives, ops.transpose(positives))
+        off_diagonal = either * (1.0 - ops.eye(ops.shape(positives)[0], dtype="float32"))
         similarity = ops.where(off_diagonal > 0, 1.0, similarity)
         targets = ops.softmax(similarity / self.temperature, axis=-1)
         texts_loss = _cross_entropy(targets, logits)
@@ -172,7 +189,7 @@ class SigLipLoss(ContrastiveLoss):
     """Pairwise sigmoid loss (SigLIP, Zhai et al. 2023) with a learnable scale and bias.
 
         s = min(exp(t'), max_logit_scale),  t' initialised to log 10;  b initialised to -10
-        logits_ij = s * I_i . T_j + b,      z_ij = 1 if P_ij else -1  (P: positives mask, module doc)
+        logits_ij = s * I_i . T_j + b,      z_ij = 1 if caption j fits image i (P_ij, module doc) else -1
         loss = -(1 / B) sum_i sum_j log sigmoid(z_ij * logits_ij)
 
     Args:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -10,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from dual_encoder.data import tfrecords
-from dual_encoder.data.sources import DataError
+from dual_encoder.data.sources import CAPTION_LABELS_KEY, LABELS_KEY, DataError
 
 # Separate random streams for the epoch's image order and its caption choice.
 _ORDER_STREAM, _CAPTION_STREAM = 0, 1
@@ -67,6 +68,45 @@ def read_split(prepared: Path, split: str) -> SplitInfo:
         locations=np.array([[i["shard"], i["offset"], i["length"]] for i in items], dtype=np.int64).reshape(-1, 3),
         metadata=[item.get("metadata") for item in items],
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelArrays:
+    """Hashed labels of a split (item metadata `labels` / `caption_labels`), 0-padded: which captions fit which
+    images. Caption j fits image i when every non-zero entry of `caption_labels[j]` is in `image_labels[i]`.
+
+    Args:
+        image_labels: int64 [N, L_image], one row per image in the split's fixed order.
+        caption_labels: int64 [total captions, L_caption], captions flattened in order (image by image).
+    """
+
+    image_labels: np.ndarray
+    caption_labels: np.ndarray
+
+
+def _label_hash(label: str) -> int:
+    # Stable across processes and machines (Python's hash() is salted); never 0, the padding.
+    return (int.from_bytes(hashlib.blake2b(label.encode(), digest_size=8).digest(), "little") >> 2) | 1
+
+
+def _padded(rows: list[list[int]]) -> np.ndarray:
+    array = np.zeros((len(rows), max(1, max(map(len, rows), default=1))), dtype=np.int64)
+    for i, row in enumerate(rows):
+        array[i, : len(row)] = row
+    return array
+
+
+def label_arrays(info: SplitInfo) -> Optional[LabelArrays]:
+    """The split's `LabelArrays`, or None unless every image's metadata has labels for itself and its captions."""
+    if not info.metadata or not all(m and LABELS_KEY in m and CAPTION_LABELS_KEY in m for m in info.metadata):
+        return None
+    images = [[_label_hash(label) for label in meta[LABELS_KEY]] for meta in info.metadata]
+    captions = [
+        [_label_hash(label) for label in meta[CAPTION_LABELS_KEY].get(caption, ())]
+        for meta, image_captions in zip(info.metadata, info.captions)
+        for caption in image_captions
+    ]
+    return LabelArrays(_padded(images), _padded(captions))
 
 
 def epoch_order(num_images: int, epoch: int, seed: int) -> np.ndarray:
@@ -151,7 +191,8 @@ def make_train_dataset(
     drop_remainder: bool = True,
 ) -> tf.data.Dataset:
     """One epoch of `{"images": uint8 [B, S, S, 3], "captions": string [B], "caption_ids": int64 [B]}` batches
-    (`caption_ids` mark identical captions for the loss).
+    (`caption_ids` mark identical captions for the loss), plus `image_labels` and `caption_labels` (int64 rows of
+    `label_arrays`) when the split's metadata says which captions fit which images.
 
     Images come in `epoch_order(N, epoch, seed)` (or the fixed order without `shuffle`), each once, with the
     caption `sample_caption_indices` picks for this epoch: two captions of one image never meet in a batch,
@@ -161,16 +202,25 @@ def make_train_dataset(
     if drop_remainder and info.num_images < batch_size:
         raise DataError(f"split '{split}' has {info.num_images} images, fewer than one batch of {batch_size}")
     order = epoch_order(info.num_images, epoch, seed) if shuffle else np.arange(info.num_images)
-    chosen = tf.constant(sample_caption_indices(info.num_captions(), epoch, seed))
+    chosen = sample_caption_indices(info.num_captions(), epoch, seed)
+    labels = label_arrays(info)
+    if labels is not None:
+        caption_start = np.concatenate([[0], np.cumsum(info.num_captions())[:-1]]).astype(np.int64)
+        image_labels = tf.constant(labels.image_labels)
+        caption_labels = tf.constant(labels.caption_labels[caption_start + chosen])
+    chosen = tf.constant(chosen)
 
     def to_pair(index: tf.Tensor, serialized: tf.Tensor) -> dict[str, tf.Tensor]:
         example = tfrecords.parse_example(serialized)
         caption = tf.gather(example["captions"], chosen[index])
-        return {
+        pair = {
             "images": decode_and_resize(example["image/encoded"], image_size),
             "captions": caption,
             "caption_ids": caption_ids(caption),
         }
+        if labels is not None:
+            pair.update(image_labels=image_labels[index], caption_labels=caption_labels[index])
+        return pair
 
     return (
         _records_in_order(info, order)

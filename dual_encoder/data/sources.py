@@ -273,6 +273,11 @@ SOURCES: dict[str, tuple[Callable[[Optional[Path], Path], SourceResult], bool]] 
 }
 
 
+# Metadata keys training reads: an image's labels, and per caption the labels it requires of an image (a caption
+# fits every image that has all of its labels; see `data.pipeline.label_arrays`).
+LABELS_KEY, CAPTION_LABELS_KEY = "labels", "caption_labels"
+
+
 def read_metadata(path: Path, images_dir: Path) -> dict[Path, dict]:
     """Per-image metadata from a JSONL file: one object per line naming its image (`image` or `file_name`,
     relative to `images_dir`) plus any other fields (e.g. the synthetic generator's scene). -> image path ->

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import itertools
 import json
 import math
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
+
+from dual_encoder.data.sources import CAPTION_LABELS_KEY, LABELS_KEY
 
 CAPTIONS_FILE = "captions.csv"
 SCENES_FILE = "scenes.jsonl"
@@ -363,22 +366,61 @@ def render_caption(mentions: list[Mention], count: int, rng: np.random.Generator
     return _pick(rng, templates)(mentions, count, rng)
 
 
-def describe_scene(scene: Scene, rng: np.random.Generator, count: int, partial: float = 0.0) -> dict[str, bool]:
-    """`count` distinct captions of `scene` -> whether each is full (names every object's size, colour, shape and
-    cell). About `partial` of them are partial (`partial_mentions`); at least one is full unless `partial` is 1;
-    the full ones come first."""
+def describe_scene(
+    scene: Scene, rng: np.random.Generator, count: int, partial: float = 0.0
+) -> dict[str, tuple[Mention, ...]]:
+    """`count` distinct captions of `scene` -> what each says (its mentions). About `partial` of them are partial
+    (`partial_mentions`); at least one is full (`is_full`) unless `partial` is 1; the full ones come first."""
     num_partial = int(rng.binomial(count, partial))
     num_full = count - num_partial if partial >= 1 else max(1, count - num_partial)
-    captions: dict[str, bool] = {}
+    captions: dict[str, tuple[Mention, ...]] = {}
     for wanted, describe in ((num_full, full_mentions), (count, lambda s: partial_mentions(s, rng))):
         for _ in range(50 * count):
             if len(captions) >= wanted:
                 break
             mentions = describe(scene)
             order = rng.permutation(len(mentions))
-            caption = render_caption([mentions[i] for i in order], len(scene), rng)
-            captions.setdefault(caption, set(mentions) == set(full_mentions(scene)))
+            captions.setdefault(render_caption([mentions[i] for i in order], len(scene), rng), tuple(mentions))
     return captions
+
+
+def is_full(mentions: Sequence[Mention], scene: Scene) -> bool:
+    """True when `mentions` name every object of `scene` with every attribute and its own cell."""
+    return set(mentions) == set(full_mentions(scene))
+
+
+# --- labels: what training uses to know which captions fit which images ----------------------------------------
+
+
+def _label(shape: Optional[str], colour: Optional[str], size: Optional[str], region: Optional[str]) -> str:
+    return "|".join(part or "*" for part in (size, colour, shape, region))
+
+
+def mention_label(mention: Mention) -> str:
+    """The one label a mention requires of an image ("*|red|star|left" for "a red star on the left")."""
+    obj = mention.obj
+    return _label(
+        obj.shape if mention.shape else None,
+        obj.colour if mention.colour else None,
+        obj.size if mention.size else None,
+        mention.region,
+    )
+
+
+def object_labels(obj: ShapeObject) -> list[str]:
+    """Every label a mention of `obj` can require: each non-empty subset of shape, colour and size, with no
+    place or with any region the object lies in."""
+    labels = []
+    for shape, colour, size in itertools.product((obj.shape, None), (obj.colour, None), (obj.size, None)):
+        if shape or colour or size:
+            labels += [_label(shape, colour, size, region) for region in (None, *obj.regions())]
+    return labels
+
+
+def scene_labels(scene: Scene) -> list[str]:
+    """The labels of every object of `scene`, sorted: a caption fits the scene when the scene has each of the
+    caption's labels (`mention_label` of each mention; two mentions of one object are not told apart)."""
+    return sorted({label for obj in scene for label in object_labels(obj)})
 
 
 def caption_scene(scene: Scene, rng: np.random.Generator, count: int, partial: float = 0.0) -> list[str]:
@@ -431,8 +473,10 @@ def generate_synthetic(
 
     The CSV (`image`, `caption`; image paths relative to `output/images`) is the `csv` source:
     `read_source("csv", path, path.parent / "images")`. `scenes.jsonl` holds each image's scene (objects with
-    shape, colour, size and grid cell) and its full captions: the per-image metadata `prepare --metadata` carries
-    into the prepared dataset, and what judged query sets are made from. Same seed -> byte-identical files.
+    shape, colour, size and grid cell), its full captions, and labels saying which captions fit it (`scene_labels`,
+    and per caption its `mention_label`s): the per-image metadata `prepare --metadata` carries into the prepared
+    dataset, that training uses to know which captions fit which images, and that judged query sets are made
+    from. Same seed -> byte-identical files.
     """
     if num_images < 1:
         raise ValueError(f"num_images must be positive, got {num_images}")
@@ -457,6 +501,12 @@ def generate_synthetic(
             captions = describe_scene(scene, rng, count, options.partial_captions)
             for caption in captions:
                 writer.writerow([name, caption])
-            full = [caption for caption, is_full in captions.items() if is_full]
-            scenes.write(json.dumps({"image": name, "objects": scene_to_json(scene), "full_captions": full}) + "\n")
+            row = {
+                "image": name,
+                "objects": scene_to_json(scene),
+                "full_captions": [caption for caption, mentions in captions.items() if is_full(mentions, scene)],
+                LABELS_KEY: scene_labels(scene),
+                CAPTION_LABELS_KEY: {c: sorted({mention_label(m) for m in ms}) for c, ms in captions.items()},
+            }
+            scenes.write(json.dumps(row) + "\n")
     return captions_path

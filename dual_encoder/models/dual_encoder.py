@@ -16,6 +16,7 @@ from dual_encoder.models.layers import ModelConfigError, ProjectionHead
 from dual_encoder.models.text_encoder import build_text_encoder, build_vocabulary, text_encoder_class
 
 MODEL_CONFIG_FIELDS = tuple(field.name for field in dataclasses.fields(ModelConfig))
+LOSS_KEYS = ("caption_ids", "image_labels", "caption_labels")  # batch keys that only the loss reads
 
 
 class BatchKeysError(DualEncoderError, ValueError):
@@ -120,8 +121,9 @@ class DualEncoder(keras.Model):
 
     def call(self, batch, training=False):
         """A batch with `images` or `image_features`, and `captions` or `text_features` (and optionally
-        `caption_ids`, passed through for the loss) -> {"image_embeddings", "text_embeddings"[, "caption_ids"]}."""
-        extra = {"caption_ids": batch["caption_ids"]} if "caption_ids" in batch else {}
+        `caption_ids`, `image_labels`, `caption_labels`, passed through for the loss) ->
+        {"image_embeddings", "text_embeddings", and those passed through}."""
+        extra = {key: batch[key] for key in LOSS_KEYS if key in batch}
         return {
             **extra,
             "image_embeddings": self._embed(
@@ -145,7 +147,7 @@ class DualEncoder(keras.Model):
     def compute_contrastive_loss(self, outputs):
         """This replica's share of the global-batch loss for `call`'s outputs (see `dual_encoder.losses`)."""
         return self.contrastive_loss(
-            outputs["image_embeddings"], outputs["text_embeddings"], caption_ids=outputs.get("caption_ids")
+            outputs["image_embeddings"], outputs["text_embeddings"], **{k: outputs[k] for k in LOSS_KEYS if k in outputs}
         )
 
     def get_config(self):

@@ -24,8 +24,10 @@ import tensorflow as tf
 from dual_encoder.atomic import write_file_atomically
 from dual_encoder.config import Config
 from dual_encoder.data.pipeline import (
+    SplitInfo,
     caption_ids,
     epoch_order,
+    label_arrays,
     make_train_dataset,
     read_split,
     sample_caption_indices,
@@ -159,11 +161,12 @@ class _FeatureBatches:
     """Training batches of cached backbone features (frozen backbones): the same images and captions per epoch
     as `_ImageBatches` would give, so the heads see the same examples either way."""
 
-    def __init__(self, features, captions: list[list[str]], config: Config):
+    def __init__(self, features, split: SplitInfo, config: Config):
         self.features, self.config = features, config
         self.num_images = len(features.num_captions)
-        flat = [caption for image_captions in captions for caption in image_captions]
+        flat = [caption for image_captions in split.captions for caption in image_captions]
         self.caption_ids = caption_ids(flat).numpy() if flat else np.zeros(0, np.int64)
+        self.labels = label_arrays(split)
 
     def dataset(self, epoch: int) -> tf.data.Dataset:
         seed = self.config.train.seed
@@ -174,6 +177,9 @@ class _FeatureBatches:
             "text_features": self.features.text_features[captions[order]],
             "caption_ids": self.caption_ids[captions[order]],
         }
+        if self.labels is not None:
+            rows["image_labels"] = self.labels.image_labels[order]
+            rows["caption_labels"] = self.labels.caption_labels[captions[order]]
         return (
             tf.data.Dataset.from_tensor_slices(rows)
             .batch(self.config.train.batch_size, drop_remainder=True)
@@ -224,7 +230,7 @@ class _Run:
                 batch = max(config.train.batch_size, 64)
                 self.source = _FeatureBatches(
                     load_or_compute_features(self.model, data_dir, "train", batch_size=batch, progress=progress),
-                    train_split.captions,
+                    train_split,
                     config,
                 )
                 self.val_features = load_or_compute_features(

@@ -17,6 +17,9 @@ from dual_encoder.data.synthetic import (
     describe_scene,
     example_queries,
     fits_scene,
+    is_full,
+    mention_label,
+    scene_labels,
     generate_synthetic,
     partial_mentions,
     read_scenes,
@@ -145,8 +148,8 @@ def test_partial_captions_state_only_what_is_drawn():
     seen_partial = 0
     for _ in range(300):
         scene = sample_scene(rng)
-        for caption, full in describe_scene(scene, rng, 5, partial=0.8).items():
-            seen_partial += not full
+        for caption, mentions in describe_scene(scene, rng, 5, partial=0.8).items():
+            seen_partial += not is_full(mentions, scene)
             for kind, attribute in (("colour", "colour"), ("shape", "shape"), ("size", "size")):
                 assert _named(caption, kind) <= {getattr(o, attribute) for o in scene}, (caption, scene)
             places = [name for name, p in POSITIONS.items() for ph in p.phrases + p.labels if f" {ph}" in f" {caption}"]
@@ -169,7 +172,10 @@ def test_partial_mentions_fit_their_scene_and_name_fewer_things():
 def test_the_partial_mix_is_an_option_and_full_captions_come_first():
     rng = np.random.default_rng(7)
     scenes = [sample_scene(rng) for _ in range(200)]
-    kinds = {p: [list(describe_scene(s, rng, 5, partial=p).values()) for s in scenes] for p in (0.0, 0.5, 1.0)}
+    kinds = {
+        p: [[is_full(m, s) for m in describe_scene(s, rng, 5, partial=p).values()] for s in scenes]
+        for p in (0.0, 0.5, 1.0)
+    }
     assert all(all(k) for k in kinds[0.0])  # no partial captions
     # only partial ones, but a partial draw may happen to name everything (then it is marked full, as it is)
     assert np.mean([k for image in kinds[1.0] for k in image]) < 0.05
@@ -209,3 +215,26 @@ def test_scenes_file_round_trips_and_counts_follow_the_option(tmp_path):
         assert row["full_captions"] and set(row["full_captions"]) <= set(by_name[row["image"]])
     with pytest.raises(ValueError, match="partial_captions"):
         SyntheticOptions(partial_captions=1.5)
+
+
+def test_labels_say_exactly_which_single_mentions_fit_a_scene():
+    rng = np.random.default_rng(8)
+    scenes = [sample_scene(rng) for _ in range(300)]
+    for _ in range(300):
+        scene = scenes[int(rng.integers(len(scenes)))]
+        mention = partial_mentions(scene, rng)[0]
+        label = mention_label(mention)
+        for other in scenes[:60]:
+            assert (label in scene_labels(other)) == fits_scene([mention], other), (mention, other)
+
+
+def test_the_scenes_file_carries_labels_for_every_caption(tmp_path):
+    captions = generate_synthetic(tmp_path, 20, seed=1, image_size=32)
+    import json
+
+    rows = [json.loads(line) for line in (tmp_path / "scenes.jsonl").read_text().splitlines()]
+    by_name = {r.path.name: r.captions for r in read_source("csv", captions, tmp_path / "images").records}
+    for row in rows:
+        assert set(row["caption_labels"]) == set(by_name[row["image"]])
+        for labels in row["caption_labels"].values():
+            assert labels and set(labels) <= set(row["labels"])  # every caption fits its own image
