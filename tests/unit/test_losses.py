@@ -14,6 +14,7 @@ from dual_encoder.losses import (
     UnknownLossError,
     build_loss,
     gather_across_replicas,
+    positives_mask,
 )
 
 IMAGES = np.array([[1.0, 0.0, 0.0], [0.6, 0.8, 0.0], [0.0, 0.6, 0.8], [0.0, 0.0, 1.0]])
@@ -157,6 +158,32 @@ def test_a_duplicate_caption_is_not_pushed_away_from_the_other_image():
         assert sign * float(gradient[0] @ IMAGES[2]) > 0
 
 
+# Image labels (0 = padding) and caption labels: caption 1 ("a star", label 5) fits images 0, 1 and 3.
+IMAGE_LABELS = np.array([[5, 6, 0], [5, 0, 0], [7, 8, 9], [9, 5, 0]], dtype=np.int64)
+CAPTION_LABELS = np.array([[6, 0], [5, 0], [7, 9], [9, 5]], dtype=np.int64)
+FITS = np.array(  # [image i, caption j]
+    [[1, 1, 0, 0],
+     [0, 1, 0, 0],
+     [0, 0, 1, 0],
+     [0, 1, 0, 1]], dtype=float)  # fmt: skip
+
+
+def test_positives_from_labels_are_every_caption_an_image_has_all_labels_of():
+    mask = positives_mask(4, None, tf.constant(IMAGE_LABELS), tf.constant(CAPTION_LABELS))
+    np.testing.assert_array_equal(mask, FITS)
+    both = positives_mask(4, tf.constant([1, 2, 3, 1], tf.int64), tf.constant(IMAGE_LABELS), tf.constant(CAPTION_LABELS))
+    np.testing.assert_array_equal(both, np.maximum(FITS, [[1, 0, 0, 1], [0, 1, 0, 0], [0, 0, 1, 0], [1, 0, 0, 1]]))
+
+
+def test_clip_with_label_positives_spreads_targets_over_what_fits():
+    loss = ClipLoss(temperature=0.5)
+    value = float(loss(IMAGES, TEXTS, image_labels=tf.constant(IMAGE_LABELS), caption_labels=tf.constant(CAPTION_LABELS)))
+    logits = 2.0 * IMAGES @ TEXTS.T
+    image_side = -np.sum(FITS / FITS.sum(1, keepdims=True) * _log_softmax(logits), axis=1).mean()
+    text_side = -np.sum(FITS.T / FITS.T.sum(1, keepdims=True) * _log_softmax(logits.T), axis=1).mean()
+    assert value == pytest.approx((image_side + text_side) / 2, rel=1e-5)
+
+
 def test_clip_scale_starts_at_inverse_temperature_and_is_capped():
     loss = ClipLoss(temperature=0.07, max_logit_scale=100.0)
     np.testing.assert_allclose(float(loss.logit_scale), 1 / 0.07, rtol=1e-6)
@@ -218,15 +245,21 @@ def _towers_and_loss(name, gather_negatives=True):
     return image_tower, text_tower, loss, variables
 
 
-# Rows 0 and 5 (on different replicas when split 4 + 4 or 4 + 3), and 2 and 3, share a caption.
+# Rows 0 and 5 (on different replicas when split 4 + 4 or 4 + 3), and 2 and 3, share a caption; by the labels,
+# caption 1 fits images 1, 4 and 6, caption 6 fits images 6 and 2 (across replicas).
 BATCH_CAPTION_IDS = np.array([11, 12, 13, 13, 14, 11, 15, 16], dtype=np.int64)
+BATCH_IMAGE_LABELS = np.array([[1, 0], [2, 3], [4, 9], [5, 0], [2, 0], [1, 0], [9, 2], [8, 0]], dtype=np.int64)
+BATCH_CAPTION_LABELS = np.array([[1], [2], [4], [5], [2], [1], [9], [8]], dtype=np.int64)
 
 
-def _loss_and_gradients(image_tower, text_tower, loss, variables, features, caption_features, caption_ids=None):
+def _loss_and_gradients(
+    image_tower, text_tower, loss, variables, features, caption_features, caption_ids=None, image_labels=None,
+    caption_labels=None,
+):  # fmt: skip
     with tf.GradientTape() as tape:
         image_embeddings = tf.math.l2_normalize(image_tower(features), axis=-1)
         text_embeddings = tf.math.l2_normalize(text_tower(caption_features), axis=-1)
-        value = loss(image_embeddings, text_embeddings, caption_ids=caption_ids)
+        value = loss(image_embeddings, text_embeddings, caption_ids, image_labels, caption_labels)
     return value, tape.gradient(value, [v.value for v in variables])
 
 
@@ -250,15 +283,13 @@ def _two_replica_loss_and_gradients(name, batch_size, gather_negatives=True, dup
     strategy = _two_replicas()
     with strategy.scope():
         towers_and_loss = _towers_and_loss(name, gather_negatives)
-    ids = BATCH_CAPTION_IDS[:batch_size] if duplicates else np.arange(batch_size, dtype=np.int64)
-    dataset = tf.data.Dataset.from_tensor_slices((FEATURES[:batch_size], CAPTION_FEATURES[:batch_size], ids))
+    fit_inputs = _fit_inputs(batch_size, duplicates)
+    dataset = tf.data.Dataset.from_tensor_slices((FEATURES[:batch_size], CAPTION_FEATURES[:batch_size], *fit_inputs))
     batch = next(iter(strategy.experimental_distribute_dataset(dataset.batch(batch_size))))
 
     @tf.function
-    def step(features, caption_features, caption_ids):
-        value, gradients = strategy.run(
-            _loss_and_gradients, args=(*towers_and_loss, features, caption_features, caption_ids)
-        )
+    def step(features, caption_features, *fit_inputs):
+        value, gradients = strategy.run(_loss_and_gradients, args=(*towers_and_loss, features, caption_features, *fit_inputs))
         # What the training loop does: SUM the per-replica losses and gradients.
         reduce = lambda x: strategy.reduce(tf.distribute.ReduceOp.SUM, x, axis=None)  # noqa: E731
         return reduce(value), [reduce(g) for g in gradients]
@@ -266,14 +297,23 @@ def _two_replica_loss_and_gradients(name, batch_size, gather_negatives=True, dup
     return step(*batch)
 
 
-@pytest.mark.parametrize("duplicates", [False, True], ids=["distinct", "duplicates-across-replicas"])
+def _fit_inputs(batch_size, duplicates):
+    """(caption_ids, image_labels, caption_labels) of the first `batch_size` rows: none fit any other row's image
+    unless `duplicates`, then the duplicate captions and label fits above (across the replicas too)."""
+    if not duplicates:
+        rows = np.arange(1, batch_size + 1, dtype=np.int64)
+        return rows, rows[:, None], rows[:, None]
+    return BATCH_CAPTION_IDS[:batch_size], BATCH_IMAGE_LABELS[:batch_size], BATCH_CAPTION_LABELS[:batch_size]
+
+
+@pytest.mark.parametrize("duplicates", [False, True], ids=["distinct", "fits-across-replicas"])
 @pytest.mark.parametrize("name", ["clip", "siglip", "soft_target"])
 @pytest.mark.parametrize("batch_size", [8, 7])  # 7 splits unevenly, 4 + 3
 def test_two_replicas_with_gathering_equal_one_device_on_the_whole_batch(name, batch_size, duplicates):
     value, gradients = _two_replica_loss_and_gradients(name, batch_size, duplicates=duplicates)
-    ids = tf.constant(BATCH_CAPTION_IDS[:batch_size]) if duplicates else None
+    fit_inputs = [tf.constant(x) for x in _fit_inputs(batch_size, duplicates)] if duplicates else []
     expected_value, expected_gradients = _loss_and_gradients(
-        *_towers_and_loss(name), FEATURES[:batch_size], CAPTION_FEATURES[:batch_size], ids
+        *_towers_and_loss(name), FEATURES[:batch_size], CAPTION_FEATURES[:batch_size], *fit_inputs
     )
     if duplicates:  # the duplicates matter: the loss differs from the one with all captions distinct
         distinct_value, _ = _loss_and_gradients(*_towers_and_loss(name), FEATURES[:batch_size], CAPTION_FEATURES[:batch_size])
