@@ -195,7 +195,7 @@ def _list_folder(folder: Path) -> tuple[list[str], list[SkippedFile]]:
             if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
                 paths.append(path)
             else:
-                skipped.append(SkippedFile(path, "not an image file (extension)"))
+                skipped.append(SkippedFile(files.printable(path), "not an image file (extension)"))
     return paths, skipped
 
 

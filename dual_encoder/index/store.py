@@ -287,8 +287,9 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     required = {"format_version", "count", "dim", "dtype", "kind", "ann", "config", "model", "next_id", "files"}
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or required - set(manifest):
         raise IndexCorruptError(f"{path}: not a {FORMAT} manifest")
-    if not isinstance(manifest["format_version"], int) or manifest["format_version"] > FORMAT_VERSION:
-        raise IndexCorruptError(f"{path}: format version {manifest['format_version']} is newer than this code")
+    version = manifest["format_version"]
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise IndexCorruptError(f"{path}: format version {version!r} is not supported (this code reads {FORMAT_VERSION})")
     if manifest["dtype"] not in DTYPES:
         raise IndexCorruptError(f"{path}: unknown dtype '{manifest['dtype']}'")
     _check_listed_files(path, manifest)
