@@ -52,7 +52,7 @@ def read_split(prepared: Path, split: str) -> SplitInfo:
     """
     prepared = Path(prepared)
     manifest = tfrecords.read_manifest(prepared)
-    if split not in manifest.get("splits", {}):
+    if split not in manifest["splits"]:
         raise DataError(f"no split '{split}' in {prepared}; it has {sorted(manifest['splits'])}")
     entry = manifest["splits"][split]
     tfrecords.verify_dataset(prepared, splits=[split])

@@ -184,8 +184,12 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise DataError(f"{path}: unreadable manifest ({error})") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path}: not a prepared-dataset manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise DataError(f"{path}: unsupported format_version {manifest.get('format_version')!r}")
+    if not isinstance(manifest.get("splits"), dict):
+        raise DataError(f"{path}: not a prepared-dataset manifest (no 'splits')")
     return manifest
 
 

@@ -465,3 +465,15 @@ def test_a_prepared_manifest_naming_files_outside_its_folder_is_refused(tmp_path
     (tmp_path / "data" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="not a file name inside the dataset"):
         tfrecords.verify_dataset(tmp_path / "data")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("text", ["[1, 2]", '{"format_version": 1}', '{"format_version": 1, "splits": {"train": 5}}'])
+def test_malformed_prepared_manifests_are_one_line_errors(tmp_path, photos, model_dir, capsys, text):
+    pairs = write_rows(tmp_path / "pairs.csv", good_images(photos))
+    assert cli("prepare", "--source", "csv", "--input", pairs, "--images-dir", photos, "--output", tmp_path / "data", "--quiet") == 0
+    capsys.readouterr()
+    (tmp_path / "data" / "manifest.json").write_text(text)
+    code = cli("index", "build", "--model", model_dir, "--data", tmp_path / "data", "--split", "train",
+               "--output", tmp_path / "ix", "--quiet")  # fmt: skip
+    assert "manifest" in one_line_error(capsys, code)
