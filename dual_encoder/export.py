@@ -201,7 +201,8 @@ def export_saved_models(
     """Write `text_encoder/`, `image_encoder/` and `searcher/` SavedModels plus `export.json` under `output`.
 
     The model is the one the index was built with (its fingerprint is checked). The image encoder refuses
-    images over `max_image_pixels`. The whole output is written atomically (`dual_encoder.atomic`), so a failed export leaves a previous one intact.
+    images over `max_image_pixels`. The whole output is written atomically (`dual_encoder.atomic`), so a failed
+    export leaves a previous one intact.
     """
     searcher = Searcher.load(index_dir, model_dir=model_dir)
     output = Path(output)

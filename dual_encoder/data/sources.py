@@ -104,8 +104,11 @@ def read_source(kind: str, input: Optional[Path], images_dir: Path, allow_outsid
     if needs_input:
         if input is None:
             raise DataError(f"the '{kind}' source needs an annotation file")
-        if not Path(input).is_file():
-            raise DataError(f"annotation file not found: {input}")
+        try:
+            files.check_regular(input)
+        except files.FileRefusedError as refused:
+            missing = refused.reason == files.Refused.MISSING
+            raise DataError(f"annotation file not found: {input}" if missing else f"{input}: {refused}") from None
     result = reader(Path(input) if input is not None else None, images_dir)
     if not allow_outside:
         result = _confine(result, images_dir)

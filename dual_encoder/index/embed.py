@@ -201,8 +201,8 @@ def _list_folder(folder: Path) -> tuple[list[str], list[SkippedFile]]:
 
 def _list_file(list_path: Path) -> tuple[list[str], list[SkippedFile]]:
     try:
-        lines = list_path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
+        lines = files.read_bytes(list_path, files.MAX_TEXT_BYTES).decode("utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:  # FileRefusedError (a FIFO, too large …) is an OSError
         raise GallerySourceError(f"cannot read image list {list_path}: {error}") from None
     base = list_path.absolute().parent
     paths, skipped = [], []

@@ -289,7 +289,9 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         raise IndexCorruptError(f"{path}: not a {FORMAT} manifest")
     version = manifest["format_version"]
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise IndexCorruptError(f"{path}: format version {version!r} is not supported (this code reads {FORMAT_VERSION})")
+        raise IndexCorruptError(
+            f"{path}: format version {version!r} is not supported (this code reads {FORMAT_VERSION})"
+        )
     if manifest["dtype"] not in DTYPES:
         raise IndexCorruptError(f"{path}: unknown dtype '{manifest['dtype']}'")
     _check_listed_files(path, manifest)

@@ -116,6 +116,17 @@ def write_rows(path: Path, rows) -> Path:
     return path
 
 
+def prepare_csv(pairs: Path, images: Path, output: Path, *extra) -> list:
+    """The arguments of `prepare --source csv` (quiet)."""
+    return ["prepare", "--source", "csv", "--input", pairs, "--images-dir", images, "--output", output, "--quiet",
+            *extra]  # fmt: skip
+
+
+def build_folder(model_dir: Path, images: Path, output: Path) -> list:
+    """The arguments of `index build --images` (quiet)."""
+    return ["index", "build", "--model", model_dir, "--images", images, "--output", output, "--quiet"]
+
+
 def manifest_of(prepared: Path) -> dict:
     return json.loads((prepared / "manifest.json").read_text(encoding="utf-8"))
 
@@ -172,7 +183,7 @@ def test_csv_row_pointing_at_a_fifo_is_skipped_by_prepare(tmp_path, photos):
 @pytest.mark.timeout(120)
 def test_fifo_in_a_gallery_is_skipped_by_index_build_and_add(tmp_path, photos, model_dir, capsys):
     with fifo(photos / "pipe.png"):
-        assert cli("index", "build", "--model", model_dir, "--images", photos, "--output", tmp_path / "ix", "--quiet") == 0
+        assert cli(*build_folder(model_dir, photos, tmp_path / "ix")) == 0
         err = capsys.readouterr().err
         assert "pipe.png: not a regular file (a named pipe)" in err
         (photos / "later").mkdir()
@@ -180,6 +191,17 @@ def test_fifo_in_a_gallery_is_skipped_by_index_build_and_add(tmp_path, photos, m
         with fifo(photos / "later" / "pipe2.png"):
             assert cli("index", "add", "--index", tmp_path / "ix", "--images", photos, "--quiet") == 0
     assert "pipe2.png: not a regular file" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(60)
+def test_a_fifo_as_the_list_file_or_annotation_file_is_one_line_error(tmp_path, photos, model_dir, capsys):
+    with fifo(tmp_path / "list.txt") as listing:
+        err = one_line_error(capsys, cli("index", "build", "--model", model_dir, "--list", listing,
+                                         "--output", tmp_path / "ix", "--quiet"))  # fmt: skip
+        assert "not a regular file (a named pipe)" in err
+    with fifo(tmp_path / "pairs.csv") as pairs:
+        err = one_line_error(capsys, cli(*prepare_csv(pairs, photos, tmp_path / "o")))
+        assert "pairs.csv: not a regular file (a named pipe)" in err
 
 
 @pytest.mark.timeout(60)
@@ -221,7 +243,8 @@ def test_dev_zero_symlink_is_skipped_by_prepare(tmp_path, photos):
                             "--output", tmp_path / "out", "--quiet")  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert skipped_reasons(tmp_path / "out") == {"x.png": "not a regular file"}
-    run = cli_in_subprocess("prepare", "--source", "folder", "--images-dir", photos, "--output", tmp_path / "f", "--quiet")
+    folder = ["prepare", "--source", "folder", "--images-dir", photos, "--output", tmp_path / "f", "--quiet"]
+    run = cli_in_subprocess(*folder)
     assert run.returncode == 0, run.stderr
     assert skipped_reasons(tmp_path / "f") == {"x.png": "not a regular file"}
 
@@ -230,7 +253,7 @@ def test_dev_zero_symlink_is_skipped_by_prepare(tmp_path, photos):
 @pytest.mark.timeout(180)
 def test_dev_zero_symlink_is_skipped_by_index_build(tmp_path, photos, model_dir):
     (photos / "x.png").symlink_to("/dev/zero")
-    run = cli_in_subprocess("index", "build", "--model", model_dir, "--images", photos, "--output", tmp_path / "ix", "--quiet")
+    run = cli_in_subprocess(*build_folder(model_dir, photos, tmp_path / "ix"))
     assert run.returncode == 0, run.stderr
     assert "x.png: not a regular file (a character device)" in run.stderr
     assert "4 items" in run.stdout
@@ -261,7 +284,7 @@ def test_non_utf8_file_name_is_skipped_by_prepare_folder(tmp_path, photos):
 @pytest.mark.timeout(120)
 def test_non_utf8_file_name_is_skipped_by_index_build(tmp_path, photos, model_dir, capsys):
     _bad_name_image(photos)
-    assert cli("index", "build", "--model", model_dir, "--images", photos, "--output", tmp_path / "ix", "--quiet") == 0
+    assert cli(*build_folder(model_dir, photos, tmp_path / "ix")) == 0
     assert "caf\ufffd.png: file name is not valid UTF-8" in capsys.readouterr().err
     assert len((tmp_path / "ix" / "items.jsonl").read_text(encoding="utf-8").splitlines()) == 4
 
@@ -279,7 +302,7 @@ def test_400_megapixel_png_is_skipped_by_index_build_and_add_with_low_memory(tmp
     huge_png(photos / "bomb.png")
     assert (photos / "bomb.png").stat().st_size < 200_000
     peak = _peak_rss_mb()
-    assert cli("index", "build", "--model", model_dir, "--images", photos, "--output", tmp_path / "ix", "--quiet") == 0
+    assert cli(*build_folder(model_dir, photos, tmp_path / "ix")) == 0
     assert "bomb.png: too large (" in capsys.readouterr().err
     huge_png(photos / "bomb2.png")
     assert cli("index", "add", "--index", tmp_path / "ix", "--images", photos, "--quiet") == 0
@@ -291,7 +314,7 @@ def test_400_megapixel_png_is_skipped_by_index_build_and_add_with_low_memory(tmp
 def test_400_megapixel_png_is_skipped_by_prepare(tmp_path, photos):
     huge_png(photos / "bomb.png")
     pairs = write_rows(tmp_path / "pairs.csv", good_images(photos) + [("bomb.png", "a bomb")])
-    code = cli("prepare", "--source", "csv", "--input", pairs, "--images-dir", photos, "--output", tmp_path / "out", "--quiet")
+    code = cli(*prepare_csv(pairs, photos, tmp_path / "out"))
     assert code == 0 and skipped_reasons(tmp_path / "out") == {"bomb.png": "too large"}
 
 
@@ -365,7 +388,7 @@ def test_csv_error_line_numbers_name_the_bad_line(tmp_path, photos, capsys):
                                      "--output", tmp_path / "out", "--quiet"))  # fmt: skip
     assert "line 4" in err
     pairs.write_text("image,caption\n000.png,one\n,no image\n001.png,two\n", encoding="utf-8")
-    assert cli("prepare", "--source", "csv", "--input", pairs, "--images-dir", photos, "--output", tmp_path / "out", "--quiet") == 0
+    assert cli(*prepare_csv(pairs, photos, tmp_path / "out")) == 0
     assert [(s["item"], s["reason"]) for s in manifest_of(tmp_path / "out")["skipped"]] == [("pairs.csv:3", "bad row")]
 
 
@@ -395,7 +418,10 @@ def _edited_copy(built_index: Path, tmp_path: Path, edit) -> Path:
 MANIFEST_EDITS = {
     "files emptied": (lambda m: m.update(files={}), "does not list"),
     "items not listed": (lambda m: m["files"].pop("items.jsonl"), "does not list ['items.jsonl']"),
-    "passwd listed": (lambda m: m["files"].update({"../../etc/passwd": {"sha256": "0" * 64, "bytes": 1}}), "not part of an index"),
+    "passwd listed": (
+        lambda m: m["files"].update({"../../etc/passwd": {"sha256": "0" * 64, "bytes": 1}}),
+        "not part of an index",
+    ),
     "files a list": (lambda m: m.update(files=["embeddings.npy"]), "'files' is not an object"),
     "entry without size": (lambda m: m["files"]["items.jsonl"].pop("bytes"), "needs 'sha256'"),
     "count is text": (lambda m: m.update(count="many"), "manifest says float32['many', 16]"),
@@ -459,7 +485,7 @@ def test_a_corrupted_shard_is_not_up_to_date_and_readers_name_it(tmp_path, photo
 @pytest.mark.timeout(60)
 def test_a_prepared_manifest_naming_files_outside_its_folder_is_refused(tmp_path, photos):
     pairs = write_rows(tmp_path / "pairs.csv", good_images(photos))
-    assert cli("prepare", "--source", "csv", "--input", pairs, "--images-dir", photos, "--output", tmp_path / "data", "--quiet") == 0
+    assert cli(*prepare_csv(pairs, photos, tmp_path / "data")) == 0
     manifest = manifest_of(tmp_path / "data")
     manifest["splits"]["train"]["shards"][0]["file"] = "../../etc/passwd"
     (tmp_path / "data" / "manifest.json").write_text(json.dumps(manifest))
@@ -471,7 +497,7 @@ def test_a_prepared_manifest_naming_files_outside_its_folder_is_refused(tmp_path
 @pytest.mark.parametrize("text", ["[1, 2]", '{"format_version": 1}', '{"format_version": 1, "splits": {"train": 5}}'])
 def test_malformed_prepared_manifests_are_one_line_errors(tmp_path, photos, model_dir, capsys, text):
     pairs = write_rows(tmp_path / "pairs.csv", good_images(photos))
-    assert cli("prepare", "--source", "csv", "--input", pairs, "--images-dir", photos, "--output", tmp_path / "data", "--quiet") == 0
+    assert cli(*prepare_csv(pairs, photos, tmp_path / "data")) == 0
     capsys.readouterr()
     (tmp_path / "data" / "manifest.json").write_text(text)
     code = cli("index", "build", "--model", model_dir, "--data", tmp_path / "data", "--split", "train",
