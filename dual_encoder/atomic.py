@@ -10,13 +10,13 @@ use this one mechanism, and `file_sha256` for the checksums their manifests reco
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator, Type
 
+from dual_encoder import files
 from dual_encoder.errors import DualEncoderError
 
 
@@ -125,9 +125,9 @@ def fsync(path: Path) -> None:
 
 
 def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while block := stream.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+    """Hex sha256 of a regular file's bytes, read in 1 MiB blocks.
+
+    A FIFO or device put in an artifact's place is refused (`files.FileRefusedError`, an `OSError`), not hashed
+    forever.
+    """
+    return files.sha256(path)

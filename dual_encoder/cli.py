@@ -113,6 +113,9 @@ def prepare(
     preset: str = typer.Option("synthetic-small", help="Preset whose data section to use."),
     set_: List[str] = typer.Option([], "--set", help="Override a config key, e.g. validation_fraction=0.2."),
     quiet: bool = typer.Option(False, help="No progress bar."),
+    allow_outside: bool = typer.Option(
+        False, help="Read image paths of the annotation file that lead outside --images-dir (absolute, ../)."
+    ),
 ):
     """Turn image–caption pairs into sharded TFRecords with a train/validation split by image."""
     from dual_encoder.data.prepare import prepare_dataset
@@ -121,7 +124,8 @@ def prepare(
         raise DualEncoderError(f"--input is required for --source {source.value}")
     config = _config(preset, set_)
     summary = prepare_dataset(
-        source.value, input, images_dir, output, config.data, progress=not quiet, metadata=metadata
+        source.value, input, images_dir, output, config.data, progress=not quiet, metadata=metadata,
+        allow_outside=allow_outside,
     )
     typer.echo(summary.summary_line())
 
@@ -228,8 +232,13 @@ def index_build(
     from dual_encoder.index import build_index
 
     overrides = list(set_) + ([f"index.kind={kind}"] if kind else [])
-    config = _config(preset, overrides).index
-    _report_index(build_index(model, _gallery(images, data, split, list_file), output, config, progress=not quiet))
+    config = _config(preset, overrides)
+    gallery = _gallery(images, data, split, list_file)
+    _report_index(
+        build_index(
+            model, gallery, output, config.index, progress=not quiet, max_image_pixels=config.data.max_image_pixels
+        )
+    )
 
 
 @index_app.command("add")

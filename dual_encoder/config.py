@@ -100,6 +100,7 @@ class ServeConfig:
     max_query_chars: int = 512
     max_k: int = 100
     thumbnail_size: int = 256
+    max_request_bytes: int = 1 << 20  # larger request bodies get a 413 before they are read
 
 
 _SECTIONS = {

@@ -15,6 +15,7 @@ import keras
 import tensorflow as tf
 
 from dual_encoder.atomic import atomic_directory
+from dual_encoder.config import DataConfig
 from dual_encoder.data.pipeline import decode_and_resize
 from dual_encoder.search import REQUEST_PREFIX, Searcher
 
@@ -95,17 +96,72 @@ def export_text_encoder(model, path: Path) -> list[str]:
     return ["serving_default", "serve", "encode_token_ids", "tokenize"]
 
 
-def export_image_encoder(model, path: Path) -> list[str]:
-    """Encoded image bytes (JPEG/PNG/GIF/BMP) -> embeddings, decoding and resizing in the graph."""
-    size = model.image_size
+def _header_int(data: tf.Tensor, offset: int, size: int, big_endian: bool) -> tf.Tensor:
+    """An unsigned integer of `size` bytes at `offset` of `data` (zero-padded, so short inputs do not fail)."""
+    padded = tf.strings.join([data, tf.constant(b"\0" * 32)])
+    raw = tf.cast(tf.io.decode_raw(tf.strings.substr(padded, offset, size), tf.uint8), tf.int64)
+    shifts = tf.range(size - 1, -1, -1, dtype=tf.int64) if big_endian else tf.range(size, dtype=tf.int64)
+    return tf.reduce_sum(tf.bitwise.left_shift(raw, shifts * 8))
+
+
+def declared_pixels(data: tf.Tensor) -> tf.Tensor:
+    """Width x height that an encoded JPEG/PNG/GIF/BMP declares in its header (int64), read without decoding.
+
+    The in-graph twin of `files.open_image`'s check: a 50 KB PNG can declare 400 megapixels, and
+    `tf.io.decode_image` would allocate them all. Other formats (which the encoder does not accept) give -1.
+    """
+    magic = tf.strings.substr(tf.strings.join([data, tf.constant(b"\0" * 4)]), 0, 4)
+
+    def jpeg():
+        shape = tf.cast(tf.image.extract_jpeg_shape(data), tf.int64)
+        return shape[0] * shape[1]
+
+    def png():
+        return _header_int(data, 16, 4, True) * _header_int(data, 20, 4, True)
+
+    def gif():
+        return _header_int(data, 6, 2, False) * _header_int(data, 8, 2, False)
+
+    def bmp():
+        width, height = _header_int(data, 18, 4, False), _header_int(data, 22, 4, False)
+        height = tf.where(height >= 1 << 31, (1 << 32) - height, height)  # negative = top-down rows
+        return width * height
+
+    branches = [
+        (tf.strings.substr(magic, 0, 2) == b"\xff\xd8", jpeg),
+        (magic == b"\x89PNG", png),
+        (magic == b"GIF8", gif),
+        (tf.strings.substr(magic, 0, 2) == b"BM", bmp),
+    ]
+    return tf.case(branches, default=lambda: tf.constant(-1, tf.int64), exclusive=False)
+
+
+def export_image_encoder(model, path: Path, max_pixels: int = DataConfig.max_image_pixels) -> list[str]:
+    """Encoded image bytes (JPEG/PNG/GIF/BMP) -> embeddings, decoding and resizing in the graph.
+
+    Each image's header is checked before it is decoded: another format, or more than `max_pixels` pixels,
+    fails the call with an InvalidArgument error naming the limit. An empty batch gives `[0, D]` embeddings.
+    """
+    size, dim = model.image_size, model.embed_dim
+
+    def decode(data):
+        pixels = declared_pixels(data)
+        checks = [
+            tf.debugging.assert_greater(pixels, tf.constant(0, tf.int64), message="not a JPEG, PNG, GIF or BMP image"),
+            tf.debugging.assert_less_equal(
+                pixels, tf.constant(max_pixels, tf.int64), message=f"image refused: more than {max_pixels} pixels"
+            ),
+        ]
+        with tf.control_dependencies(checks):
+            return decode_and_resize(data, size)
+
+    def encode(image_bytes):
+        images = tf.map_fn(decode, image_bytes, fn_output_signature=tf.TensorSpec([size, size, 3], tf.uint8))
+        return tf.cast(model.encode_image(images), tf.float32)
 
     def serve(image_bytes):
-        images = tf.map_fn(
-            lambda data: decode_and_resize(data, size),
-            image_bytes,
-            fn_output_signature=tf.TensorSpec([size, size, 3], tf.uint8),
-        )
-        return {"embeddings": tf.cast(model.encode_image(images), tf.float32)}
+        empty = lambda: tf.zeros([0, dim], tf.float32)  # noqa: E731 - the model cannot run on zero images
+        return {"embeddings": tf.cond(tf.size(image_bytes) > 0, lambda: encode(image_bytes), empty)}
 
     archive = keras.export.ExportArchive()
     archive.track(model)
@@ -136,18 +192,24 @@ def export_searcher(searcher: Searcher, path: Path) -> list[str]:
     return ["serving_default", "search", "search_token_ids"]
 
 
-def export_saved_models(index_dir: str | Path, output: str | Path, model_dir: str | Path | None = None) -> ExportSummary:
+def export_saved_models(
+    index_dir: str | Path,
+    output: str | Path,
+    model_dir: str | Path | None = None,
+    max_image_pixels: int = DataConfig.max_image_pixels,
+) -> ExportSummary:
     """Write `text_encoder/`, `image_encoder/` and `searcher/` SavedModels plus `export.json` under `output`.
 
-    The model is the one the index was built with (its fingerprint is checked). The whole output is written
-    atomically (`dual_encoder.atomic`), so a failed export leaves a previous one intact.
+    The model is the one the index was built with (its fingerprint is checked). The image encoder refuses
+    images over `max_image_pixels`. The whole output is written atomically (`dual_encoder.atomic`), so a failed
+    export leaves a previous one intact.
     """
     searcher = Searcher.load(index_dir, model_dir=model_dir)
     output = Path(output)
     with atomic_directory(output, marker="export.json", what="an export") as staging:
         signatures = {
             TEXT_ENCODER: export_text_encoder(searcher.model, staging / TEXT_ENCODER),
-            IMAGE_ENCODER: export_image_encoder(searcher.model, staging / IMAGE_ENCODER),
+            IMAGE_ENCODER: export_image_encoder(searcher.model, staging / IMAGE_ENCODER, max_image_pixels),
             SEARCHER: export_searcher(searcher, staging / SEARCHER),
         }
         needs_text = searcher.model.text_backbone != "small_transformer"
@@ -158,6 +220,7 @@ def export_saved_models(index_dir: str | Path, output: str | Path, model_dir: st
                     "signatures": signatures,
                     "needs_tensorflow_text": needs_text,
                     "image_size": searcher.model.image_size,
+                    "max_image_pixels": max_image_pixels,
                     "sequence_length": searcher.model.sequence_length,
                 },
                 indent=2,

@@ -12,6 +12,8 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image, ImageDraw, ImageOps
 
+from dual_encoder import files
+from dual_encoder.config import DataConfig
 from dual_encoder.index.embed import load_checked_model
 from dual_encoder.index.errors import QueryError, UnknownItemError
 from dual_encoder.index.store import ImageIndex
@@ -228,10 +230,17 @@ _LABEL_HEIGHT = 16
 _MARGIN = 4
 
 
-def write_grid(result: SearchResult, path: Union[str, Path], thumb: int = 128, columns: int = 5) -> Path:
+def write_grid(
+    result: SearchResult,
+    path: Union[str, Path],
+    thumb: int = 128,
+    columns: int = 5,
+    max_pixels: int = DataConfig.max_image_pixels,
+) -> Path:
     """A PNG contact sheet of `result`'s hits: thumbnails labelled with rank and score, query on top.
 
-    Images that cannot be opened are drawn as grey tiles, so the sheet always has every hit.
+    Images that cannot be opened — missing, not regular files, over `max_pixels`, undecodable — are drawn as
+    grey tiles, so the sheet always has every hit.
     """
     columns = max(1, min(columns, len(result.hits) or 1))
     rows = max(1, -(-len(result.hits) // columns))
@@ -242,7 +251,7 @@ def write_grid(result: SearchResult, path: Union[str, Path], thumb: int = 128, c
     for position, hit in enumerate(result.hits):
         left = _MARGIN + (position % columns) * cell_w
         top = _LABEL_HEIGHT + _MARGIN + (position // columns) * cell_h
-        sheet.paste(_thumbnail(hit.path, thumb), (left, top))
+        sheet.paste(_thumbnail(hit.path, thumb, max_pixels), (left, top))
         draw.text((left, top + thumb + 2), f"#{hit.rank}  {hit.score:.3f}", fill="black")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -250,9 +259,11 @@ def write_grid(result: SearchResult, path: Union[str, Path], thumb: int = 128, c
     return path
 
 
-def _thumbnail(image_path: str, size: int) -> Image.Image:
+def _thumbnail(image_path: str, size: int, max_pixels: int) -> Image.Image:
     try:
-        with Image.open(image_path) as image:
+        _, image = files.read_image(image_path, max_pixels)  # regular file, bounded, header checked
+        with image:
+            image.draft("RGB", (size, size))
             return ImageOps.pad(image.convert("RGB"), (size, size), color="white")
-    except (OSError, ValueError):
+    except (OSError, ValueError, Image.DecompressionBombError):  # FileRefusedError is an OSError
         return Image.new("RGB", (size, size), "lightgrey")

@@ -48,7 +48,11 @@ class SplitInfo:
 
 
 def read_split(prepared: Path, split: str) -> SplitInfo:
-    """The images and captions of `split` in a dataset written by `prepare_dataset` (no image bytes read)."""
+    """The images and captions of `split` in a dataset written by `prepare_dataset`.
+
+    The split's files are checked against the manifest's checksums (once per process, see `verify_dataset`),
+    so a corrupted shard is one `DataError` naming it, not a TensorFlow traceback mid-training.
+    """
     prepared = Path(prepared)
     manifest = tfrecords.read_manifest(prepared)
     if not isinstance(manifest.get("splits"), dict):
@@ -56,9 +60,8 @@ def read_split(prepared: Path, split: str) -> SplitInfo:
     if split not in manifest["splits"]:
         raise DataError(f"no split '{split}' in {prepared}; it has {sorted(manifest['splits'])}")
     entry = manifest["splits"][split]
+    tfrecords.verify_dataset(prepared, splits=[split])
     items_path = prepared / entry["items"]["file"]
-    if not items_path.is_file():
-        raise DataError(f"prepared dataset is incomplete: {items_path} is missing")
     items = tfrecords.read_items(items_path)
     return SplitInfo(
         image_ids=[item["image_id"] for item in items],

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from dual_encoder import files
 from dual_encoder.atomic import atomic_directory
 from dual_encoder.config import DataConfig
 from dual_encoder.data import tfrecords
@@ -111,19 +112,15 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _open_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Fully decode `data` with Pillow, or raise `BadImage` saying why not."""
+    """Fully decode `data` with Pillow (after the header's pixel check), or raise `BadImage` saying why not."""
     try:
-        image = Image.open(io.BytesIO(data))  # reads the header only
-        if image.width * image.height > max_pixels:
-            raise BadImage(Reason.TOO_LARGE, f"{image.width}x{image.height} pixels > {max_pixels}")
+        image = files.open_image(data, max_pixels)
         image.load()
         return image
-    except UnidentifiedImageError:
-        raise BadImage(Reason.NOT_IMAGE) from None
+    except files.FileRefusedError as refused:
+        raise BadImage(refused.reason, refused.detail) from None
     except Image.DecompressionBombError as error:  # Pillow's own guard, should max_pixels exceed it
         raise BadImage(Reason.TOO_LARGE, str(error)) from None
-    except BadImage:
-        raise
     except Exception as error:  # Pillow's decoders raise many types (OSError, SyntaxError, ValueError, …)
         raise BadImage(Reason.CORRUPT, f"{type(error).__name__}: {error}") from None
 
@@ -131,14 +128,13 @@ def _open_image(data: bytes, max_pixels: int) -> Image.Image:
 def load_image(path: Path, max_pixels: int) -> tuple[bytes, str]:
     """The bytes to store for `path` and their format; raises `BadImage` for an unusable file.
 
-    The file itself when TF decodes it to the same RGB pixels as Pillow, else a lossless RGB PNG (upright per EXIF).
+    Only a regular file of bounded size is read (`dual_encoder.files`). The file itself when TF decodes it to
+    the same RGB pixels as Pillow, else a lossless RGB PNG (upright per EXIF).
     """
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise BadImage(Reason.MISSING) from None
-    except OSError as error:
-        raise BadImage(Reason.CORRUPT, f"unreadable: {error}") from None
+        data = files.read_bytes(path)
+    except files.FileRefusedError as refused:
+        raise BadImage(refused.reason, refused.detail) from None
     if not data:
         raise BadImage(Reason.EMPTY)
     image = _open_image(data, max_pixels)
@@ -187,9 +183,12 @@ def _fingerprint(kind: str, result: SourceResult, config: DataConfig) -> str:
 
 
 def _is_up_to_date(output: Path, fingerprint: str) -> Optional[dict[str, Any]]:
-    """The existing manifest if `output` was prepared from the same inputs and all its files are in place."""
+    """The existing manifest if `output` was prepared from the same inputs and all its files are intact.
+
+    Checksums are checked too: a corrupted shard of the right size must be rewritten, not kept.
+    """
     try:
-        manifest = tfrecords.verify_dataset(output, checksums=False)
+        manifest = tfrecords.verify_dataset(output, checksums=True)
     except DataError:
         return None
     return manifest if manifest.get("fingerprint") == fingerprint else None
@@ -273,16 +272,18 @@ def prepare_dataset(
     config: DataConfig,
     progress: bool = True,
     metadata: Optional[Path] = None,
+    allow_outside: bool = False,
 ) -> PrepareSummary:
     """Read `source` (see `sources.read_source`), validate every image, and write a prepared dataset to `output`.
 
     `output` gets `{split}-NNNNN.tfrecord` shards, `{split}.jsonl` item tables and `manifest.json`. Bad items
     are skipped and recorded; `DataError` if the source is unusable or no image survives (the previous
-    `output`, if any, is left as it was). `metadata`, a JSONL file of per-image fields (`sources.read_metadata`),
-    is carried into the item tables.
+    `output`, if any, is left as it was). Annotation rows naming files outside `images_dir` are skipped unless
+    `allow_outside`. `metadata`, a JSONL file of per-image fields (`sources.read_metadata`), is carried into the
+    item tables.
     """
     output, images_dir = Path(output), Path(images_dir).resolve()  # absolute source paths in the manifest
-    result = read_source(source, Path(input) if input is not None else None, images_dir)
+    result = read_source(source, Path(input) if input is not None else None, images_dir, allow_outside)
     if metadata is not None:
         result = with_metadata(result, read_metadata(Path(metadata), images_dir))
     fingerprint = _fingerprint(source, result, config)

@@ -14,6 +14,7 @@ import re
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable, Optional
 
+from dual_encoder import files
 from dual_encoder.errors import DualEncoderError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp"})
@@ -34,6 +35,9 @@ class Reason:
     NO_CAPTION = "no caption"
     BAD_ROW = "bad row"
     UNKNOWN_IMAGE = "unknown image"
+    NOT_REGULAR = files.Refused.NOT_REGULAR  # a FIFO, device, socket or a symlink to one
+    BAD_NAME = files.Refused.BAD_NAME
+    OUTSIDE = "outside images dir"
 
 
 class DataError(DualEncoderError):
@@ -85,11 +89,12 @@ def clean_caption(text: str) -> str:
     return text
 
 
-def read_source(kind: str, input: Optional[Path], images_dir: Path) -> SourceResult:
+def read_source(kind: str, input: Optional[Path], images_dir: Path, allow_outside: bool = False) -> SourceResult:
     """Read image–caption pairs of one `kind` (see `SOURCES`).
 
     `input` is the annotation file (`coco`, `csv`, `jsonl`); the `folder` source reads `images_dir` itself
-    and ignores `input`. Image paths in annotation files are relative to `images_dir`.
+    and ignores `input`. Image paths in annotation files are relative to `images_dir`; absolute or `../`
+    paths that lead out of it are skipped (`Reason.OUTSIDE`) unless `allow_outside`.
     Raises `DataError` for an unusable source or one without a single valid pair.
     """
     if kind not in SOURCES:
@@ -101,12 +106,33 @@ def read_source(kind: str, input: Optional[Path], images_dir: Path) -> SourceRes
     if needs_input:
         if input is None:
             raise DataError(f"the '{kind}' source needs an annotation file")
-        if not Path(input).is_file():
-            raise DataError(f"annotation file not found: {input}")
+        try:
+            files.check_regular(input)
+        except files.FileRefusedError as refused:
+            missing = refused.reason == files.Refused.MISSING
+            raise DataError(f"annotation file not found: {input}" if missing else f"{input}: {refused}") from None
     result = reader(Path(input) if input is not None else None, images_dir)
+    if not allow_outside:
+        result = _confine(result, images_dir)
     if not result.records:
         raise DataError(f"no valid image–caption pairs in the {kind} source ({len(result.skipped)} items skipped)")
     return result
+
+
+def _confine(result: SourceResult, images_dir: Path) -> SourceResult:
+    """The records whose image path stays inside `images_dir` (lexically); the others skipped as outside.
+
+    An annotation file is data from elsewhere: without this, a row could make prepare read any file.
+    """
+    root = os.path.normpath(os.path.abspath(images_dir))
+    inside, skipped = [], list(result.skipped)
+    for record in result.records:
+        path = os.path.normpath(os.path.abspath(record.path))
+        if os.path.commonpath([root, path]) == root:
+            inside.append(record)
+        else:
+            skipped.append(Skipped(record.image_id, Reason.OUTSIDE, "use --allow-outside to read it"))
+    return SourceResult(inside, skipped)
 
 
 class _Collector:
@@ -157,7 +183,10 @@ def _relative_name(name: str) -> str:
 
 def _read_text(path: Path) -> str:
     """A UTF-8 (optionally BOM-prefixed) text file; `DataError` names the first line that is not UTF-8."""
-    raw = path.read_bytes()
+    try:
+        raw = files.read_bytes(path, files.MAX_TEXT_BYTES)
+    except files.FileRefusedError as refused:
+        raise DataError(f"{files.printable(path)}: {refused}") from None
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
@@ -228,7 +257,8 @@ def _read_csv(input: Path, images_dir: Path) -> SourceResult:
                 continue
             collector.add_pair(image, _first_key(row, CAPTION_KEYS) or "")
     except csv.Error as error:
-        raise DataError(f"{input}: not valid CSV (line {reader.line_num}: {error})") from None
+        # `DictReader.line_num` is only updated after a good row: the failing line is the inner reader's.
+        raise DataError(f"{input}: not valid CSV (line {reader.reader.line_num}: {error})") from None
     return collector.result()
 
 
@@ -254,14 +284,27 @@ def _read_jsonl(input: Path, images_dir: Path) -> SourceResult:
 def _read_folder(input: Optional[Path], images_dir: Path) -> SourceResult:
     del input  # the folder is `images_dir`
     collector = _Collector(images_dir)
-    for path in sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
+    for path in sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir()):
         image_id = path.relative_to(images_dir).as_posix()
+        problem = files.name_problem(path) or _not_regular(path)
+        if problem:
+            collector.skip(files.printable(image_id), problem)
+            continue
         collector.add_image(image_id, path)
         sidecar = path.with_suffix(".txt")
         if sidecar.is_file():
             for line in _read_text(sidecar).splitlines():
                 collector.add_caption(image_id, line)
     return collector.result()
+
+
+def _not_regular(path: Path) -> Optional[str]:
+    """Why `path` cannot be read as an image file (a FIFO, device, dangling link …), or None; opens nothing."""
+    try:
+        files.check_regular(path)
+    except files.FileRefusedError as refused:
+        return refused.reason
+    return None
 
 
 # kind -> (reader, whether it needs an annotation file)

@@ -188,24 +188,61 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise DataError(f"{path}: unreadable manifest ({error})") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path}: not a prepared-dataset manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise DataError(f"{path}: unsupported format_version {manifest.get('format_version')!r}")
+    if not isinstance(manifest.get("splits"), dict):
+        raise DataError(f"{path}: not a prepared-dataset manifest (no 'splits')")
     return manifest
 
 
-def dataset_files(manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every file a manifest lists (item tables and shards of all splits), as `FileInfo`-shaped dicts."""
-    return [entry for split in manifest["splits"].values() for entry in (split["items"], *split["shards"])]
+def dataset_files(manifest: dict[str, Any], splits: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    """Every file a manifest lists (item tables and shards of `splits`, default all), as `FileInfo`-shaped dicts.
+
+    `DataError` for a malformed manifest, or a file entry that is not a plain name inside the dataset folder.
+    """
+    try:
+        chosen = manifest["splits"] if splits is None else {name: manifest["splits"][name] for name in splits}
+        entries = [entry for split in chosen.values() for entry in (split["items"], *split["shards"])]
+        names = [entry["file"] for entry in entries]
+    except (KeyError, TypeError, AttributeError) as error:
+        raise DataError(f"malformed prepared-dataset manifest ({type(error).__name__}: {error})") from None
+    for name in names:
+        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+            raise DataError(f"prepared-dataset manifest lists {name!r}: not a file name inside the dataset")
+    return entries
 
 
-def verify_dataset(directory: Path, checksums: bool = True) -> dict[str, Any]:
+def verify_dataset(directory: Path, checksums: bool = True, splits: Iterable[str] | None = None) -> dict[str, Any]:
     """The manifest of `directory`, after checking each listed file's presence and size (and sha256 if
-    `checksums`); `DataError` names the first file that does not match."""
+    `checksums`); `DataError` names the first file that does not match.
+
+    A file whose checksum passed is not hashed again in this process while its size, mtime and inode stay the
+    same, so a training run that opens its dataset every epoch pays for one pass.
+    """
     manifest = read_manifest(directory)
-    for entry in dataset_files(manifest):
-        path = Path(directory) / entry["file"]
-        if not path.is_file() or path.stat().st_size != entry["bytes"]:
-            raise DataError(f"prepared dataset is incomplete: {path} is missing or has the wrong size")
-        if checksums and file_sha256(path) != entry["sha256"]:
-            raise DataError(f"prepared dataset is corrupt: checksum mismatch for {path}")
+    for entry in dataset_files(manifest, splits):
+        _verify_file(Path(directory) / entry["file"], entry, checksums)
     return manifest
+
+
+_VERIFIED: set[tuple] = set()  # (path, inode, size, mtime_ns, sha256) of files whose checksum matched
+
+
+def _verify_file(path: Path, entry: dict[str, Any], checksums: bool) -> None:
+    if not path.is_file() or path.stat().st_size != entry["bytes"]:
+        raise DataError(f"prepared dataset is incomplete: {path} is missing or has the wrong size")
+    if not checksums:
+        return
+    info = path.stat()
+    key = (str(path.absolute()), info.st_ino, info.st_size, info.st_mtime_ns, entry["sha256"])
+    if key in _VERIFIED:
+        return
+    try:
+        matches = file_sha256(path) == entry["sha256"]
+    except OSError as error:
+        raise DataError(f"prepared dataset is unreadable: {path} ({error})") from None
+    if not matches:
+        raise DataError(f"prepared dataset is corrupt: checksum mismatch for {path}")
+    _VERIFIED.add(key)

@@ -10,7 +10,7 @@ from typing import Iterable, Optional, Union
 
 import numpy as np
 
-from dual_encoder.config import IndexConfig
+from dual_encoder.config import DataConfig, IndexConfig
 from dual_encoder.index.embed import GallerySource, SkippedFile, embed_contents, load_checked_model, open_gallery
 from dual_encoder.index.errors import GallerySourceError
 from dual_encoder.index.store import ImageIndex, check_replaceable
@@ -57,6 +57,7 @@ def build_index(
     output: Union[str, Path],
     config: IndexConfig = IndexConfig(),
     progress: bool = True,
+    max_image_pixels: int = DataConfig.max_image_pixels,
 ) -> IndexSummary:
     """Embed every image of `source` with the image tower of `model_dir` and save a new index at `output`.
 
@@ -69,6 +70,7 @@ def build_index(
         output: the index directory to write.
         config: dtype, kind and ANN parameters.
         progress: show progress bars.
+        max_image_pixels: images larger than this (read from their header) are skipped as too large.
 
     Example:
         >>> summary = build_index("runs/model", "photos/", "photos.index", IndexConfig(dtype="float16"))
@@ -77,7 +79,7 @@ def build_index(
     started = time.perf_counter()
     check_replaceable(Path(output).absolute())  # before the slow part, not after
     model, model_record = load_checked_model(model_dir)
-    gallery = open_gallery(source, progress)
+    gallery = open_gallery(source, progress, max_image_pixels)
     rows = range(len(gallery.records))
     vectors, failed = embed_contents(model, gallery, rows, config.embed_batch_size, progress)
     kept = [gallery.records[r] for r in rows if gallery.records[r].sha256 in vectors]
@@ -94,6 +96,7 @@ def add_to_index(
     images: Union[str, Path, GallerySource],
     model_dir: Optional[Union[str, Path]] = None,
     progress: bool = True,
+    max_image_pixels: int = DataConfig.max_image_pixels,
 ) -> IndexSummary:
     """Add the images of a source to an index; only content the index has not seen is embedded.
 
@@ -107,10 +110,11 @@ def add_to_index(
         model_dir: the model to embed with; defaults to the one recorded in the index, and must
             have the same fingerprint.
         progress: show progress bars.
+        max_image_pixels: see `build_index`.
     """
     started = time.perf_counter()
     index = ImageIndex.load(index_dir)
-    gallery = open_gallery(images, progress)
+    gallery = open_gallery(images, progress, max_image_pixels)
     row_of_path = {path: row for row, path in enumerate(index.items.paths)}
     row_of_hash = {digest.decode("ascii"): row for row, digest in enumerate(index.items.sha256)}
     unchanged, replaced, reuse, to_embed = 0, [], [], []

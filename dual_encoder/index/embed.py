@@ -7,14 +7,15 @@ import dataclasses
 import hashlib
 import os
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import keras
 import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from dual_encoder.atomic import file_sha256
+from dual_encoder import files
+from dual_encoder.config import DataConfig
 from dual_encoder.data import tfrecords
 from dual_encoder.data.pipeline import decode_and_resize, make_image_dataset, read_split
 from dual_encoder.index.errors import GallerySourceError, ModelMismatchError
@@ -95,16 +96,35 @@ class Gallery(abc.ABC):
 
 
 class FileGallery(Gallery):
-    """Images read from their files (folder and list sources)."""
+    """Images read from their files (folder and list sources).
+
+    Args:
+        max_pixels: images whose header declares more pixels are skipped before any decoder runs.
+    """
+
+    def __init__(self, records: list[ImageRecord], skipped: list[SkippedFile], source: str, max_pixels: int):
+        super().__init__(records, skipped, source)
+        self.max_pixels = max_pixels
+
+    def _read(self, rows: np.ndarray) -> Iterator[tuple[int, bytes]]:
+        """`(row, bytes)` of each row's file, read again with every check (it may have changed since hashing)."""
+        for row in rows.tolist():
+            try:
+                data, _ = files.read_image(self.records[row].path, self.max_pixels)
+            except files.FileRefusedError:
+                continue  # reported by `embed_contents` as a row that went missing
+            yield row, data
 
     def images(self, rows: Sequence[int], image_size: int, batch_size: int) -> tf.data.Dataset:
         rows = np.asarray(rows, dtype=np.int64)
-        paths = tf.constant([self.records[r].path for r in rows], dtype=tf.string)
 
-        def decode(row: tf.Tensor, path: tf.Tensor) -> dict[str, tf.Tensor]:
-            return {"row": row, "images": decode_and_resize(tf.io.read_file(path), image_size)}
+        def decode(row: tf.Tensor, data: tf.Tensor) -> dict[str, tf.Tensor]:
+            return {"row": row, "images": decode_and_resize(data, image_size)}
 
-        dataset = tf.data.Dataset.from_tensor_slices((rows, paths))
+        # Files are read in Python (`dual_encoder.files`), never by `tf.io.read_file`, which would block on a
+        # FIFO and read a device forever.
+        signature = (tf.TensorSpec((), tf.int64), tf.TensorSpec((), tf.string))
+        dataset = tf.data.Dataset.from_generator(lambda: self._read(rows), output_signature=signature)
         dataset = dataset.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         # A corrupt file fails its own element only; `embed_contents` reports the rows that went missing.
         return dataset.ignore_errors().batch(batch_size).prefetch(tf.data.AUTOTUNE)
@@ -132,8 +152,14 @@ class SplitGallery(Gallery):
         )
 
 
-def open_gallery(source: Union[str, Path, GallerySource], progress: bool = True) -> Gallery:
-    """List and hash the images of `source`; unreadable files are skipped and reported."""
+def open_gallery(
+    source: Union[str, Path, GallerySource], progress: bool = True, max_pixels: int = DataConfig.max_image_pixels
+) -> Gallery:
+    """List and hash the images of `source`; unusable files are skipped and reported.
+
+    Only regular files of bounded size with a UTF-8 name and at most `max_pixels` pixels (from the header) are
+    kept (`dual_encoder.files`): FIFOs, devices, links to them and decompression bombs never reach a decoder.
+    """
     source = as_source(source)
     if isinstance(source, DatasetSplit):
         return _open_split(source, progress)
@@ -141,39 +167,49 @@ def open_gallery(source: Union[str, Path, GallerySource], progress: bool = True)
     records = []
     for path in tqdm(paths, desc="hashing", unit="file", disable=not progress):
         try:
-            stat = os.stat(path)
-            records.append(ImageRecord(path=path, sha256=file_sha256(path), size=stat.st_size, mtime=stat.st_mtime))
-        except OSError as error:
-            skipped.append(SkippedFile(path, f"unreadable ({error.strerror or error})"))
-    return FileGallery(records, skipped, str(source.path))
+            records.append(_file_record(path, max_pixels))
+        except files.FileRefusedError as refused:
+            undecodable = refused.reason in (files.Refused.NOT_IMAGE, files.Refused.CORRUPT)
+            reason = UNDECODABLE if undecodable else str(refused)
+            skipped.append(SkippedFile(files.printable(path), reason))
+    return FileGallery(records, skipped, str(source.path), max_pixels)
+
+
+def _file_record(path: str, max_pixels: int) -> ImageRecord:
+    """The record of one image file, or `FileRefusedError` saying why it is not indexed."""
+    if files.name_problem(path):
+        raise files.FileRefusedError(files.Refused.BAD_NAME)
+    info = files.check_regular(path)
+    data, _ = files.read_image(path, max_pixels)
+    return ImageRecord(path=path, sha256=hashlib.sha256(data).hexdigest(), size=len(data), mtime=info.st_mtime)
 
 
 def _list_folder(folder: Path) -> tuple[list[str], list[SkippedFile]]:
     paths, skipped = [], []
-    for root, directories, files in os.walk(folder):
+    for root, directories, names in os.walk(folder):
         directories[:] = sorted(d for d in directories if not d.startswith("."))
-        for name in sorted(files):
+        for name in sorted(names):
             if name.startswith("."):
                 continue
             path = os.path.abspath(os.path.join(root, name))
             if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
                 paths.append(path)
             else:
-                skipped.append(SkippedFile(path, "not an image file (extension)"))
+                skipped.append(SkippedFile(files.printable(path), "not an image file (extension)"))
     return paths, skipped
 
 
 def _list_file(list_path: Path) -> tuple[list[str], list[SkippedFile]]:
     try:
-        lines = list_path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
+        lines = files.read_bytes(list_path, files.MAX_TEXT_BYTES).decode("utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:  # FileRefusedError (a FIFO, too large …) is an OSError
         raise GallerySourceError(f"cannot read image list {list_path}: {error}") from None
     base = list_path.absolute().parent
     paths, skipped = [], []
     for line in (line.strip() for line in lines):
         if line and not line.startswith("#"):
             path = os.path.abspath(base / line)
-            if os.path.isfile(path):
+            if os.path.lexists(path):  # what kind of file it is, `open_gallery` checks
                 paths.append(path)
             else:
                 skipped.append(SkippedFile(path, "file not found"))

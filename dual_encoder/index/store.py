@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from dual_encoder import atomic
+from dual_encoder import atomic, files
 from dual_encoder.atomic import atomic_directory, file_sha256, readable_path
 from dual_encoder.config import IndexConfig
 from dual_encoder.index.ann import AnnIndex, IndexKind, resolve_kind
@@ -230,6 +230,15 @@ class ImageIndex:
         manifest = read_manifest(source)
         for name, expected in manifest["files"].items():
             _check_file(source / name, expected, verify)
+        try:
+            return cls._from_files(source, manifest)
+        except ImageIndexError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as error:  # hand-edited values of the wrong shape
+            raise IndexCorruptError(f"{source / MANIFEST}: malformed ({type(error).__name__}: {error})") from None
+
+    @classmethod
+    def _from_files(cls, source: Path, manifest: dict[str, Any]) -> "ImageIndex":
         embeddings_path = source / EMBEDDINGS
         try:
             embeddings = np.load(embeddings_path, mmap_mode="r")
@@ -272,17 +281,48 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise IndexCorruptError(f"{path}: missing (not an index directory, or an unfinished write)")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(files.read_bytes(path, files.MAX_TEXT_BYTES).decode("utf-8"))
     except (OSError, ValueError) as error:
         raise IndexCorruptError(f"{path}: unreadable ({error})") from None
     required = {"format_version", "count", "dim", "dtype", "kind", "ann", "config", "model", "next_id", "files"}
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or required - set(manifest):
         raise IndexCorruptError(f"{path}: not a {FORMAT} manifest")
-    if manifest["format_version"] > FORMAT_VERSION:
-        raise IndexCorruptError(f"{path}: format version {manifest['format_version']} is newer than this code")
+    version = manifest["format_version"]
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise IndexCorruptError(
+            f"{path}: format version {version!r} is not supported (this code reads {FORMAT_VERSION})"
+        )
     if manifest["dtype"] not in DTYPES:
         raise IndexCorruptError(f"{path}: unknown dtype '{manifest['dtype']}'")
+    _check_listed_files(path, manifest)
     return manifest
+
+
+def _check_listed_files(path: Path, manifest: dict[str, Any]) -> None:
+    """Every file the index needs is listed with a size and checksum, and nothing else is listed.
+
+    A hand-edited `files: {}` would otherwise load unverified, and a listed `../../etc/passwd` would be
+    opened outside the index folder.
+    """
+    listed = manifest["files"]
+    if not isinstance(listed, dict):
+        raise IndexCorruptError(f"{path}: 'files' is not an object")
+    expected = {EMBEDDINGS, ITEMS} | ({ANN} if manifest["kind"] != IndexKind.EXACT.value else set())
+    unknown = sorted(name for name in listed if name not in (EMBEDDINGS, ITEMS, ANN))
+    if unknown:
+        raise IndexCorruptError(f"{path}: lists files that are not part of an index: {unknown[:3]}")
+    missing = sorted(expected - set(listed))
+    if missing:
+        raise IndexCorruptError(f"{path}: does not list {missing} (every file must be listed and verified)")
+    for name, entry in listed.items():
+        valid = (
+            isinstance(entry, dict)
+            and isinstance(entry.get("sha256"), str)
+            and isinstance(entry.get("bytes"), int)
+            and not isinstance(entry.get("bytes"), bool)
+        )
+        if not valid:
+            raise IndexCorruptError(f"{path}: entry for {name} needs 'sha256' (text) and 'bytes' (integer)")
 
 
 def _prepare(embeddings: np.ndarray, config: IndexConfig) -> np.ndarray:
@@ -301,13 +341,14 @@ def _describe_file(path: Path) -> dict[str, Any]:
 
 
 def _check_file(path: Path, expected: dict[str, Any], verify: bool) -> None:
-    if not path.is_file():
-        raise IndexCorruptError(f"{path}: missing")
-    size = path.stat().st_size
-    if size != expected["bytes"]:
-        raise IndexCorruptError(f"{path}: {size} bytes, manifest says {expected['bytes']} (truncated or altered)")
-    if verify and file_sha256(path) != expected["sha256"]:
-        raise IndexCorruptError(f"{path}: sha256 differs from the manifest (file altered)")
+    try:
+        size = files.check_regular(path).st_size
+        if size != expected["bytes"]:
+            raise IndexCorruptError(f"{path}: {size} bytes, manifest says {expected['bytes']} (truncated or altered)")
+        if verify and file_sha256(path) != expected["sha256"]:
+            raise IndexCorruptError(f"{path}: sha256 differs from the manifest (file altered)")
+    except files.FileRefusedError as refused:
+        raise IndexCorruptError(f"{path}: {refused}") from None
 
 
 def check_replaceable(target: Path) -> None:

@@ -12,13 +12,15 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Optional, Union
 
+import anyio
+import anyio.to_thread
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field, StringConstraints
 
-from dual_encoder.config import ServeConfig
+from dual_encoder.config import DataConfig, ServeConfig
 from dual_encoder.errors import DualEncoderError
 from dual_encoder.index.errors import QueryError, UnknownItemError
 from dual_encoder.index.items import Item
@@ -26,23 +28,30 @@ from dual_encoder.serve.batching import QueryBatcher
 from dual_encoder.serve.images import (
     THUMBNAIL_MEDIA_TYPE,
     ByteLRUCache,
+    ImageFile,
+    ImageTimeoutError,
     UnreadableImageError,
-    make_thumbnail,
-    media_type,
+    read_image_file,
+    thumbnail_of,
 )
+from dual_encoder.serve.limits import BodyLimitMiddleware
 
 STATIC_DIR = Path(__file__).parent / "static"
 DEFAULT_K = 10
 MAX_BATCH_QUERIES = 64  # queries in one POST: bounds one request's text-tower batch and response size
 THUMBNAIL_CACHE_BYTES = 64 << 20
-# Indexed images never change under an id (a changed file gets a new id), so browsers may keep them.
-IMAGE_CACHE_CONTROL = "public, max-age=86400"
+# The file under an id can change after indexing: browsers revalidate every time, and the ETag (a hash of
+# the bytes served) makes an unchanged image a cheap 304.
+IMAGE_CACHE_CONTROL = "no-cache"
+FILE_TIMEOUT_SECONDS = 10.0  # reading one image file (and making its thumbnail)
+FILE_THREADS = 8  # image reads in flight; separate from the threads that run searches
 _ITEM_ID = re.compile(r"[0-9]{1,18}")  # int64 range: anything else cannot be an id
 
 # Request errors and their status; any other `DualEncoderError` is a 400.
 ERROR_STATUS: dict[type[Exception], int] = {
     QueryError: 400,
     UnknownItemError: 404,
+    ImageTimeoutError: 504,
     UnreadableImageError: 404,
     DualEncoderError: 400,
 }
@@ -65,12 +74,19 @@ class SearchOut(BaseModel):
     hits: list[HitOut]
 
 
-def create_app(searcher, serve_config: ServeConfig = ServeConfig(), *, max_batch: int = 32) -> FastAPI:
+def create_app(
+    searcher,
+    serve_config: ServeConfig = ServeConfig(),
+    *,
+    max_batch: int = 32,
+    max_image_pixels: int = DataConfig.max_image_pixels,
+) -> FastAPI:
     """The FastAPI app serving `searcher`: the JSON API under `/api`, the search page at `/`.
 
     Args:
         searcher: a loaded `dual_encoder.search.Searcher` (model and index load once, before this).
-        serve_config: request limits and thumbnail size.
+        serve_config: request limits (query length, k, body bytes) and thumbnail size.
+        max_image_pixels: indexed images whose header declares more pixels are not served or thumbnailed.
         max_batch: most concurrent `GET /api/search` queries merged into one text-tower call; 1 turns
             merging off (queries are then searched one at a time, in arrival order).
     """
@@ -115,25 +131,41 @@ def create_app(searcher, serve_config: ServeConfig = ServeConfig(), *, max_batch
         """Several queries in one text-tower call; one result per query, in order."""
         return [_result_json(result, body.k) for result in searcher.search(body.queries, k=body.k)]
 
-    @app.get("/api/images/{item_id}")
-    def image(item_id: str, request: Request) -> Response:
-        item = _find_item(searcher, item_id)
-        etag = f'"{item.sha256}"'
-        if _matches(request, etag):
-            return _not_modified(etag)
-        return FileResponse(item.path, media_type=media_type(item.path), headers=_cache_headers(etag))
+    file_threads = anyio.CapacityLimiter(FILE_THREADS)
 
-    @app.get("/api/thumbnails/{item_id}")
-    def thumbnail(item_id: str, request: Request) -> Response:
+    async def in_file_thread(function, *args):
+        """Run file I/O off the event loop, on its own threads, with a deadline: a slow or odd file cannot
+        stall other requests (`/healthz` included)."""
+        try:
+            with anyio.fail_after(FILE_TIMEOUT_SECONDS):
+                return await anyio.to_thread.run_sync(function, *args, abandon_on_cancel=True, limiter=file_threads)
+        except TimeoutError:
+            raise ImageTimeoutError("reading the image file of this item timed out") from None
+
+    async def read_item_image(item_id: str) -> ImageFile:
         item = _find_item(searcher, item_id)
-        etag = f'"{item.sha256}-{serve_config.thumbnail_size}"'
+        return await in_file_thread(read_image_file, item.path, max_image_pixels)
+
+    @app.api_route("/api/images/{item_id}", methods=["GET", "HEAD"])
+    async def image(item_id: str, request: Request) -> Response:
+        """The image file as it is now; its ETag is the sha256 of exactly these bytes."""
+        found = await read_item_image(item_id)
+        etag = f'"{found.sha256}"'
         if _matches(request, etag):
             return _not_modified(etag)
-        body = thumbnails.get(item.sha256)
+        return _reply(request, found.data, found.media_type, etag)
+
+    @app.api_route("/api/thumbnails/{item_id}", methods=["GET", "HEAD"])
+    async def thumbnail(item_id: str, request: Request) -> Response:
+        found = await read_item_image(item_id)
+        etag = f'"{found.sha256}-{serve_config.thumbnail_size}"'
+        if _matches(request, etag):
+            return _not_modified(etag)
+        body = thumbnails.get(found.sha256)
         if body is None:
-            body = make_thumbnail(item.path, serve_config.thumbnail_size)
-            thumbnails.put(item.sha256, body)
-        return Response(body, media_type=THUMBNAIL_MEDIA_TYPE, headers=_cache_headers(etag))
+            body = await in_file_thread(thumbnail_of, found.data, serve_config.thumbnail_size)
+            thumbnails.put(found.sha256, body)
+        return _reply(request, body, THUMBNAIL_MEDIA_TYPE, etag)
 
     @app.get("/api/info")
     def info() -> dict[str, Any]:
@@ -142,7 +174,7 @@ def create_app(searcher, serve_config: ServeConfig = ServeConfig(), *, max_batch
         return {"index": searcher.info(), "limits": limits}
 
     @app.get("/healthz")
-    def healthz() -> dict[str, str]:
+    async def healthz() -> dict[str, str]:  # on the event loop: never queued behind worker threads
         return {"status": "ok"}
 
     @app.get("/", include_in_schema=False)
@@ -150,6 +182,7 @@ def create_app(searcher, serve_config: ServeConfig = ServeConfig(), *, max_batch
         return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.add_middleware(BodyLimitMiddleware, max_bytes=serve_config.max_request_bytes)
     return app
 
 
@@ -223,6 +256,14 @@ def _find_item(searcher, item_id: str) -> Item:
 def _matches(request: Request, etag: str) -> bool:
     candidates = request.headers.get("if-none-match", "")
     return any(tag.strip() in (etag, "*", f"W/{etag}") for tag in candidates.split(","))
+
+
+def _reply(request: Request, body: bytes, media: str, etag: str) -> Response:
+    """The body, or for HEAD only its headers (with the length the GET would send)."""
+    headers = _cache_headers(etag)
+    if request.method == "HEAD":
+        return Response(headers={**headers, "Content-Length": str(len(body))}, media_type=media)
+    return Response(body, media_type=media, headers=headers)
 
 
 def _cache_headers(etag: str) -> dict[str, str]:

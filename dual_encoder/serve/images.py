@@ -1,15 +1,19 @@
-"""Image files for the HTTP layer: their real media type, thumbnails, and a byte-bounded LRU cache of them."""
+"""Image files for the HTTP layer: read safely (`dual_encoder.files`), their real media type, thumbnails, and a
+byte-bounded LRU cache of them."""
 
 from __future__ import annotations
 
 import collections
-import contextlib
+import dataclasses
+import hashlib
 import io
 import threading
-from typing import Iterator, Optional
+from typing import Optional
 
 from PIL import Image
 
+from dual_encoder import files
+from dual_encoder.config import DataConfig
 from dual_encoder.errors import DualEncoderError
 
 THUMBNAIL_FORMAT = "JPEG"
@@ -18,37 +22,64 @@ _THUMBNAIL_QUALITY = 85
 
 
 class UnreadableImageError(DualEncoderError):
-    """An indexed image file is gone or can no longer be decoded."""
+    """An indexed image file is gone, is no longer a regular file, is too large, or cannot be decoded.
+
+    Messages never name the file: they go to HTTP clients, who must not learn server paths.
+    """
 
 
-@contextlib.contextmanager
-def _open(path: str) -> Iterator[Image.Image]:
-    """Open an image, turning every way it can fail into one `UnreadableImageError`."""
+class ImageTimeoutError(UnreadableImageError):
+    """Reading an indexed image file took longer than the server allows."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFile:
+    """An image file's bytes as read now, their media type (from the bytes) and their sha256 (the ETag)."""
+
+    data: bytes
+    media_type: str
+    sha256: str
+
+
+def read_image_file(path: str, max_pixels: int = DataConfig.max_image_pixels) -> ImageFile:
+    """Read an indexed image through `dual_encoder.files` (regular file, bounded size, header pixel check)."""
     try:
-        with Image.open(path) as image:
-            yield image
-    except FileNotFoundError:
-        raise UnreadableImageError("the image file of this item is missing") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise UnreadableImageError(f"the image file of this item cannot be read ({error})") from None
+        data, image = files.read_image(path, max_pixels)
+    except files.FileRefusedError as refused:
+        raise UnreadableImageError(_message(refused)) from None
+    media = Image.MIME.get(image.format, "application/octet-stream")
+    return ImageFile(data, media, hashlib.sha256(data).hexdigest())
 
 
 def media_type(path: str) -> str:
     """The media type of the image's actual format (its bytes, not its file name)."""
-    with _open(path) as image:
-        return Image.MIME.get(image.format, "application/octet-stream")
+    return read_image_file(path).media_type
 
 
-def make_thumbnail(path: str, size: int) -> bytes:
-    """A JPEG that fits in `size` x `size`, aspect ratio kept; small images are not enlarged."""
-    with _open(path) as image:
-        # JPEG decoders can downscale while decoding: much faster for large photos.
-        image.draft("RGB", (size, size))
-        image.thumbnail((size, size))
-        rgb = _flatten(image)
+def make_thumbnail(path: str, size: int, max_pixels: int = DataConfig.max_image_pixels) -> bytes:
+    """A JPEG of the image file at `path` that fits in `size` x `size` (see `thumbnail_of`)."""
+    return thumbnail_of(read_image_file(path, max_pixels).data, size)
+
+
+def thumbnail_of(data: bytes, size: int) -> bytes:
+    """A JPEG of encoded image `data` that fits in `size` x `size`, aspect ratio kept; small images are not enlarged."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            # JPEG decoders can downscale while decoding: much faster for large photos.
+            image.draft("RGB", (size, size))
+            image.thumbnail((size, size))
+            rgb = _flatten(image)
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise UnreadableImageError(f"the image file of this item cannot be read ({type(error).__name__})") from None
     buffer = io.BytesIO()
     rgb.save(buffer, format=THUMBNAIL_FORMAT, quality=_THUMBNAIL_QUALITY, optimize=True)
     return buffer.getvalue()
+
+
+def _message(refused: files.FileRefusedError) -> str:
+    if refused.reason == files.Refused.MISSING:
+        return "the image file of this item is missing"
+    return f"the image file of this item cannot be read: {refused}"
 
 
 def _flatten(image: Image.Image) -> Image.Image:
