@@ -5,6 +5,8 @@ import pytest
 import tensorflow as tf
 
 from dual_encoder.data.pipeline import (
+    caption_ids,
+    label_arrays,
     decode_and_resize,
     epoch_order,
     make_image_dataset,
@@ -96,7 +98,8 @@ def test_train_dataset_batches_images_and_one_caption_per_image(prepared):
     batches = _epoch(prepared, epoch=0)
     assert len(batches) == info.num_images // 3  # drop_remainder
     for batch in batches:
-        assert set(batch) == {"images", "captions"}
+        assert set(batch) == {"images", "captions", "caption_ids"}  # no labels: this dataset has no metadata
+        np.testing.assert_array_equal(batch["caption_ids"], caption_ids(batch["captions"]).numpy())
         assert batch["images"].shape == (3, 24, 24, 3) and batch["images"].dtype == np.uint8
         assert batch["captions"].shape == (3,)
         images = [_image_of(c) for c in batch["captions"]]
@@ -157,3 +160,29 @@ def test_epoch_order_is_a_seeded_permutation():
     np.testing.assert_array_equal(order, epoch_order(100, epoch=0, seed=0))
     assert not np.array_equal(order, epoch_order(100, epoch=1, seed=0))
     assert not np.array_equal(order, epoch_order(100, epoch=0, seed=1))
+
+
+def test_caption_ids_are_equal_exactly_for_captions_identical_after_normalisation():
+    ids = caption_ids(["A red star", "a  red star.", "a red star ", "a red stars", "Ä star", "ä star"]).numpy()
+    assert ids[0] == ids[1] == ids[2] and len({ids[0], ids[3], ids[4]}) == 3 and ids[4] == ids[5]
+
+
+def test_batches_carry_the_labels_of_their_images_and_captions(tmp_path):
+    from dual_encoder.config import DataConfig
+    from dual_encoder.data.prepare import prepare_dataset
+    from dual_encoder.data.synthetic import SCENES_FILE, generate_synthetic
+
+    captions = generate_synthetic(tmp_path / "shapes", 12, seed=0, image_size=24)
+    prepare_dataset("csv", captions, captions.parent / "images", tmp_path / "p", DataConfig(validation_fraction=0.25),
+                    progress=False, metadata=captions.parent / SCENES_FILE)  # fmt: skip
+    info = read_split(tmp_path / "p", "train")
+    labels = label_arrays(info)
+    assert labels.image_labels.shape[0] == info.num_images and labels.caption_labels.shape[0] == sum(info.num_captions())
+    rows = {caption: i for i, caption in enumerate(c for caps in info.captions for c in caps)}
+    for batch in _epoch(tmp_path / "p", epoch=1):
+        for caption, image_row, caption_row in zip(batch["captions"], batch["image_labels"], batch["caption_labels"]):
+            flat = rows[caption.decode()]
+            np.testing.assert_array_equal(caption_row, labels.caption_labels[flat])
+            owner = next(i for i, caps in enumerate(info.captions) if caption.decode() in caps)
+            np.testing.assert_array_equal(image_row, labels.image_labels[owner])
+            assert set(caption_row[caption_row > 0]) <= set(image_row)  # a caption fits its own image
