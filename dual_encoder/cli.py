@@ -41,6 +41,10 @@ def _config(preset: str, overrides: List[str], config_file: Optional[Path] = Non
     return config.with_overrides(overrides)
 
 
+def _overwrite_option(what: str):
+    return typer.Option(False, "--overwrite", help=f"Replace an existing {what} at --output (never another kind of folder).")
+
+
 def _echo_json(value) -> None:
     typer.echo(json.dumps(value, indent=2, default=str))
 
@@ -68,6 +72,7 @@ def prepare(
     preset: str = typer.Option("synthetic-small", help="Preset whose data section to use."),
     set_: List[str] = typer.Option([], "--set", help="Override a config key, e.g. validation_fraction=0.2."),
     quiet: bool = typer.Option(False, help="No progress bar."),
+    overwrite: bool = _overwrite_option("prepared dataset made from other inputs"),
 ):
     """Turn image–caption pairs into sharded TFRecords with a train/validation split by image."""
     from dual_encoder.data.prepare import prepare_dataset
@@ -75,7 +80,7 @@ def prepare(
     if source is not Source.folder and input is None:
         raise DualEncoderError(f"--input is required for --source {source.value}")
     config = _config(preset, set_)
-    summary = prepare_dataset(source.value, input, images_dir, output, config.data, progress=not quiet)
+    summary = prepare_dataset(source.value, input, images_dir, output, config.data, progress=not quiet, overwrite=overwrite)
     typer.echo(summary.summary_line())
 
 
@@ -88,12 +93,16 @@ def train(
     epochs: Optional[int] = typer.Option(None, min=1, help="Shorthand for --set epochs=N."),
     strategy: str = typer.Option("auto", help="auto, default, mirrored, multi_worker or tpu."),
     quiet: bool = typer.Option(False, help="No progress bars."),
+    restart: bool = typer.Option(
+        False, "--restart", "--overwrite", help="Start the run in --output afresh instead of resuming it."
+    ),
 ):
     """Train a dual encoder; re-running the same command resumes an interrupted run."""
     from dual_encoder.training.trainer import train as run_training
 
     overrides = list(set_) + ([f"epochs={epochs}"] if epochs else [])
-    result = run_training(_config(preset, overrides), data, output, strategy=strategy, progress=not quiet)
+    config = _config(preset, overrides)
+    result = run_training(config, data, output, strategy=strategy, progress=not quiet, restart=restart)
     typer.echo(f"Best model (epoch {result.best.get('epoch')}): {result.model_dir}")
     _echo_json(result.best)
 
@@ -106,9 +115,11 @@ def evaluate(
     batch_size: int = typer.Option(64, min=1),
 ):
     """Print retrieval metrics (recall@1/5/10 both ways, median rank, top-100 accuracy) as JSON."""
+    from dual_encoder.data.pipeline import require_images
     from dual_encoder.evaluation import evaluate_split
     from dual_encoder.models import load_model
 
+    require_images(data, split, "evaluate")
     _echo_json(evaluate_split(load_model(model), data, split, batch_size=batch_size))
 
 
@@ -136,7 +147,7 @@ def _report_index(summary) -> None:
 @index_app.command("build")
 def index_build(
     model: Path = typer.Option(..., help="A model folder or a run folder."),
-    output: Path = typer.Option(..., help="Index folder to write (replaced atomically if it exists)."),
+    output: Path = typer.Option(..., help="Index folder to write (an existing index is replaced atomically with --overwrite)."),
     images: Optional[Path] = typer.Option(None, help="An image folder (searched recursively)."),
     data: Optional[Path] = typer.Option(None, help="A prepared dataset (with --split)."),
     split: str = typer.Option("validation", help="Split of --data to index."),
@@ -145,13 +156,15 @@ def index_build(
     set_: List[str] = typer.Option([], "--set", help="Override an index key, e.g. dtype=float16 or kind=hnsw."),
     kind: Optional[str] = typer.Option(None, help="exact, hnsw, ivf or auto (shorthand for --set kind=...)."),
     quiet: bool = typer.Option(False, help="No progress bars."),
+    overwrite: bool = _overwrite_option("index"),
 ):
     """Embed a gallery with the model's image tower and write a searchable index."""
     from dual_encoder.index import build_index
 
     overrides = list(set_) + ([f"index.kind={kind}"] if kind else [])
     config = _config(preset, overrides).index
-    _report_index(build_index(model, _gallery(images, data, split, list_file), output, config, progress=not quiet))
+    gallery = _gallery(images, data, split, list_file)
+    _report_index(build_index(model, gallery, output, config, progress=not quiet, overwrite=overwrite))
 
 
 @index_app.command("add")
@@ -212,11 +225,12 @@ def export(
     index: Path = typer.Option(..., help="The index to bake into the searcher SavedModel."),
     output: Path = typer.Option(..., help="Folder for text_encoder/, image_encoder/ and searcher/."),
     model: Optional[Path] = typer.Option(None, help="Model folder (default: the one the index records)."),
+    overwrite: bool = _overwrite_option("export"),
 ):
     """Export SavedModels: text encoder, image encoder, and a searcher with the index baked in."""
     from dual_encoder.export import export_saved_models
 
-    summary = export_saved_models(index, output, model_dir=model)
+    summary = export_saved_models(index, output, model_dir=model, overwrite=overwrite)
     for name, path in summary.artifacts.items():
         typer.echo(f"{name:<14} {path}  signatures: {', '.join(summary.signatures[name])}")
 
@@ -256,6 +270,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     except DualEncoderError as error:
         typer.echo(f"error: {error}", err=True)
+        return 2
+    except OSError as error:  # the file system said no outside the outputs' own checks: still one line
+        typer.echo(f"error: {error.filename}: {error.strerror}" if error.filename else f"error: {error}", err=True)
         return 2
     return 0
 

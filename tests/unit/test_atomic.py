@@ -4,14 +4,14 @@ import os
 
 import pytest
 
-from dual_encoder.atomic import atomic_directory, readable_path, recover
+from dual_encoder.atomic import FEATURE_CACHE, atomic_directory, readable_path, recover
 from dual_encoder.errors import DualEncoderError
 
 
 def _write(target, text):
-    with atomic_directory(target, marker="done", what="an artifact") as staging:
+    with atomic_directory(target, FEATURE_CACHE, overwrite=True) as staging:
         (staging / "data").write_text(text)
-        (staging / "done").write_text("")
+        (staging / FEATURE_CACHE.marker).write_text("")
 
 
 def test_a_write_replaces_the_previous_artifact_and_leaves_no_staging(tmp_path):
@@ -24,7 +24,7 @@ def test_a_write_replaces_the_previous_artifact_and_leaves_no_staging(tmp_path):
 def test_a_failure_inside_the_block_keeps_the_previous_artifact(tmp_path):
     _write(tmp_path / "a", "one")
     with pytest.raises(RuntimeError):
-        with atomic_directory(tmp_path / "a", marker="done", what="an artifact") as staging:
+        with atomic_directory(tmp_path / "a", FEATURE_CACHE, overwrite=True) as staging:
             (staging / "data").write_text("half")
             raise RuntimeError("killed")
     assert (tmp_path / "a" / "data").read_text() == "one"
@@ -42,6 +42,6 @@ def test_a_swap_killed_between_its_renames_is_read_from_the_backup_and_recovered
 def test_a_folder_that_is_not_an_artifact_is_never_replaced(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.txt").write_text("precious")
-    with pytest.raises(DualEncoderError, match="not an artifact: not replacing it"):
+    with pytest.raises(DualEncoderError, match="not a feature cache: not replacing it"):
         _write(tmp_path / "mine", "x")
     assert (tmp_path / "mine" / "thesis.txt").read_text() == "precious"
