@@ -252,3 +252,32 @@ def test_the_allowed_choices_are_the_registries():
     assert set(ALLOWED["model.loss"].choices) == set(LOSSES)
     assert set(ALLOWED["index.dtype"].choices) == set(DTYPES)
     assert set(ALLOWED["index.kind"].choices) == {k.value for k in IndexKind} | {AUTO_KIND}
+
+
+# --- run folders -------------------------------------------------------------------------------------------------
+
+
+def test_a_run_folder_written_before_run_json_resumes_with_its_config_and_is_refused_with_another(tmp_path, capsys):
+    from dual_encoder.training.run_folder import RunFolderError, check_run_folder
+
+    run = tmp_path / "run"
+    run.mkdir()
+    Config().save(run / "config.json")  # what today's trainer leaves: config.json, no run.json
+    check_run_folder(run, Config(), "f" * 64)
+    assert "predates dataset fingerprints" in capsys.readouterr().err
+    other = Config().with_overrides(["batch_size=32", "epochs=3", "index.kind=exact"])  # index settings do not count
+    with pytest.raises(RunFolderError, match=r"another config \(train.batch_size 64 -> 32; train.epochs 20 -> 3\)"):
+        check_run_folder(run, other, "f" * 64)
+    check_run_folder(run, other, "f" * 64, restart=True)
+
+
+def test_restart_removes_what_a_run_wrote_and_nothing_else(tmp_path):
+    from dual_encoder.training.run_folder import _clear
+
+    run = tmp_path / "run"
+    for name in ("backup/ckpt-1.index", "logs/events", "model/fingerprint.json", "history.json", "run.json"):
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text("x")
+    (run / "my-notes.txt").write_text("keep me")
+    _clear(run)
+    assert sorted(p.name for p in run.iterdir()) == ["my-notes.txt"]
