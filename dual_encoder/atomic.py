@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import fnmatch
 import hashlib
 import json
 import os
@@ -55,6 +56,8 @@ class Kind:
         legacy_marker: the file that identifies one written before markers named their kind (default `marker`).
         legacy_keys: keys such an old marker always holds: they prove the folder ours when the name is absent.
         legacy_format: the value of its `format` key, where it has one.
+        members: name patterns of everything the artifact holds at its top level; a folder with anything else
+            in it is not replaced (a user's file beside our manifest would go with it). Empty: not checked.
     """
 
     name: str
@@ -63,6 +66,14 @@ class Kind:
     legacy_marker: Optional[str] = None
     legacy_keys: frozenset = frozenset()
     legacy_format: Optional[str] = None
+    members: tuple[str, ...] = ()
+
+    def strangers(self, folder: Path) -> list[str]:
+        """Entries of `folder` that are not part of an artifact of this kind."""
+        if not self.members:
+            return []
+        names = sorted(entry.name for entry in folder.iterdir())
+        return [name for name in names if not any(fnmatch.fnmatchcase(name, pattern) for pattern in self.members)]
 
     def stamp(self) -> dict[str, str]:
         """The entry a writer puts in its marker so this kind is recognised later."""
@@ -72,21 +83,27 @@ class Kind:
 INDEX = Kind(
     "dual_encoder.index", "manifest.json", "an index", legacy_format="dual_encoder.image_index",
     legacy_keys=frozenset({"format", "format_version", "count", "dim", "files", "next_id", "model"}),
+    members=("manifest.json", "embeddings.npy", "items.jsonl", "ann.faiss"),
 )  # fmt: skip
 PREPARED_DATASET = Kind(
     "dual_encoder.prepared_dataset", "manifest.json", "a prepared dataset",
     legacy_keys=frozenset({"format_version", "fingerprint", "source", "counts", "splits"}),
+    members=("manifest.json", "*.tfrecord", "*.jsonl", "features"),
 )  # fmt: skip
 EXPORT = Kind(
     "dual_encoder.export", "export.json", "an export",
     legacy_keys=frozenset({"model", "signatures", "image_size", "sequence_length"}),
+    members=("export.json", "text_encoder", "image_encoder", "searcher"),
 )  # fmt: skip
 RUN = Kind(
     "dual_encoder.run", "run.json", "a training run folder", legacy_marker="config.json",
     legacy_keys=frozenset({"data", "model", "train", "index", "serve"}),
 )  # fmt: skip
-MODEL = Kind("dual_encoder.model", "fingerprint.json", "a saved model", legacy_keys=frozenset({"sha256"}))
-FEATURE_CACHE = Kind("dual_encoder.feature_cache", "features.npz", "a feature cache")
+MODEL = Kind(
+    "dual_encoder.model", "fingerprint.json", "a saved model", legacy_keys=frozenset({"sha256"}),
+    members=("fingerprint.json", "config.json", "model.weights.h5", "vocabulary.json", "assets"),
+)  # fmt: skip
+FEATURE_CACHE = Kind("dual_encoder.feature_cache", "features.npz", "a feature cache", members=("features.npz",))
 KINDS = (INDEX, PREPARED_DATASET, EXPORT, RUN, MODEL, FEATURE_CACHE)
 
 
@@ -169,6 +186,10 @@ def check_replaceable(
         raise error(f"{target} is a non-empty directory that is not {kind.what}: not replacing it")
     if found != kind:
         raise error(f"{target} is {found.what}, not {kind.what}: not replacing it")
+    strangers = kind.strangers(target)
+    if strangers:
+        shown = ", ".join(strangers[:3]) + (", …" if len(strangers) > 3 else "")
+        raise error(f"{target} holds {kind.what} and files that are not part of it ({shown}): not replacing it")
     if not overwrite:
         raise error(f"{target} already holds {kind.what}: pass --overwrite to replace it")
 

@@ -112,6 +112,12 @@ def test_overwrite_replaces_only_an_output_of_its_own_kind(workspace, tmp_path, 
              "--output", str(tmp_path / "index"), "--quiet"]  # fmt: skip
     assert main(build) == 2
     one_line_error(capsys, "already holds an index")
+    (tmp_path / "index" / "NOTES.txt").write_text("a user's file beside our manifest")
+    before = tree_hash(tmp_path)
+    assert main(build + ["--overwrite"]) == 2
+    one_line_error(capsys, "holds an index and files that are not part of it (NOTES.txt): not replacing it")
+    assert tree_hash(tmp_path) == before
+    (tmp_path / "index" / "NOTES.txt").unlink()
     assert main(build + ["--overwrite"]) == 0
     assert len(ImageIndex.load(tmp_path / "index")) == 40
 

@@ -281,3 +281,15 @@ def test_restart_removes_what_a_run_wrote_and_nothing_else(tmp_path):
     (run / "my-notes.txt").write_text("keep me")
     _clear(run)
     assert sorted(p.name for p in run.iterdir()) == ["my-notes.txt"]
+
+
+def test_our_manifest_beside_a_users_files_is_not_replaced_even_with_overwrite(tmp_path):
+    folder = _artifact(tmp_path / "prepared", PREPARED_DATASET, {**PREPARED_DATASET.stamp()})
+    for name in ("train-00000.tfrecord", "train.jsonl"):
+        (folder / name).write_text("x")
+    (folder / "features").mkdir()
+    check_replaceable(folder, PREPARED_DATASET, overwrite=True)  # only what prepare writes (and the cache)
+    (folder / "src").mkdir()
+    (folder / "README.txt").write_text("precious")
+    with pytest.raises(DualEncoderError, match=r"files that are not part of it \(README.txt, src\)"):
+        check_replaceable(folder, PREPARED_DATASET, overwrite=True)
