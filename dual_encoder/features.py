@@ -73,15 +73,21 @@ def load_or_compute_features(model, data_dir: str | Path, split: str, *, batch_s
     key = hashlib.sha256(manifest + split.encode() + backbone_fingerprint(model).encode()).hexdigest()[:16]
     cache_dir = data_dir / "features" / f"{split}-{key}"
     cached = cache_dir / FEATURE_CACHE.marker
-    # Locked: a second run on the same dataset waits for the first to finish the cache, then reads it.
+    if cached.is_file():  # readers take no lock: the cache is swapped in whole
+        return _read_features(cached)
+    # A second run on the same dataset waits for the first to finish the cache, then reads it.
     with writer_lock(cache_dir):
         if cached.is_file():
-            with np.load(cached) as arrays:
-                return SplitFeatures(**{name: arrays[name] for name in arrays.files})
+            return _read_features(cached)
         features = compute_features(model, data_dir, split, batch_size=batch_size, progress=progress)
         with atomic_directory(cache_dir, FEATURE_CACHE, overwrite=True) as staging:
             np.savez(staging / FEATURE_CACHE.marker, **dataclasses.asdict(features))
     return features
+
+
+def _read_features(path: Path) -> SplitFeatures:
+    with np.load(path) as arrays:
+        return SplitFeatures(**{name: arrays[name] for name in arrays.files})
 
 
 def compute_features(model, data_dir: str | Path, split: str, *, batch_size: int = 64, progress: bool = True) -> SplitFeatures:
