@@ -1,5 +1,10 @@
 """Write a directory atomically: build it in a staging folder beside the target, then swap it into place.
 
+Every artifact a command writes has a `Kind`: its marker file names it (`"artifact": "dual_encoder.index"`),
+so a command replaces only an artifact of its own kind, and only when asked (`overwrite`); never a folder of
+another kind or one that is not ours. A writer holds `writer_lock(target)` — an advisory `filelock` lock in
+a file beside the target, so it survives the swap — for its whole read-modify-write; readers take no lock.
+
 A directory cannot be renamed over a non-empty one, so replacing takes two renames: target -> backup,
 staging -> target. A kill between them leaves only the complete backup, which `recover` (run by the next
 write, and by readers through `readable_path`) puts back; a kill before them leaves the target untouched and
@@ -10,47 +15,243 @@ use this one mechanism, and `file_sha256` for the checksums their manifests reco
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
+import fnmatch
+import hashlib
+import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
-from typing import Iterator, Type
+from typing import Any, Iterator, Optional, Type
+
+import filelock
 
 from dual_encoder import files
 from dual_encoder.errors import DualEncoderError
 
+ARTIFACT_KEY = "artifact"
+LOCK_TIMEOUT_ENV = "DUAL_ENCODER_LOCK_TIMEOUT"
+DEFAULT_LOCK_TIMEOUT = 600.0  # seconds a second writer waits for the first before giving up
+_MAX_MARKER_BYTES = 64 << 20
+
+
+class OutputError(DualEncoderError):
+    """An output cannot be written: the disk is full, the path is not writable, or it lies under a file."""
+
+
+class LockTimeoutError(DualEncoderError):
+    """Another process kept writing the same artifact for longer than the lock timeout."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """One kind of artifact: the marker file that names it, and how today's markers without a name look.
+
+    Args:
+        name: the value of `"artifact"` in the marker, e.g. `dual_encoder.index`.
+        marker: the JSON file (or, for a binary marker, the file) whose presence completes the artifact.
+        what: the kind in words, for messages ("an index").
+        legacy_marker: the file that identifies one written before markers named their kind (default `marker`).
+        legacy_keys: keys such an old marker always holds: they prove the folder ours when the name is absent.
+        legacy_format: the value of its `format` key, where it has one.
+        members: name patterns of everything the artifact holds at its top level; a folder with anything else
+            in it is not replaced (a user's file beside our manifest would go with it). Empty: not checked.
+    """
+
+    name: str
+    marker: str
+    what: str
+    legacy_marker: Optional[str] = None
+    legacy_keys: frozenset = frozenset()
+    legacy_format: Optional[str] = None
+    members: tuple[str, ...] = ()
+
+    def strangers(self, folder: Path) -> list[str]:
+        """Entries of `folder` that are not part of an artifact of this kind."""
+        if not self.members:
+            return []
+        names = sorted(entry.name for entry in folder.iterdir())
+        return [name for name in names if not any(fnmatch.fnmatchcase(name, pattern) for pattern in self.members)]
+
+    def stamp(self) -> dict[str, str]:
+        """The entry a writer puts in its marker so this kind is recognised later."""
+        return {ARTIFACT_KEY: self.name}
+
+
+INDEX = Kind(
+    "dual_encoder.index", "manifest.json", "an index", legacy_format="dual_encoder.image_index",
+    legacy_keys=frozenset({"format", "format_version", "count", "dim", "files", "next_id", "model"}),
+    members=("manifest.json", "embeddings.npy", "items.jsonl", "ann.faiss"),
+)  # fmt: skip
+PREPARED_DATASET = Kind(
+    "dual_encoder.prepared_dataset", "manifest.json", "a prepared dataset",
+    legacy_keys=frozenset({"format_version", "fingerprint", "source", "counts", "splits"}),
+    members=("manifest.json", "*.tfrecord", "*.jsonl", "features"),
+)  # fmt: skip
+EXPORT = Kind(
+    "dual_encoder.export", "export.json", "an export",
+    legacy_keys=frozenset({"model", "signatures", "image_size", "sequence_length"}),
+    members=("export.json", "text_encoder", "image_encoder", "searcher"),
+)  # fmt: skip
+RUN = Kind(
+    "dual_encoder.run", "run.json", "a training run folder", legacy_marker="config.json",
+    legacy_keys=frozenset({"data", "model", "train", "index", "serve"}),
+)  # fmt: skip
+MODEL = Kind(
+    "dual_encoder.model", "fingerprint.json", "a saved model", legacy_keys=frozenset({"sha256"}),
+    members=("fingerprint.json", "config.json", "model.weights.h5", "vocabulary.json", "assets"),
+)  # fmt: skip
+FEATURE_CACHE = Kind("dual_encoder.feature_cache", "features.npz", "a feature cache", members=("features.npz",))
+KINDS = (INDEX, PREPARED_DATASET, EXPORT, RUN, MODEL, FEATURE_CACHE)
+
+
+def identify(folder: str | Path) -> Optional[Kind]:
+    """The kind of artifact `folder` holds, or None when it is not one of ours.
+
+    A marker naming its kind decides; otherwise a marker written before kinds were named counts when it
+    holds every key that kind's marker always held (a folder merely holding some `manifest.json` does not).
+    """
+    folder = Path(folder)
+    for kind in KINDS:
+        content = _read_marker(folder / kind.marker)
+        if isinstance(content, dict) and content.get(ARTIFACT_KEY) == kind.name:
+            return kind
+    for kind in KINDS:
+        path = folder / (kind.legacy_marker or kind.marker)
+        if not path.suffix == ".json":
+            if path.is_file():
+                return kind
+            continue
+        content = _read_marker(path)
+        if not isinstance(content, dict) or ARTIFACT_KEY in content or not kind.legacy_keys <= set(content):
+            continue
+        if kind.legacy_format is None or content.get("format") == kind.legacy_format:
+            return kind
+    return None
+
+
+def _read_marker(path: Path) -> Any:
+    """A marker's parsed JSON, or None (missing, not a regular file, too large, not JSON)."""
+    try:
+        if not path.is_file() or path.stat().st_size > _MAX_MARKER_BYTES:
+            return None
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
 
 @contextlib.contextmanager
 def atomic_directory(
-    target: str | Path, *, marker: str, what: str, error: Type[Exception] = DualEncoderError
+    target: str | Path, kind: Kind, *, overwrite: bool = False, error: Type[Exception] = DualEncoderError
 ) -> Iterator[Path]:
     """Yield an empty staging folder; when the block ends it replaces `target`; if the block raises it is removed.
 
-    Only nothing, an empty folder or a previous artifact (a folder holding `marker`) is replaced, never a
-    user's folder: that raises `error` saying `target` is not `what`.
+    Only nothing, an empty folder or (with `overwrite`) an artifact of the same `kind` is replaced; see
+    `check_replaceable`. A write the file system refuses (full, read-only, under a file) raises `OutputError`.
     """
     target = Path(target).absolute()
     recover(target)
-    check_replaceable(target, marker=marker, what=what, error=error)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned_staging(target)
-    staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(target, os.getpid()), dir=target.parent))
-    try:
-        yield staging
-        os.chmod(staging, 0o755)  # mkdtemp makes it private
-        fsync(staging)
-        _swap_into_place(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    check_replaceable(target, kind, overwrite=overwrite, error=error)
+    with writing(target, every_error=True):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned_staging(target)
+        staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(target, os.getpid()), dir=target.parent))
+    with writing(target):
+        try:
+            yield staging
+            os.chmod(staging, 0o755)  # mkdtemp makes it private
+            fsync(staging)
+            _swap_into_place(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
-def check_replaceable(target: Path, *, marker: str, what: str, error: Type[Exception] = DualEncoderError) -> None:
-    """Raise `error` unless `target` is absent, an empty folder, or a folder holding `marker`."""
+def check_replaceable(
+    target: str | Path, kind: Kind, *, overwrite: bool = False, error: Type[Exception] = DualEncoderError
+) -> None:
+    """Raise `error` unless `target` is absent, an empty folder, or (with `overwrite`) an artifact of `kind`.
+
+    A folder of another kind, or one that is not ours, is refused even with `overwrite`: nothing a command
+    did not write itself is ever deleted.
+    """
     target = Path(target)
     if target.exists() and not target.is_dir():
         raise error(f"{target} exists and is not a directory: not replacing it")
-    if target.is_dir() and any(target.iterdir()) and not (target / marker).is_file():
-        raise error(f"{target} is a non-empty directory that is not {what}: not replacing it")
+    if not target.is_dir() or not any(target.iterdir()):
+        return
+    found = identify(target)
+    if found is None:
+        raise error(f"{target} is a non-empty directory that is not {kind.what}: not replacing it")
+    if found != kind:
+        raise error(f"{target} is {found.what}, not {kind.what}: not replacing it")
+    strangers = kind.strangers(target)
+    if strangers:
+        shown = ", ".join(strangers[:3]) + (", …" if len(strangers) > 3 else "")
+        raise error(f"{target} holds {kind.what} and files that are not part of it ({shown}): not replacing it")
+    if not overwrite:
+        raise error(f"{target} already holds {kind.what}: pass --overwrite to replace it")
+
+
+@contextlib.contextmanager
+def writer_lock(target: str | Path, *, timeout: Optional[float] = None) -> Iterator[None]:
+    """Hold the advisory lock of `target` for a whole read-modify-write, so two writers never lose an update.
+
+    The lock file is `.<name>.lock` beside `target` (not inside it: the swap replaces the folder). A second
+    writer waits up to `timeout` seconds (default `$DUAL_ENCODER_LOCK_TIMEOUT`, else 600), saying so once,
+    then raises `LockTimeoutError`. Readers never take it.
+    """
+    target = Path(target).absolute()
+    timeout = lock_timeout() if timeout is None else timeout
+    path = target.parent / f".{target.name}.lock"
+    with writing(target, every_error=True):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock = filelock.FileLock(str(path))
+        try:
+            lock.acquire(timeout=0)
+        except filelock.Timeout:
+            print(f"waiting for another process writing {target} (up to {timeout:g} s)", file=sys.stderr)
+            try:
+                lock.acquire(timeout=timeout)
+            except filelock.Timeout:
+                raise LockTimeoutError(
+                    f"{target} is being written by another process (lock {path} held for over {timeout:g} s): "
+                    "try again when it finishes"
+                ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def lock_timeout() -> float:
+    """Seconds a writer waits for another writer of the same artifact (`$DUAL_ENCODER_LOCK_TIMEOUT`)."""
+    raw = os.environ.get(LOCK_TIMEOUT_ENV, "")
+    try:
+        value = float(raw) if raw else DEFAULT_LOCK_TIMEOUT
+    except ValueError:
+        raise DualEncoderError(f"{LOCK_TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
+    if value < 0:
+        raise DualEncoderError(f"{LOCK_TIMEOUT_ENV}={raw!r} must be >= 0 seconds")
+    return value
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM, errno.ENOTDIR}
+
+
+@contextlib.contextmanager
+def writing(target: str | Path, *, every_error: bool = False) -> Iterator[None]:
+    """Turn the file system refusing a write under `target` (full disk, read-only, a file in the way) into a
+    one-line `OutputError` naming the output. Around code that only creates the output's folders and files,
+    `every_error`; around code that also reads inputs, only errors that mean "cannot write" are turned."""
+    try:
+        yield
+    except OSError as error:
+        if isinstance(error, DualEncoderError) or not (every_error or error.errno in _WRITE_ERRNOS):
+            raise
+        raise OutputError(f"cannot write {target}: {error.strerror}") from None
 
 
 def recover(target: str | Path) -> None:

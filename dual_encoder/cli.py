@@ -41,6 +41,10 @@ def _config(preset: str, overrides: List[str], config_file: Optional[Path] = Non
     return config.with_overrides(overrides)
 
 
+def _overwrite_option(what: str):
+    return typer.Option(False, "--overwrite", help=f"Replace an existing {what} at --output (never another kind of folder).")
+
+
 def _echo_json(value) -> None:
     typer.echo(json.dumps(value, indent=2, default=str))
 
@@ -116,6 +120,7 @@ def prepare(
     allow_outside: bool = typer.Option(
         False, help="Read image paths of the annotation file that lead outside --images-dir (absolute, ../)."
     ),
+    overwrite: bool = _overwrite_option("prepared dataset made from other inputs"),
 ):
     """Turn image–caption pairs into sharded TFRecords with a train/validation split by image."""
     from dual_encoder.data.prepare import prepare_dataset
@@ -125,7 +130,7 @@ def prepare(
     config = _config(preset, set_)
     summary = prepare_dataset(
         source.value, input, images_dir, output, config.data, progress=not quiet, metadata=metadata,
-        allow_outside=allow_outside,
+        allow_outside=allow_outside, overwrite=overwrite,
     )
     typer.echo(summary.summary_line())
 
@@ -139,12 +144,16 @@ def train(
     epochs: Optional[int] = typer.Option(None, min=1, help="Shorthand for --set epochs=N."),
     strategy: str = typer.Option("auto", help="auto, default, mirrored, multi_worker or tpu."),
     quiet: bool = typer.Option(False, help="No progress bars."),
+    restart: bool = typer.Option(
+        False, "--restart", "--overwrite", help="Start the run in --output afresh instead of resuming it."
+    ),
 ):
     """Train a dual encoder; re-running the same command resumes an interrupted run."""
     from dual_encoder.training.trainer import train as run_training
 
     overrides = list(set_) + ([f"epochs={epochs}"] if epochs else [])
-    result = run_training(_config(preset, overrides), data, output, strategy=strategy, progress=not quiet)
+    config = _config(preset, overrides)
+    result = run_training(config, data, output, strategy=strategy, progress=not quiet, restart=restart)
     typer.echo(f"Best model (epoch {result.best.get('epoch')}): {result.model_dir}")
     _echo_json(result.best)
 
@@ -179,9 +188,11 @@ def evaluate(
         gallery = searcher.index.embeddings, [[item.path] for item in searcher.index.items]
         encode = searcher.encode_queries
     else:
+        from dual_encoder.data.pipeline import require_images
         from dual_encoder.models import load_model
         from dual_encoder.models.compiled import compiled
 
+        require_images(data, split, "evaluate")
         loaded = load_model(model)
         report = evaluate_split(loaded, data, split, batch_size=batch_size)
         if query_set is not None:
@@ -218,7 +229,7 @@ def _report_index(summary) -> None:
 @index_app.command("build")
 def index_build(
     model: Path = typer.Option(..., help="A model folder or a run folder."),
-    output: Path = typer.Option(..., help="Index folder to write (replaced atomically if it exists)."),
+    output: Path = typer.Option(..., help="Index folder to write (an existing index is replaced atomically with --overwrite)."),
     images: Optional[Path] = typer.Option(None, help="An image folder (searched recursively)."),
     data: Optional[Path] = typer.Option(None, help="A prepared dataset (with --split)."),
     split: str = typer.Option("validation", help="Split of --data to index."),
@@ -227,6 +238,7 @@ def index_build(
     set_: List[str] = typer.Option([], "--set", help="Override an index key, e.g. dtype=float16 or kind=hnsw."),
     kind: Optional[str] = typer.Option(None, help="exact, hnsw, ivf or auto (shorthand for --set kind=...)."),
     quiet: bool = typer.Option(False, help="No progress bars."),
+    overwrite: bool = _overwrite_option("index"),
 ):
     """Embed a gallery with the model's image tower and write a searchable index."""
     from dual_encoder.index import build_index
@@ -236,7 +248,8 @@ def index_build(
     gallery = _gallery(images, data, split, list_file)
     _report_index(
         build_index(
-            model, gallery, output, config.index, progress=not quiet, max_image_pixels=config.data.max_image_pixels
+            model, gallery, output, config.index, progress=not quiet, max_image_pixels=config.data.max_image_pixels,
+            overwrite=overwrite,
         )
     )
 
@@ -299,11 +312,12 @@ def export(
     index: Path = typer.Option(..., help="The index to bake into the searcher SavedModel."),
     output: Path = typer.Option(..., help="Folder for text_encoder/, image_encoder/ and searcher/."),
     model: Optional[Path] = typer.Option(None, help="Model folder (default: the one the index records)."),
+    overwrite: bool = _overwrite_option("export"),
 ):
     """Export SavedModels: text encoder, image encoder, and a searcher with the index baked in."""
     from dual_encoder.export import export_saved_models
 
-    summary = export_saved_models(index, output, model_dir=model)
+    summary = export_saved_models(index, output, model_dir=model, overwrite=overwrite)
     for name, path in summary.artifacts.items():
         typer.echo(f"{name:<14} {path}  signatures: {', '.join(summary.signatures[name])}")
 
@@ -343,6 +357,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     except DualEncoderError as error:
         typer.echo(f"error: {error}", err=True)
+        return 2
+    except OSError as error:  # the file system said no outside the outputs' own checks: still one line
+        typer.echo(f"error: {error.filename}: {error.strerror}" if error.filename else f"error: {error}", err=True)
         return 2
     return 0
 

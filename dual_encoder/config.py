@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import typing
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -130,16 +132,22 @@ class Config:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "Config":
+        if not isinstance(values, dict):
+            raise ConfigError(f"a config must be a JSON object of sections, got {type(values).__name__}")
         unknown = set(values) - set(_SECTIONS)
         if unknown:
             raise ConfigError(f"unknown config sections: {sorted(unknown)}")
         sections = {}
         for name, section_cls in _SECTIONS.items():
-            section_values = dict(values.get(name, {}))
+            section_values = values.get(name, {})
+            if not isinstance(section_values, dict):
+                raise ConfigError(f"config section '{name}' must be a JSON object, got {type(section_values).__name__}")
             known = {f.name for f in dataclasses.fields(section_cls)}
             bad = set(section_values) - known
             if bad:
                 raise ConfigError(f"unknown keys in config section '{name}': {sorted(bad)}")
+            for field, value in section_values.items():
+                check_value(name, field, value)
             sections[name] = section_cls(**section_values)
         return cls(**sections)
 
@@ -149,7 +157,19 @@ class Config:
 
     @classmethod
     def load(cls, path: str | Path) -> "Config":
-        return cls.from_json(Path(path).read_text(encoding="utf-8"))
+        """A config from a JSON file; a file that is not UTF-8 JSON is a one-line `ConfigError` naming it."""
+        try:
+            values = json.loads(Path(path).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a UTF-8 text file") from None
+        except OSError as error:
+            raise ConfigError(f"{path}: cannot read ({error.strerror})") from None
+        try:
+            return cls.from_dict(values)
+        except ConfigError as error:
+            raise ConfigError(f"{path}: {error}") from None
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json() + "\n", encoding="utf-8")
@@ -198,6 +218,117 @@ def _parse_value(raw: str) -> Any:
         return json.loads(raw)
     except json.JSONDecodeError:
         return raw
+
+
+# --- value checks: each field's type comes from its annotation; ranges and choices from this table ------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Allowed:
+    """What a field accepts beyond its type: bounds (inclusive `low`/`high`, or exclusive) or a set of choices.
+
+    The choices mirror the registries of the model, loss and index code (a test keeps them equal), so a bad
+    name is caught when the config is read, not after a dataset is loaded.
+    """
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False  # `low` itself not allowed
+    high_open: bool = False
+    choices: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+        if self.high is not None:
+            parts.append(f"{'<' if self.high_open else '<='} {self.high:g}")
+        return " and ".join(parts)
+
+    def admits(self, value: Any) -> bool:
+        if self.choices:
+            return value in self.choices
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or not (value > self.high or (self.high_open and value == self.high))
+
+
+_POSITIVE, _NON_NEGATIVE = Allowed(low=1), Allowed(low=0)
+_FRACTION = Allowed(low=0, high=1)
+ALLOWED: dict[str, Allowed] = {
+    "data.validation_fraction": Allowed(low=0, high=1, high_open=True),
+    "data.split_seed": _NON_NEGATIVE,
+    "data.shard_size": _POSITIVE,
+    "data.max_image_pixels": _POSITIVE,
+    "model.image_backbone": Allowed(choices=("small_cnn", "xception", "efficientnetv2_b0", "mobilenetv3_small", "resnet50")),
+    "model.image_size": Allowed(low=16),
+    "model.image_width": _POSITIVE,
+    "model.text_backbone": Allowed(choices=("small_transformer", "keras_hub", "tf_hub")),
+    "model.text_pooling": Allowed(choices=("cls", "mean")),
+    "model.sequence_length": Allowed(low=2),
+    "model.vocabulary_size": Allowed(low=4),
+    "model.text_width": _POSITIVE,
+    "model.text_layers": _POSITIVE,
+    "model.text_heads": _POSITIVE,
+    "model.embed_dim": _POSITIVE,
+    "model.num_projection_layers": _NON_NEGATIVE,
+    "model.dropout": Allowed(low=0, high=1, high_open=True),
+    "model.loss": Allowed(choices=("clip", "soft_target", "siglip")),
+    "model.temperature": Allowed(low=0, low_open=True),
+    "model.max_logit_scale": Allowed(low=0, low_open=True),
+    "train.batch_size": _POSITIVE,
+    "train.epochs": _POSITIVE,
+    "train.learning_rate": Allowed(low=0, low_open=True),
+    "train.weight_decay": _NON_NEGATIVE,
+    "train.warmup_fraction": _FRACTION,
+    "train.min_learning_rate_ratio": _FRACTION,
+    "train.seed": _NON_NEGATIVE,
+    "train.early_stopping_patience": _NON_NEGATIVE,
+    "train.reduce_lr_patience": _NON_NEGATIVE,
+    "train.reduce_lr_factor": Allowed(low=0, high=1, low_open=True, high_open=True),
+    "index.dtype": Allowed(choices=("float32", "float16")),
+    "index.kind": Allowed(choices=("exact", "hnsw", "ivf", "auto")),
+    "index.ann_threshold": _NON_NEGATIVE,
+    "index.embed_batch_size": _POSITIVE,
+    "index.hnsw_m": Allowed(low=2),
+    "index.hnsw_ef_search": _POSITIVE,
+    "index.ivf_nlist": _NON_NEGATIVE,
+    "index.ivf_nprobe": _POSITIVE,
+    "serve.port": Allowed(low=1, high=65535),
+    "serve.max_query_chars": _POSITIVE,
+    "serve.max_k": _POSITIVE,
+    "serve.thumbnail_size": Allowed(low=16),
+}
+
+
+def check_value(section: str, field: str, value: Any) -> None:
+    """Raise a one-line `ConfigError` naming `section.field` and what it allows, unless `value` fits the
+    field's annotated type and its entry in `ALLOWED`."""
+    key = f"{section}.{field}"
+    annotation = typing.get_type_hints(_SECTIONS[section])[field]
+    optional = type(None) in typing.get_args(annotation)
+    base = next((a for a in typing.get_args(annotation) if a is not type(None)), annotation)
+    allowed = ALLOWED.get(key, Allowed())
+    if value is None and optional:
+        return
+    if not _has_type(value, base) or not allowed.admits(value):
+        wanted = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[base]
+        if allowed.choices:
+            wanted = allowed.describe()
+        elif allowed.describe():
+            wanted += " " + allowed.describe()
+        raise ConfigError(f"{key}={json.dumps(value)} is not allowed: expected {wanted}{' or null' if optional else ''}")
+
+
+def _has_type(value: Any, base: type) -> bool:
+    """JSON-parsed `value` fits `base` (bools are not numbers; an int is a fine float; no NaN or infinity)."""
+    if base is bool or isinstance(value, bool):
+        return base is bool and isinstance(value, bool)
+    if base is float:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    return isinstance(value, base)
 
 
 def list_presets() -> list[str]:

@@ -176,7 +176,10 @@ def run_demo(
     generate_synthetic(paths["fresh"], plan.fresh_images, seed=1, progress=progress, options=fresh_options)
     fresh_queries = make_query_set(read_scenes(paths["fresh"] / SCENES_FILE), min_relevant=plan.min_relevant)
     write_query_set(fresh_queries, paths["queries"] / "fresh")
-    build_index(result.model_dir, ImageFolder(paths["fresh"] / "images"), paths["fresh_index"], config.index, progress=progress)
+    build_index(
+        result.model_dir, ImageFolder(paths["fresh"] / "images"), paths["fresh_index"], config.index,
+        progress=progress, overwrite=True,
+    )  # fmt: skip
     fresh_searcher = Searcher.load(paths["fresh_index"])
     fresh_keys = [[item.path] for item in fresh_searcher.index.items]
     query_metrics["fresh gallery"] = evaluate_query_set(
@@ -186,7 +189,10 @@ def run_demo(
     start = _lap(seconds, "fresh gallery", start)
 
     stage(7, "Indexing the held-out images")
-    index = build_index(result.model_dir, DatasetSplit(paths["dataset"], "validation"), paths["index"], config.index, progress=progress)
+    index = build_index(
+        result.model_dir, DatasetSplit(paths["dataset"], "validation"), paths["index"], config.index,
+        progress=progress, overwrite=True,
+    )  # fmt: skip
     echo(f"{index.count} images indexed ({index.kind}, {index.dtype}, dim {index.dim})")
     start = _lap(seconds, "index", start)
 
@@ -206,7 +212,7 @@ def run_demo(
     start = _lap(seconds, "search", start)
 
     stage(9, "Exporting SavedModels (text encoder, image encoder, searcher)")
-    exported = export_saved_models(paths["index"], paths["exported"])
+    exported = export_saved_models(paths["index"], paths["exported"], overwrite=True)
     echo("  " + ", ".join(str(p) for p in exported.artifacts.values()))
     _lap(seconds, "export", start)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from dual_encoder.atomic import atomic_directory
+from dual_encoder.atomic import EXPORT, atomic_directory, check_replaceable, writer_lock
 from dual_encoder.config import DataConfig
 from dual_encoder.data.pipeline import decode_and_resize
 from dual_encoder.search import REQUEST_PREFIX, Searcher
@@ -197,16 +197,24 @@ def export_saved_models(
     output: str | Path,
     model_dir: str | Path | None = None,
     max_image_pixels: int = DataConfig.max_image_pixels,
+    *,
+    overwrite: bool = False,
 ) -> ExportSummary:
     """Write `text_encoder/`, `image_encoder/` and `searcher/` SavedModels plus `export.json` under `output`.
 
     The model is the one the index was built with (its fingerprint is checked). The image encoder refuses
     images over `max_image_pixels`. The whole output is written atomically (`dual_encoder.atomic`), so a failed
-    export leaves a previous one intact.
+    export leaves a previous one intact; a previous export is replaced only with `overwrite`, any other folder
+    never.
     """
-    searcher = Searcher.load(index_dir, model_dir=model_dir)
     output = Path(output)
-    with atomic_directory(output, marker="export.json", what="an export") as staging:
+    check_replaceable(output, EXPORT, overwrite=overwrite)  # before loading anything: a refusal touches nothing
+    with writer_lock(output):
+        return _export(Searcher.load(index_dir, model_dir=model_dir), output, overwrite, max_image_pixels)
+
+
+def _export(searcher: Searcher, output: Path, overwrite: bool, max_image_pixels: int) -> ExportSummary:
+    with atomic_directory(output, EXPORT, overwrite=overwrite) as staging:
         signatures = {
             TEXT_ENCODER: export_text_encoder(searcher.model, staging / TEXT_ENCODER),
             IMAGE_ENCODER: export_image_encoder(searcher.model, staging / IMAGE_ENCODER, max_image_pixels),
@@ -216,6 +224,7 @@ def export_saved_models(
         (staging / "export.json").write_text(
             json.dumps(
                 {
+                    **EXPORT.stamp(),
                     "model": searcher.info(),
                     "signatures": signatures,
                     "needs_tensorflow_text": needs_text,

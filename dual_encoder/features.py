@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from dual_encoder.atomic import atomic_directory
+from dual_encoder.atomic import FEATURE_CACHE, atomic_directory, writer_lock
 from dual_encoder.data.pipeline import make_image_dataset, read_split
 from dual_encoder.models.compiled import compiled
 
@@ -72,14 +72,22 @@ def load_or_compute_features(model, data_dir: str | Path, split: str, *, batch_s
     manifest = (data_dir / "manifest.json").read_bytes()
     key = hashlib.sha256(manifest + split.encode() + backbone_fingerprint(model).encode()).hexdigest()[:16]
     cache_dir = data_dir / "features" / f"{split}-{key}"
-    cached = cache_dir / "features.npz"
-    if cached.is_file():
-        with np.load(cached) as arrays:
-            return SplitFeatures(**{name: arrays[name] for name in arrays.files})
-    features = compute_features(model, data_dir, split, batch_size=batch_size, progress=progress)
-    with atomic_directory(cache_dir, marker="features.npz", what="a feature cache") as staging:
-        np.savez(staging / "features.npz", **dataclasses.asdict(features))
+    cached = cache_dir / FEATURE_CACHE.marker
+    if cached.is_file():  # readers take no lock: the cache is swapped in whole
+        return _read_features(cached)
+    # A second run on the same dataset waits for the first to finish the cache, then reads it.
+    with writer_lock(cache_dir):
+        if cached.is_file():
+            return _read_features(cached)
+        features = compute_features(model, data_dir, split, batch_size=batch_size, progress=progress)
+        with atomic_directory(cache_dir, FEATURE_CACHE, overwrite=True) as staging:
+            np.savez(staging / FEATURE_CACHE.marker, **dataclasses.asdict(features))
     return features
+
+
+def _read_features(path: Path) -> SplitFeatures:
+    with np.load(path) as arrays:
+        return SplitFeatures(**{name: arrays[name] for name in arrays.files})
 
 
 def compute_features(model, data_dir: str | Path, split: str, *, batch_size: int = 64, progress: bool = True) -> SplitFeatures:

@@ -112,6 +112,16 @@ def label_arrays(info: SplitInfo) -> Optional[LabelArrays]:
     return LabelArrays(_padded(images), _padded(captions))
 
 
+def require_images(prepared: Path, split: str, command: str) -> SplitInfo:
+    """`read_split`, refusing an empty split with one line (`prepare` leaves validation empty at
+    `validation_fraction=0` or with a single image), before any model is built or anything written."""
+    info = read_split(prepared, split)
+    if not info.image_ids:
+        hint = " (prepare it with validation_fraction > 0 and at least 2 images)" if split == "validation" else ""
+        raise DataError(f"{command}: the '{split}' split of {prepared} holds no images{hint}")
+    return info
+
+
 def epoch_order(num_images: int, epoch: int, seed: int) -> np.ndarray:
     """The order images are visited in `epoch`: a permutation seeded by (seed, epoch) of the fixed order."""
     return np.random.default_rng([seed, _ORDER_STREAM, epoch]).permutation(num_images)

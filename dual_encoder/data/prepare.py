@@ -20,7 +20,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from dual_encoder import files
-from dual_encoder.atomic import atomic_directory
+from dual_encoder.atomic import PREPARED_DATASET, atomic_directory, check_replaceable, writer_lock
 from dual_encoder.config import DataConfig
 from dual_encoder.data import tfrecords
 from dual_encoder.data.sources import (
@@ -273,16 +273,25 @@ def prepare_dataset(
     progress: bool = True,
     metadata: Optional[Path] = None,
     allow_outside: bool = False,
+    overwrite: bool = False,
 ) -> PrepareSummary:
     """Read `source` (see `sources.read_source`), validate every image, and write a prepared dataset to `output`.
 
     `output` gets `{split}-NNNNN.tfrecord` shards, `{split}.jsonl` item tables and `manifest.json`. Bad items
     are skipped and recorded; `DataError` if the source is unusable or no image survives (the previous
-    `output`, if any, is left as it was). Annotation rows naming files outside `images_dir` are skipped unless
-    `allow_outside`. `metadata`, a JSONL file of per-image fields (`sources.read_metadata`), is carried into the
-    item tables.
+    `output`, if any, is left as it was). A dataset already at `output` from the same inputs is kept as it is;
+    one from other inputs is replaced only with `overwrite`; any other folder is refused. Annotation rows naming
+    files outside `images_dir` are skipped unless `allow_outside`. `metadata`, a JSONL file of per-image fields
+    (`sources.read_metadata`), is carried into the item tables.
     """
     output, images_dir = Path(output), Path(images_dir).resolve()  # absolute source paths in the manifest
+    check_replaceable(output, PREPARED_DATASET, overwrite=True, error=DataError)  # a folder of another kind: refused
+    with writer_lock(output):
+        return _prepare_locked(source, input, images_dir, output, config, progress, overwrite, metadata, allow_outside)
+
+
+def _prepare_locked(source, input, images_dir: Path, output: Path, config: DataConfig, progress: bool, overwrite: bool,
+                    metadata: Optional[Path], allow_outside: bool):  # fmt: skip
     result = read_source(source, Path(input) if input is not None else None, images_dir, allow_outside)
     if metadata is not None:
         result = with_metadata(result, read_metadata(Path(metadata), images_dir))
@@ -295,7 +304,7 @@ def prepare_dataset(
     skipped = list(result.skipped)
     formats: collections.Counter = collections.Counter()
     manifest_splits = {}
-    with atomic_directory(output, marker=tfrecords.MANIFEST_NAME, what="a prepared dataset", error=DataError) as directory:
+    with atomic_directory(output, PREPARED_DATASET, overwrite=overwrite, error=DataError) as directory:
         with tqdm(total=len(result.records), desc="prepare", unit="img", disable=not progress) as bar:
             for name in SPLITS:
                 writer = _SplitWriter(config, bar)
@@ -310,6 +319,7 @@ def prepare_dataset(
                 f"image paths are resolved against {images_dir}"
             )
         manifest = {
+            **PREPARED_DATASET.stamp(),
             "format_version": tfrecords.FORMAT_VERSION,
             "fingerprint": fingerprint,
             "source": {

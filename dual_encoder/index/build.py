@@ -10,10 +10,11 @@ from typing import Iterable, Optional, Union
 
 import numpy as np
 
+from dual_encoder.atomic import readable_path, writer_lock
 from dual_encoder.config import DataConfig, IndexConfig
 from dual_encoder.index.embed import GallerySource, SkippedFile, embed_contents, load_checked_model, open_gallery
 from dual_encoder.index.errors import GallerySourceError
-from dual_encoder.index.store import ImageIndex, check_replaceable
+from dual_encoder.index.store import ImageIndex, check_replaceable, read_manifest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,11 +59,12 @@ def build_index(
     config: IndexConfig = IndexConfig(),
     progress: bool = True,
     max_image_pixels: int = DataConfig.max_image_pixels,
+    overwrite: bool = False,
 ) -> IndexSummary:
     """Embed every image of `source` with the image tower of `model_dir` and save a new index at `output`.
 
-    An existing index at `output` is replaced atomically. Undecodable and non-image files are skipped
-    and listed in the summary.
+    An existing index at `output` is replaced atomically, and only with `overwrite`; any other folder is
+    refused. Undecodable and non-image files are skipped and listed in the summary.
 
     Args:
         model_dir: a directory written by `save_model`.
@@ -71,13 +73,21 @@ def build_index(
         config: dtype, kind and ANN parameters.
         progress: show progress bars.
         max_image_pixels: images larger than this (read from their header) are skipped as too large.
+        overwrite: replace an existing index at `output`.
 
     Example:
         >>> summary = build_index("runs/model", "photos/", "photos.index", IndexConfig(dtype="float16"))
         >>> summary.count, [s.path for s in summary.skipped]
     """
     started = time.perf_counter()
-    check_replaceable(Path(output).absolute())  # before the slow part, not after
+    output = Path(output).absolute()
+    check_replaceable(output, overwrite)  # before the lock and the slow part: a refusal touches nothing
+    with writer_lock(output):
+        return _build(model_dir, source, output, config, progress, overwrite, started)
+
+
+def _build(model_dir, source, output: Path, config: IndexConfig, progress: bool, overwrite: bool, started: float):
+    check_replaceable(output, overwrite)  # again, now that no other writer is at work
     model, model_record = load_checked_model(model_dir)
     gallery = open_gallery(source, progress, max_image_pixels)
     rows = range(len(gallery.records))
@@ -87,7 +97,7 @@ def build_index(
     if not kept:
         raise GallerySourceError(f"no images could be indexed from {gallery.source} ({len(skipped)} files skipped)")
     index = ImageIndex.create(np.stack([vectors[r.sha256] for r in kept]), kept, config, model_record)
-    path = index.save(output)
+    path = index.save(output, overwrite=overwrite)
     return _summary(index, path, started, embedded=len(vectors), skipped=skipped)
 
 
@@ -113,6 +123,11 @@ def add_to_index(
         max_image_pixels: see `build_index`.
     """
     started = time.perf_counter()
+    with _locked_index(index_dir):
+        return _add(index_dir, images, model_dir, progress, started)
+
+
+def _add(index_dir, images, model_dir, progress: bool, started: float) -> IndexSummary:
     index = ImageIndex.load(index_dir)
     gallery = open_gallery(images, progress, max_image_pixels)
     row_of_path = {path: row for row, path in enumerate(index.items.paths)}
@@ -140,7 +155,7 @@ def add_to_index(
     index.remove(replaced)
     if added:
         index.add(added, np.stack([vectors[record.sha256] for record in added]))
-    path = index.save(index_dir)
+    path = index.save(index_dir, overwrite=True)
     return _summary(
         index, path, started, embedded=embedded, reused=len(reuse), replaced=len(replaced),
         unchanged=unchanged, skipped=skipped,
@@ -158,6 +173,11 @@ def remove_from_index(
         missing: also remove items whose file no longer exists.
     """
     started = time.perf_counter()
+    with _locked_index(index_dir):
+        return _remove(index_dir, paths, missing, started)
+
+
+def _remove(index_dir, paths, missing: bool, started: float) -> IndexSummary:
     index = ImageIndex.load(index_dir)
     item_paths = index.items.paths
     doomed: set[int] = set()
@@ -174,8 +194,15 @@ def remove_from_index(
     if not doomed:
         return _summary(index, index_dir, started, skipped=skipped, written=False)
     index.remove(sorted(doomed))
-    path = index.save(index_dir)
+    path = index.save(index_dir, overwrite=True)
     return _summary(index, path, started, removed=len(doomed), skipped=skipped)
+
+
+def _locked_index(index_dir):
+    """The writer lock of an existing index: a second `add`/`remove` waits and then reads the first one's result,
+    so no update is lost and ids stay unique. A missing index is an error before any lock file is made."""
+    read_manifest(readable_path(Path(index_dir).absolute()))
+    return writer_lock(index_dir)
 
 
 def _summary(index: ImageIndex, path, started: float, **counts) -> IndexSummary:

@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from dual_encoder import atomic, files
-from dual_encoder.atomic import atomic_directory, file_sha256, readable_path
+from dual_encoder.atomic import INDEX, atomic_directory, file_sha256, readable_path
 from dual_encoder.config import IndexConfig
 from dual_encoder.index.ann import AnnIndex, IndexKind, resolve_kind
 from dual_encoder.index.errors import (
@@ -180,10 +180,11 @@ class ImageIndex:
 
     # -- persistence --------------------------------------------------------------------------
 
-    def save(self, directory: str | Path) -> Path:
-        """Write the index to `directory` atomically (replacing an existing index); returns the path."""
+    def save(self, directory: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the index to `directory` atomically; returns the path. An existing index there is replaced
+        only with `overwrite` (and a folder that is not an index never is)."""
         target = Path(directory).absolute()
-        with atomic_directory(target, marker=MANIFEST, what="an index", error=ImageIndexError) as staging:
+        with atomic_directory(target, INDEX, overwrite=overwrite, error=ImageIndexError) as staging:
             self._write(staging)
         return target
 
@@ -195,6 +196,7 @@ class ImageIndex:
             self._ann.save(directory / ANN)
         names = [EMBEDDINGS, ITEMS] + ([ANN] if self._ann is not None else [])
         manifest = {
+            **INDEX.stamp(),
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "count": len(self),
@@ -351,6 +353,6 @@ def _check_file(path: Path, expected: dict[str, Any], verify: bool) -> None:
         raise IndexCorruptError(f"{path}: {refused}") from None
 
 
-def check_replaceable(target: Path) -> None:
-    """Only an index (or nothing, or an empty folder) may be replaced: never a user's folder."""
-    atomic.check_replaceable(target, marker=MANIFEST, what="an index", error=ImageIndexError)
+def check_replaceable(target: Path, overwrite: bool = False) -> None:
+    """Only an index (with `overwrite`), nothing, or an empty folder may be replaced: never a user's folder."""
+    atomic.check_replaceable(target, INDEX, overwrite=overwrite, error=ImageIndexError)

@@ -12,7 +12,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from dual_encoder.atomic import atomic_directory
+from dual_encoder.atomic import MODEL, atomic_directory
 from dual_encoder.config import ModelConfig
 from dual_encoder.errors import DualEncoderError
 from dual_encoder.models.dual_encoder import DualEncoder
@@ -35,7 +35,8 @@ def save_model(model: DualEncoder, directory: str | Path) -> Path:
     An existing model directory there is replaced; any other non-empty directory is left alone (error).
     """
     directory = Path(directory)
-    with atomic_directory(directory, marker=FINGERPRINT_FILE, what="a saved model", error=ModelDirectoryError) as staging:
+    # A model folder is replaced without asking: only `train` writes one, inside its locked run folder.
+    with atomic_directory(directory, MODEL, overwrite=True, error=ModelDirectoryError) as staging:
         assets = model.text_encoder.save_assets(staging / ASSETS_DIR)
         config = {
             "format_version": FORMAT_VERSION,

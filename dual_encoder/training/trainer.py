@@ -30,6 +30,7 @@ from dual_encoder.data.pipeline import (
     label_arrays,
     make_train_dataset,
     read_split,
+    require_images,
     sample_caption_indices,
 )
 from dual_encoder.errors import DualEncoderError
@@ -37,6 +38,7 @@ from dual_encoder.evaluation import evaluate_split
 from dual_encoder.features import load_or_compute_features
 from dual_encoder.models import build_dual_encoder, save_model
 from dual_encoder.training.distribute import get_strategy, is_chief
+from dual_encoder.training.run_folder import claim_run_folder
 
 MONITOR = "mean_recall"  # mean of text->image and image->text recall@1/5/10 on the validation gallery
 
@@ -194,21 +196,23 @@ def train(
     *,
     strategy: str | tf.distribute.Strategy = "auto",
     progress: bool = True,
+    restart: bool = False,
 ) -> TrainResult:
     """Train a dual encoder on a prepared dataset; the best model by validation recall lands in `run_dir/model`
     when training ends (until then the best weights are in `run_dir/backup/best`).
 
-    Re-running the same command on the same `run_dir` resumes from the last completed epoch.
+    Re-running the same command on the same `run_dir` resumes from the last completed epoch; a run folder
+    whose config or dataset differs is refused unless `restart` (see `run_folder`). A dataset without
+    validation images is refused before anything is written: the best model is chosen by validation recall.
     """
     data_dir, run_dir = Path(data_dir), Path(run_dir)
+    require_images(data_dir, "validation", "train")
     if isinstance(strategy, str):
         strategy = get_strategy(strategy)
     chief = is_chief(strategy)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if chief:
-        config.save(run_dir / "config.json")
-    with _precision_policy(config.train.mixed_precision):
-        return _Run(config, data_dir, run_dir, strategy, chief, progress).fit()
+    with claim_run_folder(run_dir, config, data_dir, restart=restart, chief=chief):
+        with _precision_policy(config.train.mixed_precision):
+            return _Run(config, data_dir, run_dir, strategy, chief, progress).fit()
 
 
 class _Run:

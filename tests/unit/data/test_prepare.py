@@ -19,7 +19,8 @@ from .fixtures import TEST_CONFIG, decode, pattern, write_csv, write_image, writ
 
 def _prepare(tmp_path, rows, config=TEST_CONFIG, output="prepared"):
     write_csv(tmp_path / "pairs.csv", rows)
-    return prepare_dataset("csv", tmp_path / "pairs.csv", tmp_path, tmp_path / output, config, progress=False)
+    # overwrite: these tests re-prepare one output from changed inputs (refusal without it: test_safe_outputs)
+    return prepare_dataset("csv", tmp_path / "pairs.csv", tmp_path, tmp_path / output, config, progress=False, overwrite=True)
 
 
 def _examples(output):
@@ -85,7 +86,8 @@ def test_nothing_valid_is_a_data_error_and_writes_nothing(tmp_path):
     with pytest.raises(DataError, match=r"every image was skipped \(2 missing\)"):
         _prepare(tmp_path, [("a.jpg", "x"), ("b.jpg", "y")])
     assert not (tmp_path / "prepared").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["pairs.csv"]  # no temp dir left behind
+    # no temp dir left behind; only the writer lock file, which must outlive every writer
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".prepared.lock", "pairs.csv"]
 
 
 # --- storage: as-is when TF decodes the bytes to the same pixels, else a lossless RGB PNG -----------------------
@@ -277,7 +279,7 @@ def test_a_failure_mid_prepare_leaves_the_previous_output_intact(tmp_path, monke
         _prepare(tmp_path, rows + [("good0.jpg", "a new caption: the inputs changed")])
 
     assert _snapshot(first.output) == before
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # temp dir removed
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".prepared.lock"]  # temp dir removed
 
 
 def test_rerun_with_the_same_inputs_is_a_no_op(tmp_path):

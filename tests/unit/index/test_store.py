@@ -131,7 +131,7 @@ def test_ids_are_stable_across_remove_and_add_and_never_reused(tmp_path):
 
 def test_replacing_keeps_no_leftovers_and_swaps_content(tmp_path):
     _index(seed=0).save(tmp_path / "ix")
-    _index(count=30, seed=1).save(tmp_path / "ix")
+    _index(count=30, seed=1).save(tmp_path / "ix", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ix"]
     assert len(ImageIndex.load(tmp_path / "ix")) == 30
 
@@ -156,7 +156,7 @@ def test_a_crash_between_the_two_renames_leaves_the_previous_index_loadable(tmp_
     assert len(ImageIndex.load(tmp_path / "ix")) == 50
     _index(count=20, seed=2).save(tmp_path / "other")  # unrelated save: no effect on ix
     assert _files(tmp_path / ".ix.previous") == before
-    _index(count=10, seed=3).save(tmp_path / "ix")  # the next save of ix finishes the swap first
+    _index(count=10, seed=3).save(tmp_path / "ix", overwrite=True)  # the next save of ix finishes the swap first
     assert len(ImageIndex.load(tmp_path / "ix")) == 10
     assert not (tmp_path / ".ix.previous").exists()
 
@@ -172,7 +172,7 @@ vectors = np.random.default_rng(7).standard_normal((count, 32)).astype(np.float3
 records = [ImageRecord(path=f"/new/{i}.jpg", sha256=f"{i:064x}") for i in range(count)]
 index = ImageIndex.create(vectors, records, IndexConfig(), ModelRecord("/m", "e" * 64))
 print("writing", flush=True)
-index.save(sys.argv[1])
+index.save(sys.argv[1], overwrite=True)
 print("done", flush=True)
 """
 
@@ -216,5 +216,5 @@ def test_sigkill_at_any_moment_leaves_the_old_or_the_new_index_complete(tmp_path
         killed_mid_write += any(p.name.startswith(".ix.tmp-") for p in tmp_path.iterdir())
     assert outcomes[0] == "old" and killed_mid_write >= 3, (outcomes, killed_mid_write)
     # The next save clears what killed writers left behind.
-    _index(count=5).save(target)
+    _index(count=5).save(target, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ix", "pristine"]
