@@ -83,10 +83,13 @@ def build_index(
     output = Path(output).absolute()
     check_replaceable(output, overwrite)  # before the lock and the slow part: a refusal touches nothing
     with writer_lock(output):
-        return _build(model_dir, source, output, config, progress, overwrite, started)
+        return _build(model_dir, source, output, config, progress, overwrite, started, max_image_pixels)
 
 
-def _build(model_dir, source, output: Path, config: IndexConfig, progress: bool, overwrite: bool, started: float):
+def _build(
+    model_dir, source, output: Path, config: IndexConfig, progress: bool, overwrite: bool, started: float,
+    max_image_pixels: int,
+):  # fmt: skip
     check_replaceable(output, overwrite)  # again, now that no other writer is at work
     model, model_record = load_checked_model(model_dir)
     gallery = open_gallery(source, progress, max_image_pixels)
@@ -124,10 +127,10 @@ def add_to_index(
     """
     started = time.perf_counter()
     with _locked_index(index_dir):
-        return _add(index_dir, images, model_dir, progress, started)
+        return _add(index_dir, images, model_dir, progress, started, max_image_pixels)
 
 
-def _add(index_dir, images, model_dir, progress: bool, started: float) -> IndexSummary:
+def _add(index_dir, images, model_dir, progress: bool, started: float, max_image_pixels: int) -> IndexSummary:
     index = ImageIndex.load(index_dir)
     gallery = open_gallery(images, progress, max_image_pixels)
     row_of_path = {path: row for row, path in enumerate(index.items.paths)}
