@@ -18,7 +18,6 @@ import contextlib
 import dataclasses
 import errno
 import fnmatch
-import hashlib
 import json
 import os
 import shutil
