@@ -194,6 +194,14 @@ def _is_up_to_date(output: Path, fingerprint: str) -> Optional[dict[str, Any]]:
     return manifest if manifest.get("fingerprint") == fingerprint else None
 
 
+def _prepared_from(output: Path) -> Optional[str]:
+    """The input fingerprint a prepared dataset at `output` records, if it has a readable manifest."""
+    try:
+        return tfrecords.read_manifest(output).get("fingerprint")
+    except (DataError, OSError, AttributeError):
+        return None
+
+
 # --- prepare -----------------------------------------------------------------------------------------------------
 
 
@@ -299,6 +307,8 @@ def _prepare_locked(source, input, images_dir: Path, output: Path, config: DataC
     existing = _is_up_to_date(output, fingerprint)
     if existing is not None:
         return _summary(output, existing, skipped_now=True)
+    # The same inputs over a damaged copy (a corrupted shard): rewriting it is a repair, nothing is lost.
+    overwrite = overwrite or _prepared_from(output) == fingerprint
 
     splits = split_records(result.records, config.validation_fraction, config.split_seed)
     skipped = list(result.skipped)

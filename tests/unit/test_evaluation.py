@@ -55,7 +55,7 @@ def test_changed_metadata_makes_prepare_run_again(shapes, tmp_path):
     args = ("csv", captions, captions.parent / "images", out, DataConfig(validation_fraction=0.3))
     assert not prepare_dataset(*args, progress=False, metadata=scenes_file).skipped_now
     assert prepare_dataset(*args, progress=False, metadata=scenes_file).skipped_now
-    assert not prepare_dataset(*args, progress=False, metadata=edited).skipped_now
+    assert not prepare_dataset(*args, progress=False, metadata=edited, overwrite=True).skipped_now
 
 
 def test_a_bad_metadata_line_is_named(shapes, tmp_path):

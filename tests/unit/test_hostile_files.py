@@ -92,6 +92,8 @@ def tree_digest(root: Path, exclude: Path | None = None) -> dict[str, str]:
             path = os.path.join(folder, name)
             if exclude is not None and path.startswith(os.fsencode(exclude)):
                 continue
+            if exclude is not None and name == b"." + os.fsencode(Path(exclude).name) + b".lock":
+                continue  # the writer's lock file beside the output (see dual_encoder.atomic.writer_lock)
             if os.path.isfile(path) and not os.path.islink(path):
                 with open(path, "rb") as stream:
                     digests[os.fsdecode(path)] = hashlib.sha256(stream.read()).hexdigest()
