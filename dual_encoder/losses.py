@@ -41,6 +41,8 @@ def gather_across_replicas(x):
     context = tf.distribute.get_replica_context()
     if context is None or context.num_replicas_in_sync == 1:
         return x
+    if x.dtype.is_integer:  # ids (< 2**52, exact in float64): the multi-worker collectives refuse integers
+        return tf.cast(context.all_gather(tf.cast(x, tf.float64), axis=0), x.dtype)
     return context.all_gather(x, axis=0)
 
 

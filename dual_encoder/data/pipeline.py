@@ -89,7 +89,7 @@ class LabelArrays:
 
 def _label_hash(label: str) -> int:
     # Stable across processes and machines (Python's hash() is salted); never 0, the padding.
-    return (int.from_bytes(hashlib.blake2b(label.encode(), digest_size=8).digest(), "little") >> 2) | 1
+    return (int.from_bytes(hashlib.blake2b(label.encode(), digest_size=8).digest(), "little") % ID_BUCKETS) | 1
 
 
 def _padded(rows: list[list[int]]) -> np.ndarray:
@@ -147,13 +147,18 @@ def sample_caption_indices(num_captions: np.ndarray, epoch: int, seed: int) -> n
     return chosen
 
 
+# Ids and label hashes stay below 2**52: exact in float64, which is how `losses.gather_across_replicas` moves
+# integers between workers (MultiWorkerMirroredStrategy's collectives refuse int64).
+ID_BUCKETS = 1 << 52
+
+
 def caption_ids(captions) -> tf.Tensor:
     """int64 ids of captions, equal for captions identical after normalisation (case, whitespace, a trailing
     period): the loss treats such pairs in a batch as positives of each other."""
     text = tf.strings.lower(tf.convert_to_tensor(captions, dtype=tf.string), encoding="utf-8")
     text = tf.strings.regex_replace(tf.strings.strip(text), r"\s+", " ")
     text = tf.strings.regex_replace(text, r"\s*\.$", "")
-    return tf.strings.to_hash_bucket_fast(text, 1 << 62)
+    return tf.strings.to_hash_bucket_fast(text, ID_BUCKETS)
 
 
 def decode_and_resize(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
