@@ -14,15 +14,17 @@ from dual_encoder.models.layers import ModelConfigError
 IMAGENET = "imagenet"
 
 
-def build_small_cnn(image_size: int, width: int) -> keras.Model:
+def build_small_cnn(image_size: int, width: int, pooled: bool = False) -> keras.Model:
     """A small conv net trainable from scratch: three stages (widths `width`, `2 * width`, `3 * width`) of a
-    stride-2 conv and a conv, ReLU, then the feature map flattened.
+    stride-2 conv and a conv, ReLU, then the feature map flattened (and, with `pooled`, its global max beside).
 
-    Output size is `(image_size / 8)^2 * 3 * width`. Two choices matter for contrastive training from
-    scratch: no batch normalisation, because batch statistics let a batch's images see each other and the
-    loss can then fall without the images being learnt (the train loss drops while retrieval stays near
-    chance); and flattening instead of global pooling, because where an object is ("on the left") is part of
-    what captions say.
+    Output size is `(image_size / 8)^2 * 3 * width` (`+ 3 * width` with `pooled`). Choices that matter for
+    contrastive training from scratch: no batch normalisation, because batch statistics let a batch's images
+    see each other and the loss can then fall without the images being learnt (the train loss drops while
+    retrieval stays near chance); flattening instead of global pooling, because where an object is ("on the
+    left") is part of what captions say; and, with `pooled`, a global max beside it, because "a red star"
+    means one anywhere: a max-pooled channel says "there is one" whatever the place, where the flattened map
+    must learn that once for every place (measured: short queries stay near chance without it).
     """
     inputs = keras.Input((image_size, image_size, 3), name="images")
     x = inputs
@@ -30,7 +32,10 @@ def build_small_cnn(image_size: int, width: int) -> keras.Model:
         x = keras.layers.Conv2D(filters, 3, strides=2, padding="same", activation="relu", name=f"stage{stage}_down")(x)
         x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu", name=f"stage{stage}_conv")(x)
     outputs = keras.layers.Flatten(name="flatten")(x)
-    return keras.Model(inputs, outputs, name="small_cnn")
+    if pooled:
+        anywhere = keras.layers.GlobalMaxPooling2D(name="anywhere")(x)
+        outputs = keras.layers.Concatenate(name="anywhere_and_where")([anywhere, outputs])
+    return keras.Model(inputs, outputs, name="small_cnn_pooled" if pooled else "small_cnn")
 
 
 def _scale_to_symmetric_unit(images):
@@ -47,10 +52,13 @@ def _application(constructor) -> Callable[[int, int, Optional[str]], keras.Model
     return build
 
 
-def _small_cnn(image_size: int, width: int, weights: Optional[str]) -> keras.Model:
-    if weights == IMAGENET:
-        raise ModelConfigError("small_cnn has no ImageNet weights: use image_weights=null or a local .weights.h5 file")
-    return build_small_cnn(image_size, width)
+def _small_cnn(pooled: bool) -> Callable[[int, int, Optional[str]], keras.Model]:
+    def build(image_size: int, width: int, weights: Optional[str]) -> keras.Model:
+        if weights == IMAGENET:
+            raise ModelConfigError("small_cnn has no ImageNet weights: use image_weights=null or a local .weights.h5 file")
+        return build_small_cnn(image_size, width, pooled)
+
+    return build
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +87,8 @@ IMAGE_BACKBONES: dict[str, ImageBackboneSpec] = {
         _application(_apps.MobileNetV3Small), _apps.mobilenet_v3.preprocess_input, 32
     ),
     "resnet50": ImageBackboneSpec(_application(_apps.ResNet50), _apps.resnet50.preprocess_input, 32),
-    "small_cnn": ImageBackboneSpec(_small_cnn, _scale_to_symmetric_unit, 8),
+    "small_cnn": ImageBackboneSpec(_small_cnn(pooled=False), _scale_to_symmetric_unit, 8),
+    "small_cnn_pooled": ImageBackboneSpec(_small_cnn(pooled=True), _scale_to_symmetric_unit, 8),
 }
 
 

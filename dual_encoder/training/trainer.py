@@ -69,14 +69,16 @@ def chance_recall(k: int, gallery: int) -> float:
 def learning_warning(history: list[dict], config: Config, num_train: int, num_validation: int) -> Optional[str]:
     """A warning with the likely causes when a run ended at chance or its loss never left ln(batch); else None.
 
-    The contrastive loss of a model that has learnt nothing is ln(batch) (every caption equally likely for every
-    image), and its validation recall@10 is 10 / gallery.
+    The softmax (clip) loss of a model that has learnt nothing is ln(batch) (every caption equally likely for
+    every image), and its validation recall@10 is 10 / gallery.
     """
     if not history:
         return None
     chance = chance_recall(10, num_validation)
     best_recall = max(r.get("val_t2i_recall@10", 0.0) for r in history)
-    stuck_loss = min(r["loss"] for r in history) > LOSS_STUCK_FRACTION * math.log(config.train.batch_size)
+    # A softmax loss (clip, soft_target) of a model that knows nothing is ln(batch); siglip's is not.
+    softmax = config.model.loss != "siglip"
+    stuck_loss = softmax and min(r["loss"] for r in history) > LOSS_STUCK_FRACTION * math.log(config.train.batch_size)
     if best_recall >= CHANCE_FACTOR * chance and not stuck_loss:
         return None
     train = config.train

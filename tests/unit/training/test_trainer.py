@@ -72,6 +72,8 @@ def test_learning_warning_compares_recall_with_chance_and_the_loss_with_ln_batch
     stuck = learning_warning(_history([4.16, 4.15], [0.5, 0.5]), config, 600, 1000)
     assert "never fell below 95% of ln(batch) = 4.16" in stuck
     assert learning_warning([], config, 600, 1000) is None
+    siglip = Config(model=dataclasses.replace(config.model, loss="siglip"), train=config.train)
+    assert learning_warning(_history([17.0, 9.0], [0.5, 0.6]), siglip, 600, 1000) is None  # its loss is not ln(B)
 
 
 def test_batch_larger_than_the_training_set_is_a_clear_error(tiny_data, tmp_path):
