@@ -18,6 +18,11 @@ of the identity:
   caption j.
 They are gathered across replicas with the embeddings, so the mask of the global batch is the same on every
 replica and the distributed contract above holds.
+
+Hard negatives (NegCLIP, Yuksekgonul et al. 2023): `negative_embeddings` [B, D] holds, for each image, a caption
+that is false of it (its own caption with one colour, shape, size or place changed); `negative_mask` [B] is 0
+for rows that have none. The clip and siglip losses score each image against its own negative too, as one more
+wrong caption; soft_target (the recipe's) ignores them.
 """
 
 from __future__ import annotations
@@ -62,25 +67,35 @@ class ContrastiveLoss(keras.layers.Layer):
         super().__init__(**kwargs)
         self.gather_negatives = gather_negatives
 
-    def call(self, image_embeddings, text_embeddings, caption_ids=None, image_labels=None, caption_labels=None):
+    def call(
+        self, image_embeddings, text_embeddings, caption_ids=None, image_labels=None, caption_labels=None,
+        negative_embeddings=None, negative_mask=None,
+    ):  # fmt: skip
         """This replica's share of the global-batch loss; the optional inputs say which captions fit which
-        images (module doc): `caption_ids` [B] int64, `image_labels` [B, L] and `caption_labels` [B, L'] int64."""
+        images (module doc): `caption_ids` [B] int64, `image_labels` [B, L] and `caption_labels` [B, L'] int64;
+        and give each image a hard negative: `negative_embeddings` [B, D], `negative_mask` [B]."""
         image_embeddings = ops.cast(image_embeddings, "float32")
         text_embeddings = ops.cast(text_embeddings, "float32")
+        negatives = None
+        if negative_embeddings is not None:
+            mask = ops.ones_like(image_embeddings[:, 0]) if negative_mask is None else negative_mask
+            negatives = (ops.cast(negative_embeddings, "float32"), ops.cast(mask, "float32"))
         local_size = ops.cast(ops.shape(image_embeddings)[0], "float32")
         fit_inputs = (caption_ids, image_labels, caption_labels)
         if self.gather_negatives:
             image_embeddings = gather_across_replicas(image_embeddings)
             text_embeddings = gather_across_replicas(text_embeddings)
             fit_inputs = tuple(None if x is None else gather_across_replicas(x) for x in fit_inputs)
+            negatives = None if negatives is None else tuple(gather_across_replicas(x) for x in negatives)
             global_size = ops.cast(ops.shape(image_embeddings)[0], "float32")
         else:
             global_size = ops.sum(gather_across_replicas(ops.reshape(local_size, (1,))))
         positives = positives_mask(ops.shape(image_embeddings)[0], *fit_inputs)
-        return self.batch_loss(image_embeddings, text_embeddings, positives) * local_size / global_size
+        return self.batch_loss(image_embeddings, text_embeddings, positives, negatives) * local_size / global_size
 
-    def batch_loss(self, image_embeddings, text_embeddings, positives):
-        """The loss over one whole batch; `positives` [B, B] float32 is 1 where caption j fits image i."""
+    def batch_loss(self, image_embeddings, text_embeddings, positives, negatives=None):
+        """The loss over one whole batch; `positives` [B, B] float32 is 1 where caption j fits image i;
+        `negatives` is None or (negative embeddings [B, D], mask [B]) (module doc)."""
         raise NotImplementedError
 
     def get_config(self):
@@ -117,6 +132,8 @@ class ClipLoss(ContrastiveLoss):
         logits_per_image = s * I @ T^T,     logits_per_text = logits_per_image^T
         loss = (CE(P / rowsum(P), logits_per_image) + CE(P^T / rowsum(P^T), logits_per_text)) / 2
 
+    With hard negatives, logits_per_image gets one more column, s * I_i . N_i (image i's own negative, target 0).
+
     where CE(y, z) = mean_i -sum_j y_ij log_softmax(z)_ij and P is the positives mask (module doc): each image's
     targets are spread evenly over the captions that fit it, each caption's over the images it fits.
     With distinct captions this is CLIP's -mean_i log_softmax(logits)_ii. Past the cap, t gets no gradient.
@@ -139,10 +156,17 @@ class ClipLoss(ContrastiveLoss):
     def logit_scale(self):
         return ops.minimum(ops.exp(self.log_logit_scale), self.max_logit_scale)
 
-    def batch_loss(self, image_embeddings, text_embeddings, positives):
+    def batch_loss(self, image_embeddings, text_embeddings, positives, negatives=None):
         logits_per_image = self.logit_scale * ops.matmul(image_embeddings, ops.transpose(text_embeddings))
-        image_loss = _cross_entropy(_row_normalised(positives), logits_per_image)
         text_loss = _cross_entropy(_row_normalised(ops.transpose(positives)), ops.transpose(logits_per_image))
+        image_targets = _row_normalised(positives)
+        if negatives is not None:  # one more column per image: its own hard negative, never a target
+            embeddings, mask = negatives
+            own = self.logit_scale * ops.sum(image_embeddings * embeddings, axis=-1)
+            own = ops.where(mask > 0, own, -1e9)
+            logits_per_image = ops.concatenate([logits_per_image, own[:, None]], axis=1)
+            image_targets = ops.pad(image_targets, [[0, 0], [0, 1]])
+        image_loss = _cross_entropy(image_targets, logits_per_image)
         return (image_loss + text_loss) / 2.0
 
     def get_config(self):
@@ -170,7 +194,8 @@ class SoftTargetLoss(ContrastiveLoss):
         super().__init__(**kwargs)
         self.temperature = temperature
 
-    def batch_loss(self, image_embeddings, text_embeddings, positives):
+    def batch_loss(self, image_embeddings, text_embeddings, positives, negatives=None):
+        del negatives  # the recipe's loss, as the example has it
         logits = ops.matmul(text_embeddings, ops.transpose(image_embeddings)) / self.temperature
         images_similarity = ops.matmul(image_embeddings, ops.transpose(image_embeddings))
         texts_similarity = ops.matmul(text_embeddings, ops.transpose(text_embeddings))
@@ -193,6 +218,7 @@ class SigLipLoss(ContrastiveLoss):
         s = min(exp(t'), max_logit_scale),  t' initialised to log 10;  b initialised to -10
         logits_ij = s * I_i . T_j + b,      z_ij = 1 if caption j fits image i (P_ij, module doc) else -1
         loss = -(1 / B) sum_i sum_j log sigmoid(z_ij * logits_ij)
+        (with hard negatives, plus -(1 / B) sum_i log sigmoid(-(s * I_i . N_i + b)))
 
     Args:
         max_logit_scale: cap on the scale.
@@ -211,10 +237,15 @@ class SigLipLoss(ContrastiveLoss):
     def logit_scale(self):
         return ops.minimum(ops.exp(self.log_logit_scale), self.max_logit_scale)
 
-    def batch_loss(self, image_embeddings, text_embeddings, positives):
+    def batch_loss(self, image_embeddings, text_embeddings, positives, negatives=None):
         logits = self.logit_scale * ops.matmul(image_embeddings, ops.transpose(text_embeddings)) + self.logit_bias
         signs = 2.0 * positives - 1.0
-        return -ops.sum(ops.log_sigmoid(signs * logits)) / ops.cast(ops.shape(logits)[0], "float32")
+        total = ops.sum(ops.log_sigmoid(signs * logits))
+        if negatives is not None:  # each image against its own hard negative: one more wrong pair
+            embeddings, mask = negatives
+            own = self.logit_scale * ops.sum(image_embeddings * embeddings, axis=-1) + self.logit_bias
+            total = total + ops.sum(mask * ops.log_sigmoid(-own))
+        return -total / ops.cast(ops.shape(logits)[0], "float32")
 
     def get_config(self):
         return {**super().get_config(), "max_logit_scale": self.max_logit_scale}

@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from dual_encoder.data import tfrecords
-from dual_encoder.data.sources import CAPTION_LABELS_KEY, LABELS_KEY, DataError
+from dual_encoder.data.sources import CAPTION_LABELS_KEY, LABELS_KEY, NEGATIVES_KEY, DataError
 
 # Separate random streams for the epoch's image order and its caption choice.
 _ORDER_STREAM, _CAPTION_STREAM = 0, 1
@@ -122,6 +122,15 @@ def require_images(prepared: Path, split: str, command: str) -> SplitInfo:
     return info
 
 
+def negative_captions(info: SplitInfo) -> Optional[np.ndarray]:
+    """Each caption's hard negative (item metadata `negative_captions`; "" where a caption has none), captions
+    flattened in order; None unless every image's metadata has the key."""
+    if not info.metadata or not all(m and NEGATIVES_KEY in m for m in info.metadata):
+        return None
+    rows = [meta[NEGATIVES_KEY].get(c, "") for meta, caps in zip(info.metadata, info.captions) for c in caps]
+    return np.array(rows, dtype=object)
+
+
 def epoch_order(num_images: int, epoch: int, seed: int) -> np.ndarray:
     """The order images are visited in `epoch`: a permutation seeded by (seed, epoch) of the fixed order."""
     return np.random.default_rng([seed, _ORDER_STREAM, epoch]).permutation(num_images)
@@ -210,7 +219,8 @@ def make_train_dataset(
 ) -> tf.data.Dataset:
     """One epoch of `{"images": uint8 [B, S, S, 3], "captions": string [B], "caption_ids": int64 [B]}` batches
     (`caption_ids` mark identical captions for the loss), plus `image_labels` and `caption_labels` (int64 rows of
-    `label_arrays`) when the split's metadata says which captions fit which images.
+    `label_arrays`) when the split's metadata says which captions fit which images, and `negative_captions`
+    (string) with `negative_mask` (float32, 0 where a caption has no hard negative) when it has hard negatives.
 
     Images come in `epoch_order(N, epoch, seed)` (or the fixed order without `shuffle`), each once, with the
     caption `sample_caption_indices` picks for this epoch: two captions of one image never meet in a batch,
@@ -221,11 +231,13 @@ def make_train_dataset(
         raise DataError(f"split '{split}' has {info.num_images} images, fewer than one batch of {batch_size}")
     order = epoch_order(info.num_images, epoch, seed) if shuffle else np.arange(info.num_images)
     chosen = sample_caption_indices(info.num_captions(), epoch, seed)
-    labels = label_arrays(info)
+    labels, negatives = label_arrays(info), negative_captions(info)
+    flat = np.concatenate([[0], np.cumsum(info.num_captions())[:-1]]).astype(np.int64) + chosen  # row of each pick
     if labels is not None:
-        caption_start = np.concatenate([[0], np.cumsum(info.num_captions())[:-1]]).astype(np.int64)
         image_labels = tf.constant(labels.image_labels)
-        caption_labels = tf.constant(labels.caption_labels[caption_start + chosen])
+        caption_labels = tf.constant(labels.caption_labels[flat])
+    if negatives is not None:
+        chosen_negatives = tf.constant(negatives[flat].astype(str).tolist(), dtype=tf.string)
     chosen = tf.constant(chosen)
 
     def to_pair(index: tf.Tensor, serialized: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -238,6 +250,9 @@ def make_train_dataset(
         }
         if labels is not None:
             pair.update(image_labels=image_labels[index], caption_labels=caption_labels[index])
+        if negatives is not None:
+            negative = chosen_negatives[index]
+            pair.update(negative_captions=negative, negative_mask=tf.cast(tf.strings.length(negative) > 0, tf.float32))
         return pair
 
     return (

@@ -319,6 +319,8 @@ SOURCES: dict[str, tuple[Callable[[Optional[Path], Path], SourceResult], bool]] 
 # Metadata keys training reads: an image's labels, and per caption the labels it requires of an image (a caption
 # fits every image that has all of its labels; see `data.pipeline.label_arrays`).
 LABELS_KEY, CAPTION_LABELS_KEY = "labels", "caption_labels"
+# Metadata key of hard negatives: caption -> a caption of the same form that is false of the image.
+NEGATIVES_KEY = "negative_captions"
 
 
 def read_metadata(path: Path, images_dir: Path) -> dict[Path, dict]:

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from dual_encoder.data.sources import CAPTION_LABELS_KEY, LABELS_KEY
+from dual_encoder.data.sources import CAPTION_LABELS_KEY, LABELS_KEY, NEGATIVES_KEY
 
 CAPTIONS_FILE = "captions.csv"
 SCENES_FILE = "scenes.jsonl"
@@ -366,22 +366,66 @@ def render_caption(mentions: list[Mention], count: int, rng: np.random.Generator
     return _pick(rng, templates)(mentions, count, rng)
 
 
-def describe_scene(
-    scene: Scene, rng: np.random.Generator, count: int, partial: float = 0.0
-) -> dict[str, tuple[Mention, ...]]:
-    """`count` distinct captions of `scene` -> what each says (its mentions). About `partial` of them are partial
+@dataclasses.dataclass(frozen=True)
+class Described:
+    """One caption's meaning: what it says (its mentions, in caption order) and a hard negative — the same caption,
+    same template and words, with one thing changed so that it is false of the scene (`contrast_mentions`) — or
+    None."""
+
+    mentions: tuple[Mention, ...]
+    negative: Optional[str]
+
+
+def describe_scene(scene: Scene, rng: np.random.Generator, count: int, partial: float = 0.0) -> dict[str, Described]:
+    """`count` distinct captions of `scene` -> what each says. About `partial` of them are partial
     (`partial_mentions`); at least one is full (`is_full`) unless `partial` is 1; the full ones come first."""
     num_partial = int(rng.binomial(count, partial))
     num_full = count - num_partial if partial >= 1 else max(1, count - num_partial)
-    captions: dict[str, tuple[Mention, ...]] = {}
+    captions: dict[str, Described] = {}
     for wanted, describe in ((num_full, full_mentions), (count, lambda s: partial_mentions(s, rng))):
         for _ in range(50 * count):
             if len(captions) >= wanted:
                 break
             mentions = describe(scene)
-            order = rng.permutation(len(mentions))
-            captions.setdefault(render_caption([mentions[i] for i in order], len(scene), rng), tuple(mentions))
+            mentions = [mentions[i] for i in rng.permutation(len(mentions))]
+            words = int(rng.integers(1 << 32))  # the same template and word choices for the caption and its negative
+            caption = render_caption(mentions, len(scene), np.random.default_rng(words))
+            changed = contrast_mentions(mentions, scene, rng)
+            negative = None if changed is None else render_caption(changed, len(scene), np.random.default_rng(words))
+            captions.setdefault(caption, Described(tuple(mentions), negative))
     return captions
+
+
+def contrast_mentions(mentions: Sequence[Mention], scene: Scene, rng: np.random.Generator) -> Optional[list[Mention]]:
+    """`mentions` with one thing changed so that they no longer fit `scene` — another colour, shape, size or place
+    for one object, or two objects' colours swapped — or None if no try (of 20) gives one.
+
+    A hard negative, as in NegCLIP (Yuksekgonul et al., 2023): "a blue star" for an image of a red star teaches
+    what contrastive training on whole captions learns last, if ever — the colour, and which colour goes with
+    which shape."""
+    for _ in range(20):
+        changed = list(mentions)
+        k = int(rng.integers(len(changed)))
+        m = changed[k]
+        kind = _pick(rng, ("colour", "colour", "shape", "size", "region", "swap"))
+        if kind == "swap" and len(changed) > 1 and m.colour:
+            other = int(rng.choice([i for i in range(len(changed)) if i != k]))
+            o = changed[other]
+            if not o.colour or o.obj.colour == m.obj.colour:
+                continue
+            changed[k] = dataclasses.replace(m, obj=dataclasses.replace(m.obj, colour=o.obj.colour))
+            changed[other] = dataclasses.replace(o, obj=dataclasses.replace(o.obj, colour=m.obj.colour))
+        elif kind in ("colour", "shape", "size") and getattr(m, kind):
+            table = {"colour": COLOURS, "shape": SHAPES, "size": SIZES}[kind]
+            value = _pick(rng, [v for v in table if v != getattr(m.obj, kind)])
+            changed[k] = dataclasses.replace(m, obj=dataclasses.replace(m.obj, **{kind: value}))
+        elif kind == "region" and m.region:
+            changed[k] = dataclasses.replace(m, region=_pick(rng, [r for r in REGIONS if r != m.region]))
+        else:
+            continue
+        if not fits_scene(changed, scene):
+            return changed
+    return None
 
 
 def is_full(mentions: Sequence[Mention], scene: Scene) -> bool:
@@ -504,9 +548,10 @@ def generate_synthetic(
             row = {
                 "image": name,
                 "objects": scene_to_json(scene),
-                "full_captions": [caption for caption, mentions in captions.items() if is_full(mentions, scene)],
+                "full_captions": [caption for caption, d in captions.items() if is_full(d.mentions, scene)],
                 LABELS_KEY: scene_labels(scene),
-                CAPTION_LABELS_KEY: {c: sorted({mention_label(m) for m in ms}) for c, ms in captions.items()},
+                CAPTION_LABELS_KEY: {c: sorted({mention_label(m) for m in d.mentions}) for c, d in captions.items()},
+                NEGATIVES_KEY: {c: d.negative for c, d in captions.items() if d.negative is not None},
             }
             scenes.write(json.dumps(row) + "\n")
     return captions_path

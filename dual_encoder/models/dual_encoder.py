@@ -16,7 +16,7 @@ from dual_encoder.models.layers import ModelConfigError, ProjectionHead
 from dual_encoder.models.text_encoder import build_text_encoder, build_vocabulary, text_encoder_class
 
 MODEL_CONFIG_FIELDS = tuple(field.name for field in dataclasses.fields(ModelConfig))
-LOSS_KEYS = ("caption_ids", "image_labels", "caption_labels")  # batch keys that only the loss reads
+LOSS_KEYS = ("caption_ids", "image_labels", "caption_labels", "negative_mask")  # batch keys only the loss reads
 
 
 class BatchKeysError(DualEncoderError, ValueError):
@@ -121,9 +121,12 @@ class DualEncoder(keras.Model):
 
     def call(self, batch, training=False):
         """A batch with `images` or `image_features`, and `captions` or `text_features` (and optionally
-        `caption_ids`, `image_labels`, `caption_labels`, passed through for the loss) ->
-        {"image_embeddings", "text_embeddings", and those passed through}."""
+        `caption_ids`, `image_labels`, `caption_labels`, `negative_mask`, passed through for the loss, and
+        `negative_captions`, embedded) -> {"image_embeddings", "text_embeddings", those passed through and
+        "negative_embeddings"}."""
         extra = {key: batch[key] for key in LOSS_KEYS if key in batch}
+        if "negative_captions" in batch:  # hard negatives: captions false of their image (the loss's extra column)
+            extra["negative_embeddings"] = self.encode_text(batch["negative_captions"], training=training)
         return {
             **extra,
             "image_embeddings": self._embed(
@@ -147,7 +150,9 @@ class DualEncoder(keras.Model):
     def compute_contrastive_loss(self, outputs):
         """This replica's share of the global-batch loss for `call`'s outputs (see `dual_encoder.losses`)."""
         return self.contrastive_loss(
-            outputs["image_embeddings"], outputs["text_embeddings"], **{k: outputs[k] for k in LOSS_KEYS if k in outputs}
+            outputs["image_embeddings"],
+            outputs["text_embeddings"],
+            **{k: outputs[k] for k in (*LOSS_KEYS, "negative_embeddings") if k in outputs},
         )
 
     def get_config(self):

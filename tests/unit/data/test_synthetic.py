@@ -148,8 +148,8 @@ def test_partial_captions_state_only_what_is_drawn():
     seen_partial = 0
     for _ in range(300):
         scene = sample_scene(rng)
-        for caption, mentions in describe_scene(scene, rng, 5, partial=0.8).items():
-            seen_partial += not is_full(mentions, scene)
+        for caption, described in describe_scene(scene, rng, 5, partial=0.8).items():
+            seen_partial += not is_full(described.mentions, scene)
             for kind, attribute in (("colour", "colour"), ("shape", "shape"), ("size", "size")):
                 assert _named(caption, kind) <= {getattr(o, attribute) for o in scene}, (caption, scene)
             places = [name for name, p in POSITIONS.items() for ph in p.phrases + p.labels if f" {ph}" in f" {caption}"]
@@ -173,7 +173,7 @@ def test_the_partial_mix_is_an_option_and_full_captions_come_first():
     rng = np.random.default_rng(7)
     scenes = [sample_scene(rng) for _ in range(200)]
     kinds = {
-        p: [[is_full(m, s) for m in describe_scene(s, rng, 5, partial=p).values()] for s in scenes]
+        p: [[is_full(d.mentions, s) for d in describe_scene(s, rng, 5, partial=p).values()] for s in scenes]
         for p in (0.0, 0.5, 1.0)
     }
     assert all(all(k) for k in kinds[0.0])  # no partial captions
