@@ -184,6 +184,35 @@ def test_clip_with_label_positives_spreads_targets_over_what_fits():
     assert value == pytest.approx((image_side + text_side) / 2, rel=1e-5)
 
 
+NEGATIVES = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.6, 0.8, 0.0], [0.0, 0.6, 0.8]])
+NEGATIVE_MASK = np.array([1.0, 1.0, 0.0, 1.0])  # image 2 has no hard negative
+
+
+def test_clip_scores_each_image_against_its_own_hard_negative():
+    loss = ClipLoss(temperature=0.5)
+    value = float(loss(IMAGES, TEXTS, negative_embeddings=NEGATIVES, negative_mask=NEGATIVE_MASK))
+    logits = 2.0 * IMAGES @ TEXTS.T
+    own = 2.0 * np.sum(IMAGES * NEGATIVES, axis=1)
+    extended = np.concatenate([logits, np.where(NEGATIVE_MASK > 0, own, -1e9)[:, None]], axis=1)
+    image_side = -np.mean(np.diag(_log_softmax(extended)[:, :4]))
+    text_side = -np.mean(np.diag(_log_softmax(logits.T)))
+    assert value == pytest.approx((image_side + text_side) / 2, rel=1e-5)
+    assert value > float(loss(IMAGES, TEXTS))  # a negative close to the image costs something
+
+
+def test_siglip_counts_each_hard_negative_as_one_more_wrong_pair():
+    loss = SigLipLoss()
+    value = float(loss(IMAGES, TEXTS, negative_embeddings=NEGATIVES, negative_mask=NEGATIVE_MASK))
+    own = 10.0 * np.sum(IMAGES * NEGATIVES, axis=1) - 10.0
+    extra = -np.sum(NEGATIVE_MASK * np.log(1 / (1 + np.exp(own)))) / 4
+    assert value == pytest.approx(_siglip_reference(IMAGES, TEXTS, np.log(10.0), -10.0) + extra, rel=1e-5)
+
+
+def test_soft_target_keeps_the_recipe_and_ignores_hard_negatives():
+    loss = SoftTargetLoss(temperature=0.5)
+    assert float(loss(IMAGES, TEXTS, negative_embeddings=NEGATIVES)) == pytest.approx(float(loss(IMAGES, TEXTS)))
+
+
 def test_clip_scale_starts_at_inverse_temperature_and_is_capped():
     loss = ClipLoss(temperature=0.07, max_logit_scale=100.0)
     np.testing.assert_allclose(float(loss.logit_scale), 1 / 0.07, rtol=1e-6)

@@ -1,5 +1,7 @@
 """The captioned-shapes generator: determinism, caption paraphrases, and captions that match the pixels."""
 
+import difflib
+
 import numpy as np
 import pytest
 
@@ -18,6 +20,7 @@ from dual_encoder.data.synthetic import (
     example_queries,
     fits_scene,
     is_full,
+    contrast_mentions,
     mention_label,
     scene_labels,
     generate_synthetic,
@@ -238,3 +241,26 @@ def test_the_scenes_file_carries_labels_for_every_caption(tmp_path):
         assert set(row["caption_labels"]) == set(by_name[row["image"]])
         for labels in row["caption_labels"].values():
             assert labels and set(labels) <= set(row["labels"])  # every caption fits its own image
+
+
+def test_hard_negatives_are_the_same_caption_with_one_thing_false():
+    rng = np.random.default_rng(9)
+    made = 0
+    for _ in range(300):
+        scene = sample_scene(rng)
+        for caption, described in describe_scene(scene, rng, 4, partial=0.5).items():
+            if described.negative is None:
+                continue
+            made += 1
+            assert described.negative != caption
+            # same template and words but for the changed attribute(s): most words stay
+            opcodes = difflib.SequenceMatcher(None, caption.split(), described.negative.split()).get_opcodes()
+            changed = sum(max(i2 - i1, j2 - j1) for tag, i1, i2, j1, j2 in opcodes if tag != "equal")
+            assert 1 <= changed <= max(6, len(caption.split()) // 2), (caption, described.negative)
+    assert made > 1000
+    for _ in range(300):
+        scene = sample_scene(rng)
+        mentions = partial_mentions(scene, rng)
+        changed = contrast_mentions(mentions, scene, rng)
+        if changed is not None:
+            assert fits_scene(mentions, scene) and not fits_scene(changed, scene)
