@@ -42,6 +42,13 @@ def _scale_to_symmetric_unit(images):
     return images / 127.5 - 1.0
 
 
+def _centre_on_image_colour(images):
+    """Each image minus its own mean colour, scaled to about [-1, 1]: the background's colour (the bulk of the
+    pixels, and in photos the light's cast) is taken out, so what the net sees first is how things differ
+    from it — the objects' own colours."""
+    return (images - ops.mean(images, axis=(1, 2), keepdims=True)) / 127.5
+
+
 def _application(constructor) -> Callable[[int, int, Optional[str]], keras.Model]:
     """A `keras.applications` constructor as a registry builder: headless, average-pooled."""
 
@@ -88,7 +95,7 @@ IMAGE_BACKBONES: dict[str, ImageBackboneSpec] = {
     ),
     "resnet50": ImageBackboneSpec(_application(_apps.ResNet50), _apps.resnet50.preprocess_input, 32),
     "small_cnn": ImageBackboneSpec(_small_cnn(pooled=False), _scale_to_symmetric_unit, 8),
-    "small_cnn_pooled": ImageBackboneSpec(_small_cnn(pooled=True), _scale_to_symmetric_unit, 8),
+    "small_cnn_pooled": ImageBackboneSpec(_small_cnn(pooled=True), _centre_on_image_colour, 8),
 }
 
 

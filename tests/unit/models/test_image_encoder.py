@@ -8,7 +8,10 @@ from dual_encoder.models.image_encoder import IMAGE_BACKBONES, ImageEncoder, bui
 from dual_encoder.models.layers import ModelConfigError
 
 # The heavy ones at their smallest inputs, marked slow (they still run in CI).
-SIZES = {"xception": 71, "resnet50": 32, "efficientnetv2_b0": 32, "mobilenetv3_small": 32, "small_cnn": 32}
+SIZES = {
+    "xception": 71, "resnet50": 32, "efficientnetv2_b0": 32, "mobilenetv3_small": 32, "small_cnn": 32,
+    "small_cnn_pooled": 32,
+}  # fmt: skip
 HEAVY = {"xception", "resnet50"}
 
 
@@ -33,6 +36,21 @@ def test_small_cnn_keeps_a_spatial_map_whose_size_follows_width_and_image_size()
     assert ImageEncoder("small_cnn", image_size=32, width=8).output_dim == 16 * 24
     assert ImageEncoder("small_cnn", image_size=32, width=4).output_dim == 16 * 12
     assert ImageEncoder("small_cnn", image_size=64, width=4).output_dim == 64 * 12
+
+
+def test_small_cnn_pooled_adds_a_global_max_and_ignores_the_images_own_colour_cast():
+    tower = ImageEncoder("small_cnn_pooled", image_size=32, width=8)
+    assert tower.output_dim == 24 + 16 * 24  # the max of each of the last stage's channels, then the map
+    rng = np.random.default_rng(0)
+    image = rng.integers(40, 200, (1, 32, 32, 3)).astype("float32")
+    shifted = image + np.array([30.0, -20.0, 10.0], dtype="float32")  # the same picture under another light
+    np.testing.assert_allclose(tower(image), tower(shifted), rtol=1e-4, atol=1e-4)
+    assert not np.allclose(tower(image), tower(image[:, :, :, ::-1]), atol=1e-3)  # colours themselves count
+    backbone = tower.backbone
+    max_branch = keras.Model(backbone.input, backbone.get_layer("anywhere").output)
+    moved = np.roll(image, 8, axis=2)  # the same content elsewhere: the anywhere branch barely changes
+    prepared = [(x - x.mean(axis=(1, 2), keepdims=True)) / 127.5 for x in (image, moved)]
+    assert np.abs(max_branch(prepared[0]) - max_branch(prepared[1])).mean() < np.abs(max_branch(prepared[0])).mean()
 
 
 def test_small_cnn_features_of_an_image_do_not_depend_on_the_rest_of_its_batch(images):
