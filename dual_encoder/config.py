@@ -300,6 +300,7 @@ ALLOWED: dict[str, Allowed] = {
     "serve.max_query_chars": _POSITIVE,
     "serve.max_k": _POSITIVE,
     "serve.thumbnail_size": Allowed(low=16),
+    "serve.max_request_bytes": Allowed(low=1024),
 }
 
 

@@ -142,13 +142,13 @@ def run_demo(
     data_config = DataConfig(validation_fraction=plan.validation_images / plan.num_images)
     summary = prepare_dataset(
         "csv", captions, captions.parent / "images", paths["dataset"], data_config, progress=progress,
-        metadata=captions.parent / SCENES_FILE,
+        metadata=captions.parent / SCENES_FILE, overwrite=True,  # the demo's own folder: every run starts afresh
     )  # fmt: skip
     echo(summary.summary_line())
     start = _lap(seconds, "prepare", start)
 
     stage(3, f"Training {config.model.image_backbone} + {config.model.text_backbone} ({config.train.epochs} epochs)")
-    result = train(config, paths["dataset"], paths["run"], progress=progress)
+    result = train(config, paths["dataset"], paths["run"], progress=progress, restart=True)
     paths["model"] = result.model_dir
     start = _lap(seconds, "train", start)
 

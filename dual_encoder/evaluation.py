@@ -61,7 +61,8 @@ def evaluate_split(model, data_dir, split: str, *, batch_size: int = 64, feature
     if mask is not None and mask.any():
         text_embeddings, text_to_image = text_embeddings[mask], text_to_image[mask]
     metrics = retrieval_metrics(image_embeddings, text_embeddings, text_to_image)
-    return {**metrics, "captions": "full" if mask is not None else "all", "num_captions": int(len(text_to_image))}
+    used = "full" if mask is not None and mask.any() else "all"
+    return {**metrics, "captions": used, "num_captions": int(len(text_to_image))}
 
 
 def split_gallery(model, data_dir, split: str, *, batch_size: int = 64):

@@ -46,8 +46,12 @@ def gather_across_replicas(x):
     context = tf.distribute.get_replica_context()
     if context is None or context.num_replicas_in_sync == 1:
         return x
-    if x.dtype.is_integer:  # ids (< 2**52, exact in float64): the multi-worker collectives refuse integers
-        return tf.cast(context.all_gather(tf.cast(x, tf.float64), axis=0), x.dtype)
+    if x.dtype.is_integer:
+        # Ids (< 2**48): multi-worker collectives refuse integers and TPUs float64, so they travel as two
+        # float32 halves of 24 bits, each exact.
+        high, low = tf.cast(x // (1 << 24), tf.float32), tf.cast(x % (1 << 24), tf.float32)
+        high, low = (tf.cast(context.all_gather(half, axis=0), x.dtype) for half in (high, low))
+        return high * (1 << 24) + low
     return context.all_gather(x, axis=0)
 
 
@@ -112,7 +116,8 @@ def positives_mask(size, caption_ids=None, image_labels=None, caption_labels=Non
         # found[i, j, l]: image i has label l of caption j; padding (0) is always found.
         found = ops.any(ops.equal(caption_labels[None, :, :, None], image_labels[:, None, None, :]), axis=-1)
         found = ops.logical_or(found, ops.equal(caption_labels, 0)[None, :, :])
-        positives = ops.logical_or(positives, ops.all(found, axis=-1))
+        labelled = ops.any(ops.not_equal(caption_labels, 0), axis=-1)[None, :]  # a caption with no labels fits none
+        positives = ops.logical_or(positives, ops.logical_and(ops.all(found, axis=-1), labelled))
     return ops.cast(positives, "float32")
 
 

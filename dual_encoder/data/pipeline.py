@@ -156,9 +156,9 @@ def sample_caption_indices(num_captions: np.ndarray, epoch: int, seed: int) -> n
     return chosen
 
 
-# Ids and label hashes stay below 2**52: exact in float64, which is how `losses.gather_across_replicas` moves
-# integers between workers (MultiWorkerMirroredStrategy's collectives refuse int64).
-ID_BUCKETS = 1 << 52
+# Ids and label hashes stay below 2**48: `losses.gather_across_replicas` moves integers between replicas as two
+# exact float32 halves (multi-worker collectives refuse int64, TPUs float64).
+ID_BUCKETS = 1 << 48
 
 
 def caption_ids(captions) -> tf.Tensor:

@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from dual_encoder.data.judgements import QuerySet
+from dual_encoder.data.judgements import QuerySet, QuerySetError
 from dual_encoder.data.synthetic import (
     COLOURS,
     POSITIONS,
@@ -101,6 +101,11 @@ def make_query_set(
             query_id = f"{group.replace('+', '-').replace(' ', '-')}-{number:03d}"
             queries[query_id], groups[query_id] = text, group
             qrels[query_id] = {doc: 1 for doc in relevant}
+    if not queries:
+        raise QuerySetError(
+            f"no query has {min_relevant} relevant images among {len(scenes)}: use a larger gallery or a smaller "
+            "--min-relevant"
+        )
     return QuerySet(queries, groups, qrels)
 
 

@@ -344,6 +344,20 @@ def read_metadata(path: Path, images_dir: Path) -> dict[Path, dict]:
 
 
 def with_metadata(result: SourceResult, metadata: dict[Path, dict]) -> SourceResult:
-    """`result` with each record's metadata attached (records that the metadata does not name keep None)."""
-    records = [dataclasses.replace(r, metadata=metadata.get(r.path, r.metadata)) for r in result.records]
+    """`result` with each record's metadata attached (records that the metadata does not name keep None).
+
+    Per-caption fields (`CAPTION_LABELS_KEY`, `NEGATIVES_KEY`: caption -> value) are keyed by the caption as
+    `prepare` cleans it, so they find the caption the item table holds.
+    """
+    records = [dataclasses.replace(r, metadata=_cleaned_keys(metadata.get(r.path, r.metadata))) for r in result.records]
     return SourceResult(records, result.skipped)
+
+
+def _cleaned_keys(metadata: Optional[dict]) -> Optional[dict]:
+    if not metadata:
+        return metadata
+    cleaned = dict(metadata)
+    for key in (CAPTION_LABELS_KEY, NEGATIVES_KEY):
+        if isinstance(metadata.get(key), dict):
+            cleaned[key] = {clean_caption(caption): value for caption, value in metadata[key].items()}
+    return cleaned

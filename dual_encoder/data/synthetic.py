@@ -360,10 +360,13 @@ def partial_mentions(scene: Scene, rng: np.random.Generator) -> list[Mention]:
     return mentions
 
 
+def _template(mentions: Sequence[Mention], rng: np.random.Generator) -> Callable:
+    return _pick(rng, _TEMPLATES if all(m.region for m in mentions) else _ANY_MENTION_TEMPLATES)
+
+
 def render_caption(mentions: list[Mention], count: int, rng: np.random.Generator) -> str:
     """One caption saying `mentions` of a scene of `count` objects, in a random template."""
-    templates = _TEMPLATES if all(m.region for m in mentions) else _ANY_MENTION_TEMPLATES
-    return _pick(rng, templates)(mentions, count, rng)
+    return _template(mentions, rng)(mentions, count, rng)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -374,6 +377,7 @@ class Described:
 
     mentions: tuple[Mention, ...]
     negative: Optional[str]
+    states_count: bool = False  # "three shapes, one of them a red star" says how many objects there are
 
 
 def describe_scene(scene: Scene, rng: np.random.Generator, count: int, partial: float = 0.0) -> dict[str, Described]:
@@ -389,10 +393,11 @@ def describe_scene(scene: Scene, rng: np.random.Generator, count: int, partial: 
             mentions = describe(scene)
             mentions = [mentions[i] for i in rng.permutation(len(mentions))]
             words = int(rng.integers(1 << 32))  # the same template and word choices for the caption and its negative
+            template = _template(mentions, np.random.default_rng(words))
             caption = render_caption(mentions, len(scene), np.random.default_rng(words))
             changed = contrast_mentions(mentions, scene, rng)
             negative = None if changed is None else render_caption(changed, len(scene), np.random.default_rng(words))
-            captions.setdefault(caption, Described(tuple(mentions), negative))
+            captions.setdefault(caption, Described(tuple(mentions), negative, template is _counted))
     return captions
 
 
@@ -461,10 +466,21 @@ def object_labels(obj: ShapeObject) -> list[str]:
     return labels
 
 
+def count_label(count: int) -> str:
+    """The label of a scene of `count` objects, which a caption that says how many there are requires."""
+    return f"count={count}"
+
+
 def scene_labels(scene: Scene) -> list[str]:
-    """The labels of every object of `scene`, sorted: a caption fits the scene when the scene has each of the
-    caption's labels (`mention_label` of each mention; two mentions of one object are not told apart)."""
-    return sorted({label for obj in scene for label in object_labels(obj)})
+    """The labels of every object of `scene` and its object count, sorted: a caption fits the scene when the
+    scene has each of the caption's labels (`caption_labels`; two mentions of one object are not told apart)."""
+    return sorted({label for obj in scene for label in object_labels(obj)} | {count_label(len(scene))})
+
+
+def caption_labels(described: Described, scene: Scene) -> list[str]:
+    """The labels a caption requires of an image: each mention's, and the object count if it states one."""
+    labels = {mention_label(m) for m in described.mentions}
+    return sorted(labels | ({count_label(len(scene))} if described.states_count else set()))
 
 
 def caption_scene(scene: Scene, rng: np.random.Generator, count: int, partial: float = 0.0) -> list[str]:
@@ -517,8 +533,8 @@ def generate_synthetic(
 
     The CSV (`image`, `caption`; image paths relative to `output/images`) is the `csv` source:
     `read_source("csv", path, path.parent / "images")`. `scenes.jsonl` holds each image's scene (objects with
-    shape, colour, size and grid cell), its full captions, and labels saying which captions fit it (`scene_labels`,
-    and per caption its `mention_label`s): the per-image metadata `prepare --metadata` carries into the prepared
+    shape, colour, size and grid cell), its full captions, labels saying which captions fit it (`scene_labels`,
+    and per caption its `caption_labels`), and each caption's hard negative (`Described.negative`): the per-image metadata `prepare --metadata` carries into the prepared
     dataset, that training uses to know which captions fit which images, and that judged query sets are made
     from. Same seed -> byte-identical files.
     """
@@ -550,7 +566,7 @@ def generate_synthetic(
                 "objects": scene_to_json(scene),
                 "full_captions": [caption for caption, d in captions.items() if is_full(d.mentions, scene)],
                 LABELS_KEY: scene_labels(scene),
-                CAPTION_LABELS_KEY: {c: sorted({mention_label(m) for m in d.mentions}) for c, d in captions.items()},
+                CAPTION_LABELS_KEY: {c: caption_labels(d, scene) for c, d in captions.items()},
                 NEGATIVES_KEY: {c: d.negative for c, d in captions.items() if d.negative is not None},
             }
             scenes.write(json.dumps(row) + "\n")

@@ -175,6 +175,13 @@ def test_positives_from_labels_are_every_caption_an_image_has_all_labels_of():
     np.testing.assert_array_equal(both, np.maximum(FITS, [[1, 0, 0, 1], [0, 1, 0, 0], [0, 0, 1, 0], [1, 0, 0, 1]]))
 
 
+def test_a_caption_without_labels_fits_only_its_own_image():
+    caption_labels = CAPTION_LABELS.copy()
+    caption_labels[1] = 0  # caption 1 has no labels (e.g. metadata that does not name it)
+    mask = positives_mask(4, None, tf.constant(IMAGE_LABELS), tf.constant(caption_labels))
+    np.testing.assert_array_equal(mask[:, 1], [0, 1, 0, 0])
+
+
 def test_clip_with_label_positives_spreads_targets_over_what_fits():
     loss = ClipLoss(temperature=0.5)
     value = float(loss(IMAGES, TEXTS, image_labels=tf.constant(IMAGE_LABELS), caption_labels=tf.constant(CAPTION_LABELS)))

@@ -1,5 +1,7 @@
 """The captioned-shapes generator: determinism, caption paraphrases, and captions that match the pixels."""
 
+import re
+
 
 import numpy as np
 import pytest
@@ -20,6 +22,7 @@ from dual_encoder.data.synthetic import (
     fits_scene,
     is_full,
     contrast_mentions,
+    caption_labels,
     mention_label,
     scene_labels,
     generate_synthetic,
@@ -259,3 +262,20 @@ def test_hard_negatives_are_the_same_caption_with_one_thing_false():
         changed = contrast_mentions(mentions, scene, rng)
         if changed is not None:
             assert fits_scene(mentions, scene) and not fits_scene(changed, scene)
+
+
+def test_a_caption_that_says_how_many_objects_requires_that_count():
+    rng = np.random.default_rng(10)
+    seen = 0
+    for _ in range(300):
+        scene = sample_scene(rng)
+        for caption, described in describe_scene(scene, rng, 5, partial=0.5).items():
+            labels = caption_labels(described, scene)
+            assert set(labels) <= set(scene_labels(scene))
+            assert described.states_count == bool(re.match(r"(one|two|three) shapes?( including|[:,])", caption)), caption
+            if described.states_count:
+                seen += 1
+                other = tuple(o for o in sample_scene(rng) if o.shape != "x")
+                if len(other) != len(scene):  # a scene with another count never has the count label
+                    assert f"count={len(scene)}" in labels and not set(labels) <= set(scene_labels(other))
+    assert seen > 50
