@@ -99,11 +99,16 @@ def _recorded(run_dir: Path) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
     """The config (with today's defaults for keys it lacks) and dataset a run folder records; a folder written
     before `run.json` existed has only its `config.json`, and no dataset."""
     run_file = run_dir / RUN.marker
-    if run_file.is_file():
-        record = json.loads(run_file.read_text(encoding="utf-8"))
-        config, dataset = record.get("config", {}), record.get("dataset")
-    else:
-        config, dataset = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8")), None
+    try:
+        if run_file.is_file():
+            record = json.loads(run_file.read_text(encoding="utf-8"))
+            config, dataset = record.get("config", {}), record.get("dataset")
+        else:
+            config, dataset = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8")), None
+        if not isinstance(config, dict):
+            raise ValueError("its config is not an object")
+    except (ValueError, AttributeError) as error:  # bad JSON, or JSON of the wrong shape
+        raise RunFolderError(f"{run_dir} has an unreadable run record ({error}): pass --restart to start afresh") from None
     try:
         config = Config.from_dict(config).to_dict()
     except (ConfigError, TypeError):

@@ -271,6 +271,19 @@ def test_a_run_folder_written_before_run_json_resumes_with_its_config_and_is_ref
     check_run_folder(run, other, "f" * 64, restart=True)
 
 
+@pytest.mark.parametrize("record", ["{not json", "[1, 2]", '{"config": "abc"}'])
+def test_an_unreadable_run_record_is_one_line_and_restart_still_works(tmp_path, record):
+    from dual_encoder.training.run_folder import RunFolderError, check_run_folder
+
+    run = tmp_path / "run"
+    run.mkdir()
+    Config().save(run / "config.json")
+    (run / "run.json").write_text(record)
+    with pytest.raises(RunFolderError, match="unreadable run record .*pass --restart"):
+        check_run_folder(run, Config(), "f" * 64)
+    check_run_folder(run, Config(), "f" * 64, restart=True)
+
+
 def test_restart_removes_what_a_run_wrote_and_nothing_else(tmp_path):
     from dual_encoder.training.run_folder import _clear
 
