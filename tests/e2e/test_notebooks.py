@@ -74,7 +74,7 @@ def test_search_notebook_builds_what_is_missing_and_shows_a_grid(tmp_path, monke
     notebook = _execute("search.ipynb", tmp_path, monkeypatch)
     text = _text(notebook)
     assert "running train.ipynb first" in text
-    assert "searched for: 'a large purple ring in the centre'" in text
+    assert "searched for: 'a red star'" in text  # the request phrase stripped from a short query
     assert "#1 " in text and "score" in text
     assert "'count': 48" in text  # every generated image is indexed
     assert _images(notebook) >= 1  # the result grid (and train.ipynb's plots)
