@@ -96,12 +96,13 @@ def synthetic_queries(
 ):
     """Write a judged query set of short queries for one split of a prepared captioned-shapes dataset."""
     from dual_encoder.data.pipeline import read_split
-    from dual_encoder.data.synthetic import scene_from_json
+    from dual_encoder.data.synthetic import split_scenes
 
     info = read_split(data, split)
-    if not all(meta and "objects" in meta for meta in info.metadata):
-        raise DualEncoderError(f"{data} has no scene metadata: prepare it with --metadata <synthetic>/scenes.jsonl")
-    scenes = {image_id: scene_from_json(meta["objects"]) for image_id, meta in zip(info.image_ids, info.metadata)}
+    try:
+        scenes = split_scenes(info.image_ids, info.metadata)
+    except (ValueError, TypeError) as error:
+        raise DualEncoderError(f"{data}: {error}") from None
     _write_shape_queries(scenes, output, min_relevant, seed)
 
 
@@ -189,15 +190,15 @@ def evaluate(
         encode = searcher.encode_queries
     else:
         from dual_encoder.data.pipeline import require_images
+        from dual_encoder.evaluation import text_encoder
         from dual_encoder.models import load_model
-        from dual_encoder.models.compiled import compiled
 
         require_images(data, split, "evaluate")
         loaded = load_model(model)
         report = evaluate_split(loaded, data, split, batch_size=batch_size)
         if query_set is not None:
             gallery = split_gallery(loaded, data, split, batch_size=batch_size)
-            encode = lambda texts: compiled(loaded, "encode_text")(texts).numpy()  # noqa: E731
+            encode = text_encoder(loaded)
     if query_set is not None:
         judged = evaluate_query_set(encode, *gallery, query_set)
         typer.echo(format_judged_table(judged), err=True)

@@ -104,12 +104,17 @@ def run_demo(
     from dual_encoder.data.pipeline import read_split
     from dual_encoder.data.prepare import prepare_dataset
     from dual_encoder.data.shape_queries import make_query_set
-    from dual_encoder.data.synthetic import SCENES_FILE, SyntheticOptions, generate_synthetic, read_scenes
-    from dual_encoder.evaluation import evaluate_query_set, evaluate_split, format_judged_table, split_gallery
+    from dual_encoder.data.synthetic import SCENES_FILE, SyntheticOptions, generate_synthetic, read_scenes, split_scenes
+    from dual_encoder.evaluation import (
+        evaluate_query_set,
+        evaluate_split,
+        format_judged_table,
+        split_gallery,
+        text_encoder,
+    )
     from dual_encoder.export import export_saved_models
     from dual_encoder.index import DatasetSplit, ImageFolder, build_index
     from dual_encoder.models import load_model
-    from dual_encoder.models.compiled import compiled
     from dual_encoder.search import Searcher, write_grid
     from dual_encoder.training.trainer import train
 
@@ -160,14 +165,11 @@ def run_demo(
 
     stage(5, "Short queries on the held-out gallery (judged against every held-out scene)")
     held_out = read_split(paths["dataset"], "validation")
-    scenes = {image_id: _scene(meta) for image_id, meta in zip(held_out.image_ids, held_out.metadata)}
+    scenes = split_scenes(held_out.image_ids, held_out.metadata)
     held_out_queries = make_query_set(scenes, min_relevant=plan.min_relevant)
     write_query_set(held_out_queries, paths["queries"] / "held-out")
     embeddings, keys = split_gallery(model, paths["dataset"], "validation")
-    encode_text = compiled(model, "encode_text")
-    query_metrics = {
-        "held-out split": evaluate_query_set(lambda texts: encode_text(texts).numpy(), embeddings, keys, held_out_queries)
-    }
+    query_metrics = {"held-out split": evaluate_query_set(text_encoder(model), embeddings, keys, held_out_queries)}
     echo(format_judged_table(query_metrics["held-out split"]))
     start = _lap(seconds, "short queries", start)
 
@@ -233,12 +235,6 @@ def run_demo(
     (output / "summary.json").write_text(json.dumps(dataclasses.asdict(demo), indent=2, default=str) + "\n")
     echo(demo.summary())
     return demo
-
-
-def _scene(metadata):
-    from dual_encoder.data.synthetic import scene_from_json
-
-    return scene_from_json((metadata or {}).get("objects", []))
 
 
 def _matching(query: str, scenes: dict) -> set[str]:

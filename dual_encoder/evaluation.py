@@ -72,6 +72,12 @@ def split_gallery(model, data_dir, split: str, *, batch_size: int = 64):
     return embeddings, [[image_id, str(path)] for image_id, path in zip(info.image_ids, info.paths)]
 
 
+def text_encoder(model) -> Callable[[list[str]], np.ndarray]:
+    """Texts -> [Q, D] float32 embeddings through the model's one traced text path (for `evaluate_query_set`)."""
+    encode = compiled(model, "encode_text")
+    return lambda texts: _as_numpy(encode(tf.constant(list(texts), dtype=tf.string)))
+
+
 def match_documents(doc_ids, gallery_keys: Sequence[Sequence[str]]) -> dict[str, int]:
     """Judged doc id -> gallery row. A doc id matches a row's key exactly, or as the trailing part of its path
     ("000123.png" matches ".../images/000123.png"); docs not in the gallery are left out. A doc id that matches

@@ -179,6 +179,14 @@ def scene_from_json(objects: list[dict[str, str]]) -> Scene:
     return tuple(ShapeObject(**obj) for obj in objects)
 
 
+def split_scenes(image_ids: Sequence[str], metadata: Sequence[Optional[dict]]) -> dict[str, Scene]:
+    """Image id -> scene, from a prepared split's item metadata (`prepare --metadata scenes.jsonl`); ValueError
+    if an item has no scene."""
+    if not all(meta and isinstance(meta.get("objects"), list) for meta in metadata):
+        raise ValueError("the split has no scene metadata: prepare it with --metadata <synthetic>/scenes.jsonl")
+    return {image_id: scene_from_json(meta["objects"]) for image_id, meta in zip(image_ids, metadata)}
+
+
 def read_scenes(path: Path) -> dict[str, Scene]:
     """`scenes.jsonl` as written by `generate_synthetic`: image name -> scene."""
     with open(path, encoding="utf-8") as handle:
