@@ -1,6 +1,6 @@
 """Judged query sets for captioned-shapes galleries: short queries people type, judged against every scene.
 
-A query is a few `Mention`s of objects ("a red star", "a star and a blue ring"); an image is relevant when
+A query is a few `Mention`s of objects ("a red star", "a red star and a ring"); an image is relevant when
 distinct objects of its scene fit the mentions (`fits_scene`), whatever else it holds. Groups:
 
     shape                    "a star"
