@@ -119,5 +119,7 @@ def _read_qrels(path: Path, queries: dict[str, str]) -> dict[str, dict[str, int]
         try:
             qrels[query_id][doc_id] = int(relevance)
         except ValueError:
-            raise QuerySetError(f"{path}:{number}: relevance '{relevance}' is not an integer") from None
+            raise QuerySetError(
+                f"{path}:{number}: relevance '{relevance}' is not an integer (a line is 'query_id 0 doc_id relevance')"
+            ) from None
     return qrels
