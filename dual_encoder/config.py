@@ -63,7 +63,8 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation and the training loop."""
 
-    batch_size: int = 64
+    batch_size: int = 64  # images per step
+    captions_per_image: int = 1  # captions each image brings to a step: the text side sees batch_size * this
     epochs: int = 20
     learning_rate: float = 1e-3
     weight_decay: float = 1e-3
@@ -279,6 +280,7 @@ ALLOWED: dict[str, Allowed] = {
     "model.temperature": Allowed(low=0, low_open=True),
     "model.max_logit_scale": Allowed(low=0, low_open=True),
     "train.batch_size": _POSITIVE,
+    "train.captions_per_image": _POSITIVE,
     "train.epochs": _POSITIVE,
     "train.learning_rate": Allowed(low=0, low_open=True),
     "train.weight_decay": _NON_NEGATIVE,

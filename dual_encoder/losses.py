@@ -16,6 +16,8 @@ of the identity:
 - `image_labels` / `caption_labels` (0-padded hashed labels, `data.pipeline.label_arrays`), where the dataset
   says what its images hold and what its captions ask: caption j fits image i when image i has every label of
   caption j.
+- `image_ids` (`data.pipeline.image_ids`), when a batch brings several captions per image and the model repeats
+  each image's embedding once per caption: caption j fits image i when rows i and j are the same image.
 They are gathered across replicas with the embeddings, so the mask of the global batch is the same on every
 replica and the distributed contract above holds.
 
@@ -73,7 +75,7 @@ class ContrastiveLoss(keras.layers.Layer):
 
     def call(
         self, image_embeddings, text_embeddings, caption_ids=None, image_labels=None, caption_labels=None,
-        negative_embeddings=None, negative_mask=None,
+        negative_embeddings=None, negative_mask=None, image_ids=None,
     ):  # fmt: skip
         """This replica's share of the global-batch loss; the optional inputs say which captions fit which
         images (module doc): `caption_ids` [B] int64, `image_labels` [B, L] and `caption_labels` [B, L'] int64;
@@ -85,7 +87,7 @@ class ContrastiveLoss(keras.layers.Layer):
             mask = ops.ones_like(image_embeddings[:, 0]) if negative_mask is None else negative_mask
             negatives = (ops.cast(negative_embeddings, "float32"), ops.cast(mask, "float32"))
         local_size = ops.cast(ops.shape(image_embeddings)[0], "float32")
-        fit_inputs = (caption_ids, image_labels, caption_labels)
+        fit_inputs = (caption_ids, image_labels, caption_labels, image_ids)
         if self.gather_negatives:
             image_embeddings = gather_across_replicas(image_embeddings)
             text_embeddings = gather_across_replicas(text_embeddings)
@@ -106,9 +108,12 @@ class ContrastiveLoss(keras.layers.Layer):
         return {**super().get_config(), "gather_negatives": self.gather_negatives}
 
 
-def positives_mask(size, caption_ids=None, image_labels=None, caption_labels=None):
+def positives_mask(size, caption_ids=None, image_labels=None, caption_labels=None, image_ids=None):
     """[B images, B captions] float32: 1 where caption j fits image i (module doc); the identity without inputs."""
     positives = ops.eye(size, dtype="bool")
+    if image_ids is not None:  # rows of one image (several captions per image): each row's caption fits them all
+        image_ids = ops.reshape(image_ids, (-1,))
+        positives = ops.logical_or(positives, ops.equal(image_ids[:, None], image_ids[None, :]))
     if caption_ids is not None:
         caption_ids = ops.reshape(caption_ids, (-1,))
         positives = ops.logical_or(positives, ops.equal(caption_ids[:, None], caption_ids[None, :]))

@@ -136,24 +136,34 @@ def epoch_order(num_images: int, epoch: int, seed: int) -> np.ndarray:
     return np.random.default_rng([seed, _ORDER_STREAM, epoch]).permutation(num_images)
 
 
-def sample_caption_indices(num_captions: np.ndarray, epoch: int, seed: int) -> np.ndarray:
-    """For each image (fixed order), which of its captions to use in `epoch`.
+def sample_caption_indices(num_captions: np.ndarray, epoch: int, seed: int, per_image: int = 1) -> np.ndarray:
+    """For each image (fixed order), which `per_image` of its captions to use in `epoch`: int64 [N, per_image].
 
-    Epochs are grouped in cycles of `n` (the image's caption count): within a cycle the image walks through a
-    seeded permutation of its captions, so every caption is used once per `n` epochs, in a different order
-    per cycle. Images are grouped by `n`, so the result depends only on (num_captions, epoch, seed).
+    Each image walks through a seeded permutation of its `n` captions, a new permutation every `n` picks, so
+    every caption is used once per `n` picks; epoch `e` takes picks `e * per_image` to `(e + 1) * per_image - 1`
+    (distinct captions when `per_image <= n`; an image with fewer captions repeats some). Images are grouped by
+    `n`, so the result depends only on (num_captions, epoch, seed, per_image).
     """
     num_captions = np.asarray(num_captions, dtype=np.int64)
     if num_captions.size and num_captions.min() < 1:
         raise ValueError("every image needs at least one caption")
-    chosen = np.zeros(num_captions.shape, dtype=np.int64)
+    if per_image < 1:
+        raise ValueError(f"per_image must be at least 1, got {per_image}")
+    chosen = np.zeros((num_captions.size, per_image), dtype=np.int64)
     for count in np.unique(num_captions).tolist():
         members = np.flatnonzero(num_captions == count)
-        cycle, step = divmod(epoch, count)
-        rng = np.random.default_rng([seed, _CAPTION_STREAM, count, cycle])
-        permutations = np.argsort(rng.random((members.size, count)), axis=1)
-        chosen[members] = permutations[:, step]
+        for column, pick in enumerate(range(epoch * per_image, (epoch + 1) * per_image)):
+            cycle, step = divmod(pick, count)
+            rng = np.random.default_rng([seed, _CAPTION_STREAM, count, cycle])
+            permutations = np.argsort(rng.random((members.size, count)), axis=1)
+            chosen[members, column] = permutations[:, step]
     return chosen
+
+
+def image_ids(ids) -> tf.Tensor:
+    """int64 ids of images (< 2**48, from their dataset ids): the loss treats every caption of an image that
+    appears several times in a batch (`captions_per_image` > 1) as a positive of each copy."""
+    return tf.strings.to_hash_bucket_fast(tf.convert_to_tensor(ids, dtype=tf.string), ID_BUCKETS)
 
 
 # Ids and label hashes stay below 2**48: `losses.gather_across_replicas` moves integers between replicas as two
@@ -216,6 +226,7 @@ def make_train_dataset(
     seed: int,
     shuffle: bool = True,
     drop_remainder: bool = True,
+    captions_per_image: int = 1,
 ) -> tf.data.Dataset:
     """One epoch of `{"images": uint8 [B, S, S, 3], "captions": string [B], "caption_ids": int64 [B]}` batches
     (`caption_ids` mark identical captions for the loss), plus `image_labels` and `caption_labels` (int64 rows of
@@ -225,34 +236,46 @@ def make_train_dataset(
     Images come in `epoch_order(N, epoch, seed)` (or the fixed order without `shuffle`), each once, with the
     caption `sample_caption_indices` picks for this epoch: two captions of one image never meet in a batch,
     and a feature cache that uses the same two functions sees the same batches.
+
+    With `captions_per_image` k > 1 each image comes with k of its captions: every caption key gains an axis
+    (`captions` string [B, k], `caption_labels` [B, k, L'], ...) and `image_ids` int64 [B] says which image each
+    row is, so the model scores all B * k captions against the batch while running the image tower B times.
     """
     info = read_split(prepared, split)
     if drop_remainder and info.num_images < batch_size:
         raise DataError(f"split '{split}' has {info.num_images} images, fewer than one batch of {batch_size}")
     order = epoch_order(info.num_images, epoch, seed) if shuffle else np.arange(info.num_images)
-    chosen = sample_caption_indices(info.num_captions(), epoch, seed)
+    chosen = sample_caption_indices(info.num_captions(), epoch, seed, captions_per_image)
     labels, negatives = label_arrays(info), negative_captions(info)
-    flat = np.concatenate([[0], np.cumsum(info.num_captions())[:-1]]).astype(np.int64) + chosen  # row of each pick
+    flat = np.concatenate([[0], np.cumsum(info.num_captions())[:-1]]).astype(np.int64)[:, None] + chosen  # rows
     if labels is not None:
         image_labels = tf.constant(labels.image_labels)
         caption_labels = tf.constant(labels.caption_labels[flat])
     if negatives is not None:
         chosen_negatives = tf.constant(negatives[flat].astype(str).tolist(), dtype=tf.string)
     chosen = tf.constant(chosen)
+    ids = image_ids(info.image_ids)
+    single = captions_per_image == 1
+
+    def per_image(tensor: tf.Tensor) -> tf.Tensor:  # [k, ...] -> [...] when k is 1
+        return tensor[0] if single else tensor
 
     def to_pair(index: tf.Tensor, serialized: tf.Tensor) -> dict[str, tf.Tensor]:
         example = tfrecords.parse_example(serialized)
-        caption = tf.gather(example["captions"], chosen[index])
+        captions = tf.gather(example["captions"], chosen[index])
         pair = {
             "images": decode_and_resize(example["image/encoded"], image_size),
-            "captions": caption,
-            "caption_ids": caption_ids(caption),
+            "captions": per_image(captions),
+            "caption_ids": per_image(caption_ids(captions)),
         }
+        if not single:
+            pair["image_ids"] = ids[index]
         if labels is not None:
-            pair.update(image_labels=image_labels[index], caption_labels=caption_labels[index])
+            pair.update(image_labels=image_labels[index], caption_labels=per_image(caption_labels[index]))
         if negatives is not None:
             negative = chosen_negatives[index]
-            pair.update(negative_captions=negative, negative_mask=tf.cast(tf.strings.length(negative) > 0, tf.float32))
+            mask = tf.cast(tf.strings.length(negative) > 0, tf.float32)
+            pair.update(negative_captions=per_image(negative), negative_mask=per_image(mask))
         return pair
 
     return (

@@ -16,7 +16,8 @@ from dual_encoder.models.layers import ModelConfigError, ProjectionHead
 from dual_encoder.models.text_encoder import build_text_encoder, build_vocabulary, text_encoder_class
 
 MODEL_CONFIG_FIELDS = tuple(field.name for field in dataclasses.fields(ModelConfig))
-LOSS_KEYS = ("caption_ids", "image_labels", "caption_labels", "negative_mask")  # batch keys only the loss reads
+LOSS_KEYS = ("caption_ids", "image_ids", "image_labels", "caption_labels", "negative_mask")  # only the loss reads
+_PER_IMAGE_KEYS = ("image_ids", "image_labels")  # rows of images: repeated when an image brings several captions
 
 
 class BatchKeysError(DualEncoderError, ValueError):
@@ -121,17 +122,32 @@ class DualEncoder(keras.Model):
 
     def call(self, batch, training=False):
         """A batch with `images` or `image_features`, and `captions` or `text_features` (and optionally
-        `caption_ids`, `image_labels`, `caption_labels`, `negative_mask`, passed through for the loss, and
-        `negative_captions`, embedded) -> {"image_embeddings", "text_embeddings", those passed through and
-        "negative_embeddings"}."""
+        `caption_ids`, `image_ids`, `image_labels`, `caption_labels`, `negative_mask`, passed through for the loss,
+        and `negative_captions`, embedded) -> {"image_embeddings", "text_embeddings", those passed through and
+        "negative_embeddings"}.
+
+        Several captions per image (`captions` [B, k] or `text_features` [B, k, F], `image_ids` [B]): the image
+        tower runs on the B images once, and every output is one row per caption — captions and their keys
+        flattened to [B * k], image embeddings and keys repeated k times — so the loss sees B * k pairs whose
+        copies of one image share their positives through `image_ids`."""
+        caption_key = "captions" if "captions" in batch else "text_features"
+        per_image = None
+        if caption_key in batch and len(batch[caption_key].shape) == (2 if caption_key == "captions" else 3):
+            per_image = batch[caption_key].shape[1]
+            batch = {key: _flatten_captions(value) if key not in ("images", "image_features", *_PER_IMAGE_KEYS)
+                     else value for key, value in batch.items()}  # fmt: skip
         extra = {key: batch[key] for key in LOSS_KEYS if key in batch}
         if "negative_captions" in batch:  # hard negatives: captions false of their image (the loss's extra column)
             extra["negative_embeddings"] = self.encode_text(batch["negative_captions"], training=training)
+        image_embeddings = self._embed(
+            batch, "images", self.encode_image, "image_features", self.encode_image_features, training
+        )
+        if per_image is not None:
+            image_embeddings = ops.repeat(image_embeddings, per_image, axis=0)
+            extra.update({key: ops.repeat(extra[key], per_image, axis=0) for key in _PER_IMAGE_KEYS if key in extra})
         return {
             **extra,
-            "image_embeddings": self._embed(
-                batch, "images", self.encode_image, "image_features", self.encode_image_features, training
-            ),
+            "image_embeddings": image_embeddings,
             "text_embeddings": self._embed(
                 batch, "captions", self.encode_text, "text_features", self.encode_text_features, training
             ),
@@ -161,6 +177,12 @@ class DualEncoder(keras.Model):
             **dataclasses.asdict(self.model_config),
             "vocabulary": self.vocabulary,
         }
+
+
+def _flatten_captions(value):
+    """[B, k, ...] -> [B * k, ...]."""
+    shape = ops.shape(value)
+    return ops.reshape(value, (-1, *shape[2:]))
 
 
 def _as_strings(texts):

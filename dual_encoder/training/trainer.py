@@ -158,6 +158,7 @@ class _ImageBatches:
             batch_size=self.config.train.batch_size,
             epoch=epoch,
             seed=self.config.train.seed,
+            captions_per_image=self.config.train.captions_per_image,
         )
 
 
@@ -173,17 +174,22 @@ class _FeatureBatches:
         self.labels = label_arrays(split)
 
     def dataset(self, epoch: int) -> tf.data.Dataset:
-        seed = self.config.train.seed
-        captions = self.features.caption_start + sample_caption_indices(self.features.num_captions, epoch, seed)
+        seed, per_image = self.config.train.seed, self.config.train.captions_per_image
+        picked = sample_caption_indices(self.features.num_captions, epoch, seed, per_image)
         order = epoch_order(self.num_images, epoch, seed)
+        captions = self.features.caption_start[order][:, None] + picked[order]  # [N, k] rows, in batch order
+        if per_image == 1:
+            captions = captions[:, 0]
         rows = {
             "image_features": self.features.image_features[order],
-            "text_features": self.features.text_features[captions[order]],
-            "caption_ids": self.caption_ids[captions[order]],
+            "text_features": self.features.text_features[captions],
+            "caption_ids": self.caption_ids[captions],
         }
+        if per_image > 1:
+            rows["image_ids"] = order.astype(np.int64)
         if self.labels is not None:
             rows["image_labels"] = self.labels.image_labels[order]
-            rows["caption_labels"] = self.labels.caption_labels[captions[order]]
+            rows["caption_labels"] = self.labels.caption_labels[captions]
         return (
             tf.data.Dataset.from_tensor_slices(rows)
             .batch(self.config.train.batch_size, drop_remainder=True)

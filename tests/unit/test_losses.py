@@ -175,6 +175,16 @@ def test_positives_from_labels_are_every_caption_an_image_has_all_labels_of():
     np.testing.assert_array_equal(both, np.maximum(FITS, [[1, 0, 0, 1], [0, 1, 0, 0], [0, 0, 1, 0], [1, 0, 0, 1]]))
 
 
+def test_rows_of_one_image_take_each_others_captions_as_positives():
+    # Several captions per image: the model repeats the image's embedding, one row per caption.
+    mask = positives_mask(4, image_ids=tf.constant([7, 8, 7, 9], tf.int64))
+    np.testing.assert_array_equal(mask, [[1, 0, 1, 0], [0, 1, 0, 0], [1, 0, 1, 0], [0, 0, 0, 1]])
+    with_labels = positives_mask(
+        4, None, tf.constant(IMAGE_LABELS), tf.constant(CAPTION_LABELS), tf.constant([7, 8, 7, 9], tf.int64)
+    )
+    np.testing.assert_array_equal(with_labels, np.maximum(FITS, mask))
+
+
 def test_a_caption_without_labels_fits_only_its_own_image():
     caption_labels = CAPTION_LABELS.copy()
     caption_labels[1] = 0  # caption 1 has no labels (e.g. metadata that does not name it)
@@ -286,16 +296,18 @@ def _towers_and_loss(name, gather_negatives=True):
 BATCH_CAPTION_IDS = np.array([11, 12, 13, 13, 14, 11, 15, 16], dtype=np.int64)
 BATCH_IMAGE_LABELS = np.array([[1, 0], [2, 3], [4, 9], [5, 0], [2, 0], [1, 0], [9, 2], [8, 0]], dtype=np.int64)
 BATCH_CAPTION_LABELS = np.array([[1], [2], [4], [5], [2], [1], [9], [8]], dtype=np.int64)
+# Rows 1 and 6 are one image (several captions per image), across the replicas.
+BATCH_IMAGE_IDS = np.array([21, 22, 23, 24, 25, 26, 22, 27], dtype=np.int64)
 
 
 def _loss_and_gradients(
     image_tower, text_tower, loss, variables, features, caption_features, caption_ids=None, image_labels=None,
-    caption_labels=None,
+    caption_labels=None, image_ids=None,
 ):  # fmt: skip
     with tf.GradientTape() as tape:
         image_embeddings = tf.math.l2_normalize(image_tower(features), axis=-1)
         text_embeddings = tf.math.l2_normalize(text_tower(caption_features), axis=-1)
-        value = loss(image_embeddings, text_embeddings, caption_ids, image_labels, caption_labels)
+        value = loss(image_embeddings, text_embeddings, caption_ids, image_labels, caption_labels, image_ids=image_ids)
     return value, tape.gradient(value, [v.value for v in variables])
 
 
@@ -334,12 +346,16 @@ def _two_replica_loss_and_gradients(name, batch_size, gather_negatives=True, dup
 
 
 def _fit_inputs(batch_size, duplicates):
-    """(caption_ids, image_labels, caption_labels) of the first `batch_size` rows: none fit any other row's image
-    unless `duplicates`, then the duplicate captions and label fits above (across the replicas too)."""
+    """(caption_ids, image_labels, caption_labels, image_ids) of the first `batch_size` rows: none fit any other
+    row's image unless `duplicates`, then the duplicate captions, label fits and repeated image above (across the
+    replicas too)."""
     if not duplicates:
         rows = np.arange(1, batch_size + 1, dtype=np.int64)
-        return rows, rows[:, None], rows[:, None]
-    return BATCH_CAPTION_IDS[:batch_size], BATCH_IMAGE_LABELS[:batch_size], BATCH_CAPTION_LABELS[:batch_size]
+        return rows, rows[:, None], rows[:, None], rows
+    return (
+        BATCH_CAPTION_IDS[:batch_size], BATCH_IMAGE_LABELS[:batch_size], BATCH_CAPTION_LABELS[:batch_size],
+        BATCH_IMAGE_IDS[:batch_size],
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("duplicates", [False, True], ids=["distinct", "fits-across-replicas"])

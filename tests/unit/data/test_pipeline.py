@@ -76,16 +76,27 @@ def test_read_split_lists_images_and_captions_in_the_shards_order(prepared):
 
 def test_sample_caption_indices_cycles_through_every_caption():
     num_captions = np.array([1, 2, 3, 4, 5, 3, 1])
-    epochs = [sample_caption_indices(num_captions, epoch, seed=7) for epoch in range(60)]
+    epochs = [sample_caption_indices(num_captions, epoch, seed=7)[:, 0] for epoch in range(60)]
     for image, count in enumerate(num_captions):
         for cycle in range(60 // count):
             chosen = [epochs[e][image] for e in range(cycle * count, (cycle + 1) * count)]
             assert sorted(chosen) == list(range(count))  # each caption once per `count` epochs
-    np.testing.assert_array_equal(sample_caption_indices(num_captions, 3, seed=7), epochs[3])  # deterministic
-    varied = [sample_caption_indices(np.full(50, 5), 0, seed) for seed in range(2)]
+    np.testing.assert_array_equal(sample_caption_indices(num_captions, 3, seed=7)[:, 0], epochs[3])  # deterministic
+    varied = [sample_caption_indices(np.full(50, 5), 0, seed)[:, 0] for seed in range(2)]
     assert not np.array_equal(*varied)  # seeded
     with pytest.raises(ValueError, match="at least one caption"):
         sample_caption_indices(np.array([2, 0]), 0, 0)
+
+
+def test_several_captions_per_image_continue_the_walk_through_each_images_captions():
+    num_captions = np.array([1, 2, 3, 4, 5, 3, 1])
+    singles = np.stack([sample_caption_indices(num_captions, epoch, seed=7)[:, 0] for epoch in range(6)], axis=1)
+    for epoch in range(3):  # epoch e with 2 per image takes the picks of single epochs 2e and 2e + 1
+        np.testing.assert_array_equal(sample_caption_indices(num_captions, epoch, 7, per_image=2), singles[:, 2 * epoch : 2 * epoch + 2])
+    three = sample_caption_indices(num_captions, 0, 7, per_image=3)
+    assert all(len(set(row)) == min(3, n) for row, n in zip(three.tolist(), num_captions))  # distinct when it can
+    with pytest.raises(ValueError, match="per_image"):
+        sample_caption_indices(num_captions, 0, 7, per_image=0)
 
 
 def _epoch(prepared, epoch, seed=0, **kwargs):
@@ -107,11 +118,26 @@ def test_train_dataset_batches_images_and_one_caption_per_image(prepared):
 
     # Order and captions are exactly epoch_order + sample_caption_indices (what the feature cache uses).
     order = epoch_order(info.num_images, 0, 0)
-    chosen = sample_caption_indices(info.num_captions(), 0, 0)
+    chosen = sample_caption_indices(info.num_captions(), 0, 0)[:, 0]
     expected = [info.captions[i][chosen[i]] for i in order[: len(batches) * 3]]
     assert [c.decode() for b in batches for c in b["captions"]] == expected
     images = {i: decode_and_resize(e.image_bytes, 24).numpy() for i, e in enumerate(read_examples(info.shards))}
     np.testing.assert_array_equal(batches[0]["images"][1], images[order[1]])
+
+
+def test_train_dataset_with_several_captions_per_image(prepared):
+    info = read_split(prepared, "train")
+    batches = _epoch(prepared, epoch=1, captions_per_image=2)
+    order = epoch_order(info.num_images, 1, 0)
+    chosen = sample_caption_indices(info.num_captions(), 1, 0, per_image=2)
+    for b, batch in enumerate(batches):
+        assert batch["captions"].shape == batch["caption_ids"].shape == (3, 2)
+        assert batch["images"].shape == (3, 24, 24, 3) and batch["image_ids"].shape == (3,)
+        np.testing.assert_array_equal(batch["caption_ids"], caption_ids(batch["captions"]).numpy())
+        for row, image in enumerate(order[3 * b : 3 * b + 3]):
+            assert [c.decode() for c in batch["captions"][row]] == [info.captions[image][i] for i in chosen[image]]
+            assert {_image_of(c) for c in batch["captions"][row]} == {_image_of(batch["captions"][row][0])}
+        assert len(set(batch["image_ids"].tolist())) == 3
 
 
 def test_train_dataset_is_deterministic_per_epoch_and_covers_every_caption(prepared):

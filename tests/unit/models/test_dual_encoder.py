@@ -59,6 +59,30 @@ def test_call_takes_raw_inputs_or_features(model, images):
     assert loss.shape == () and np.isfinite(float(loss))
 
 
+def test_several_captions_per_image_run_the_image_tower_once_and_score_every_pair(tiny_config, images):
+    # siglip: clip's softmax gives repeated rows the same loss whether or not they are marked as one image.
+    model = build_dual_encoder(dataclasses.replace(tiny_config, loss="siglip"), captions=CAPTIONS)
+    captions = tf.constant([CAPTIONS[:2], CAPTIONS[2:], CAPTIONS[1:3]])  # [3 images, 2 captions]
+    image_ids = tf.constant([5, 6, 7], tf.int64)
+    calls = []
+    original = model.image_encoder.call
+    model.image_encoder.call = lambda x, training=False: calls.append(x.shape[0]) or original(x, training=training)
+    outputs = model({"images": images, "captions": captions, "image_ids": image_ids})
+    model.image_encoder.call = original
+    assert calls == [3]  # three images, once each
+    np.testing.assert_allclose(outputs["image_embeddings"], np.repeat(model.encode_image(images), 2, axis=0), rtol=1e-5)
+    np.testing.assert_allclose(outputs["text_embeddings"], model.encode_text(tf.reshape(captions, [-1])), rtol=1e-5)
+    np.testing.assert_array_equal(outputs["image_ids"], [5, 5, 6, 6, 7, 7])
+    # Both captions of an image fit both of its rows: not the loss of six unrelated pairs.
+    loss = float(model.compute_contrastive_loss(outputs))
+    unrelated = float(model.contrastive_loss(outputs["image_embeddings"], outputs["text_embeddings"]))
+    assert np.isfinite(loss) and abs(loss - unrelated) > 1e-3
+    text_features = tf.reshape(model.text_features(tf.reshape(captions, [-1])), (3, 2, -1))
+    features = model({"image_features": model.image_features(images), "text_features": text_features, "image_ids": image_ids})
+    np.testing.assert_allclose(features["text_embeddings"], outputs["text_embeddings"], rtol=1e-5)
+    assert float(model.compute_contrastive_loss(features)) == pytest.approx(loss, rel=1e-5)
+
+
 @pytest.mark.parametrize(
     "batch",
     [{"captions": tf.constant(["x"])}, {"images": np.zeros((1, 32, 32, 3)), "image_features": np.zeros((1, 32))}],

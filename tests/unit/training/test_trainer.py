@@ -117,11 +117,15 @@ def test_loss_and_update_on_two_replicas_equal_one_device_on_the_whole_batch():
     assert changed
 
 
-def test_heads_trained_on_cached_features_equal_heads_trained_with_live_frozen_backbones(tiny_data, tmp_path):
+@pytest.mark.parametrize("per_image", [1, 3], ids=["one-caption", "three-captions-per-image"])
+def test_heads_trained_on_cached_features_equal_heads_trained_with_live_frozen_backbones(tiny_data, tmp_path, per_image):
     frozen = dataclasses.replace(TINY_MODEL, image_trainable=False, text_trainable=False)
     runs = {}
     for cache in (True, False):
-        config = Config(model=frozen, train=TrainConfig(batch_size=8, epochs=2, feature_cache=cache, tensorboard=False))
+        train_config = TrainConfig(
+            batch_size=8, epochs=2, feature_cache=cache, tensorboard=False, captions_per_image=per_image
+        )
+        config = Config(model=frozen, train=train_config)
         result = train(config, tiny_data, tmp_path / f"cache-{cache}", strategy="default", progress=False)
         runs[cache] = (result.history, _weights(load_model(result.model_dir)))
 
