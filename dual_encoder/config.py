@@ -263,7 +263,7 @@ ALLOWED: dict[str, Allowed] = {
     "data.split_seed": _NON_NEGATIVE,
     "data.shard_size": _POSITIVE,
     "data.max_image_pixels": _POSITIVE,
-    "model.image_backbone": Allowed(choices=("small_cnn", "small_cnn_pooled", "xception", "efficientnetv2_b0", "mobilenetv3_small", "resnet50")),
+    "model.image_backbone": Allowed(choices=("small_cnn", "small_cnn_pooled", "small_cnn_detectors", "xception", "efficientnetv2_b0", "mobilenetv3_small", "resnet50")),
     "model.image_size": Allowed(low=16),
     "model.image_width": _POSITIVE,
     "model.text_backbone": Allowed(choices=("small_transformer", "keras_hub", "tf_hub")),

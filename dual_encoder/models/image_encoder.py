@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -12,6 +13,15 @@ from keras import ops
 from dual_encoder.models.layers import ModelConfigError
 
 IMAGENET = "imagenet"
+
+
+def _conv_stages(inputs, width: int):
+    """Three stages (widths `width`, `2 * width`, `3 * width`) of a stride-2 conv and a conv, ReLU: the map at 1/8."""
+    x = inputs
+    for stage, filters in enumerate((width, 2 * width, 3 * width)):
+        x = keras.layers.Conv2D(filters, 3, strides=2, padding="same", activation="relu", name=f"stage{stage}_down")(x)
+        x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu", name=f"stage{stage}_conv")(x)
+    return x
 
 
 def build_small_cnn(image_size: int, width: int, pooled: bool = False) -> keras.Model:
@@ -27,15 +37,41 @@ def build_small_cnn(image_size: int, width: int, pooled: bool = False) -> keras.
     must learn that once for every place (measured: short queries stay near chance without it).
     """
     inputs = keras.Input((image_size, image_size, 3), name="images")
-    x = inputs
-    for stage, filters in enumerate((width, 2 * width, 3 * width)):
-        x = keras.layers.Conv2D(filters, 3, strides=2, padding="same", activation="relu", name=f"stage{stage}_down")(x)
-        x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu", name=f"stage{stage}_conv")(x)
+    x = _conv_stages(inputs, width)
     outputs = keras.layers.Flatten(name="flatten")(x)
     if pooled:
         anywhere = keras.layers.GlobalMaxPooling2D(name="anywhere")(x)
         outputs = keras.layers.Concatenate(name="anywhere_and_where")([anywhere, outputs])
     return keras.Model(inputs, outputs, name="small_cnn_pooled" if pooled else "small_cnn")
+
+
+PIXEL_COLOURS = 16  # per-pixel colour detectors of `small_cnn_detectors`
+DETECTORS_PER_WIDTH = 8  # `small_cnn_detectors` has 8 * width detectors at each cell of its last map
+
+
+def build_small_cnn_detectors(image_size: int, width: int) -> keras.Model:
+    """`small_cnn`'s three stages, then a bank of `8 * width` detectors at each cell of the 1/8 map that see
+    the cell's shapes and its pixels' colours together; their global max (what is anywhere) beside their
+    flattened map (what is where).
+
+    Why each part (measured on the synthetic demo, see BENCHMARKS.md): a deep small net trained contrastively
+    from scratch learns shapes first and colours last, if ever — by the time the loss needs colour, the
+    last stage has kept little of it. Per-pixel colour detectors (a 1×1 conv on the input, max-pooled to the
+    last map's grid: "which colours are in this cell") hand colour to the last stage directly; a 1×1 conv
+    bank on both can then hold one detector per combination ("a red star here") — binding, which a max over
+    separate colour and shape channels loses when an image holds a red circle and a blue star. Output size is
+    `8 * width * ((image_size / 8)^2 + 1)`.
+    """
+    inputs = keras.Input((image_size, image_size, 3), name="images")
+    shapes = _conv_stages(inputs, width)
+    colours = keras.layers.Conv2D(PIXEL_COLOURS, 1, activation="relu", name="pixel_colours")(inputs)
+    colours = keras.layers.MaxPooling2D(8, padding="same", name="colours_per_cell")(colours)
+    cells = keras.layers.Concatenate(name="shapes_and_colours")([shapes, colours])
+    detectors = keras.layers.Conv2D(DETECTORS_PER_WIDTH * width, 1, activation="relu", name="detectors")(cells)
+    anywhere = keras.layers.GlobalMaxPooling2D(name="anywhere")(detectors)
+    where = keras.layers.Flatten(name="where")(detectors)
+    outputs = keras.layers.Concatenate(name="anywhere_and_where")([anywhere, where])
+    return keras.Model(inputs, outputs, name="small_cnn_detectors")
 
 
 def _scale_to_symmetric_unit(images):
@@ -59,11 +95,13 @@ def _application(constructor) -> Callable[[int, int, Optional[str]], keras.Model
     return build
 
 
-def _small_cnn(pooled: bool) -> Callable[[int, int, Optional[str]], keras.Model]:
+def _from_scratch(build_net: Callable[[int, int], keras.Model]) -> Callable[[int, int, Optional[str]], keras.Model]:
     def build(image_size: int, width: int, weights: Optional[str]) -> keras.Model:
         if weights == IMAGENET:
-            raise ModelConfigError("small_cnn has no ImageNet weights: use image_weights=null or a local .weights.h5 file")
-        return build_small_cnn(image_size, width, pooled)
+            raise ModelConfigError(
+                "the small_cnn towers have no ImageNet weights: use image_weights=null or a local .weights.h5 file"
+            )
+        return build_net(image_size, width)
 
     return build
 
@@ -94,8 +132,11 @@ IMAGE_BACKBONES: dict[str, ImageBackboneSpec] = {
         _application(_apps.MobileNetV3Small), _apps.mobilenet_v3.preprocess_input, 32
     ),
     "resnet50": ImageBackboneSpec(_application(_apps.ResNet50), _apps.resnet50.preprocess_input, 32),
-    "small_cnn": ImageBackboneSpec(_small_cnn(pooled=False), _scale_to_symmetric_unit, 8),
-    "small_cnn_pooled": ImageBackboneSpec(_small_cnn(pooled=True), _centre_on_image_colour, 8),
+    "small_cnn": ImageBackboneSpec(_from_scratch(build_small_cnn), _scale_to_symmetric_unit, 8),
+    "small_cnn_pooled": ImageBackboneSpec(
+        _from_scratch(functools.partial(build_small_cnn, pooled=True)), _centre_on_image_colour, 8
+    ),
+    "small_cnn_detectors": ImageBackboneSpec(_from_scratch(build_small_cnn_detectors), _centre_on_image_colour, 8),
 }
 
 

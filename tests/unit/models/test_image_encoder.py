@@ -10,7 +10,7 @@ from dual_encoder.models.layers import ModelConfigError
 # The heavy ones at their smallest inputs, marked slow (they still run in CI).
 SIZES = {
     "xception": 71, "resnet50": 32, "efficientnetv2_b0": 32, "mobilenetv3_small": 32, "small_cnn": 32,
-    "small_cnn_pooled": 32,
+    "small_cnn_pooled": 32, "small_cnn_detectors": 32,
 }  # fmt: skip
 HEAVY = {"xception", "resnet50"}
 
@@ -51,6 +51,28 @@ def test_small_cnn_pooled_adds_a_global_max_and_ignores_the_images_own_colour_ca
     moved = np.roll(image, 8, axis=2)  # the same content elsewhere: the anywhere branch barely changes
     prepared = [(x - x.mean(axis=(1, 2), keepdims=True)) / 127.5 for x in (image, moved)]
     assert np.abs(max_branch(prepared[0]) - max_branch(prepared[1])).mean() < np.abs(max_branch(prepared[0])).mean()
+
+
+def test_small_cnn_detectors_see_colours_and_shapes_together_in_each_cell():
+    from dual_encoder.data.synthetic import ShapeObject, render_scene
+
+    tower = ImageEncoder("small_cnn_detectors", image_size=64, width=4)
+    assert tower.output_dim == 32 * (8 * 8 + 1)  # 8 * width detectors: their global max, then their map
+    backbone = tower.backbone
+    assert backbone.get_layer("colours_per_cell").output.shape[1:3] == backbone.get_layer("stage2_conv").output.shape[1:3]
+
+    def picture(first, second):  # a star and a circle in fixed places, coloured `first` and `second`
+        scene = (ShapeObject("star", first, "large", "top left"), ShapeObject("circle", second, "large", "bottom right"))
+        return np.asarray(render_scene(scene, 64, np.random.default_rng(0)), dtype="float32")[None]
+
+    anywhere = keras.Model(backbone.input, backbone.get_layer("anywhere").output)
+    prepare = lambda x: (x - x.mean(axis=(1, 2), keepdims=True)) / 127.5  # noqa: E731
+    red_star, blue_star = (np.asarray(anywhere(prepare(picture(*c)))) for c in (("red", "blue"), ("blue", "red")))
+    # The same colours and shapes, bound the other way round: a max over colour channels and shape channels
+    # apart would not tell them apart; detectors on both at each cell do.
+    assert np.abs(red_star - blue_star).max() > 1e-3
+    image = picture("red", "blue")
+    np.testing.assert_allclose(tower(image), tower(image + np.array([20.0, -10.0, 5.0], "float32")), rtol=1e-4, atol=1e-4)
 
 
 def test_small_cnn_features_of_an_image_do_not_depend_on_the_rest_of_its_batch(images):
@@ -106,7 +128,7 @@ def test_frozen_tower_has_no_trainable_weights_and_runs_in_inference_mode(images
     [
         ("vgg_tiny", 32, None, "unknown image_backbone 'vgg_tiny'"),
         ("xception", 32, None, "below the minimum 71"),
-        ("small_cnn", 32, "imagenet", "small_cnn has no ImageNet weights"),
+        ("small_cnn", 32, "imagenet", "small_cnn towers have no ImageNet weights"),
         ("small_cnn", 32, "weights.npz", "must be 'imagenet', null or a .weights.h5 file"),
         ("small_cnn", 32, "/nonexistent/model.weights.h5", "file not found"),
     ],
