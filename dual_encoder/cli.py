@@ -218,13 +218,16 @@ def _gallery(images: Optional[Path], data: Optional[Path], split: str, list_file
 
 
 def _report_index(summary) -> None:
+    reasons = ", ".join(f"{count} {reason}" for reason, count in summary.skipped_counts.items())
     typer.echo(
         f"{summary.count} items in {summary.index_dir} ({summary.kind}, {summary.dtype}, dim {summary.dim}): "
         f"{summary.embedded} embedded, {summary.reused} reused, {summary.replaced} replaced, "
         f"{summary.removed} removed, {summary.unchanged} unchanged, {len(summary.skipped)} skipped"
+        + (f" ({reasons})" if reasons else "")
     )
     for skipped in summary.skipped:
-        typer.echo(f"  skipped {skipped.path}: {skipped.reason}", err=True)
+        detail = f" ({skipped.detail})" if skipped.detail else ""
+        typer.echo(f"  skipped {skipped.path}: {skipped.reason}{detail}", err=True)
 
 
 @index_app.command("build")

@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image, ImageDraw, ImageOps
 
-from dual_encoder import files
+from dual_encoder import files, images
 from dual_encoder.config import DataConfig
 from dual_encoder.index.embed import load_checked_model
 from dual_encoder.index.errors import QueryError, UnknownItemError
@@ -239,8 +239,8 @@ def write_grid(
 ) -> Path:
     """A PNG contact sheet of `result`'s hits: thumbnails labelled with rank and score, query on top.
 
-    Images that cannot be opened — missing, not regular files, over `max_pixels`, undecodable — are drawn as
-    grey tiles, so the sheet always has every hit.
+    Thumbnails are upright (EXIF orientation applied, `images.decode`). Images that cannot be opened — missing,
+    not regular files, over `max_pixels`, undecodable — are drawn as grey tiles, so the sheet always has every hit.
     """
     columns = max(1, min(columns, len(result.hits) or 1))
     rows = max(1, -(-len(result.hits) // columns))
@@ -261,9 +261,7 @@ def write_grid(
 
 def _thumbnail(image_path: str, size: int, max_pixels: int) -> Image.Image:
     try:
-        _, image = files.read_image(image_path, max_pixels)  # regular file, bounded, header checked
-        with image:
-            image.draft("RGB", (size, size))
-            return ImageOps.pad(image.convert("RGB"), (size, size), color="white")
-    except (OSError, ValueError, Image.DecompressionBombError):  # FileRefusedError is an OSError
+        image = images.decode(files.read_bytes(image_path), max_pixels, draft=(size, size))  # upright, RGB
+    except files.FileRefusedError:  # missing, not a regular file, too large, undecodable
         return Image.new("RGB", (size, size), "lightgrey")
+    return ImageOps.pad(image, (size, size), color="white")

@@ -116,3 +116,15 @@ def test_contact_sheet_has_every_hit_even_unreadable_ones(searcher, tmp_path):
         # The missing image is a grey tile, the first hit shows its pixels.
         assert sheet.getpixel((4 + 2 * 44 + 20, 20 + 60 + 4 + 20)) == (211, 211, 211)
         assert sheet.getpixel((4 + 20, 20 + 4 + 20)) != (255, 255, 255)
+
+
+def test_contact_sheet_thumbnails_are_upright(tmp_path):
+    from tests.unit.index.helpers import write_phone_photo
+
+    hit = Hit(rank=1, id=0, path=str(write_phone_photo(tmp_path / "phone.jpg", 6)), score=0.5)
+    path = write_grid(SearchResult("q", "q", [hit]), tmp_path / "grid.png", thumb=48, columns=1)
+    with Image.open(path) as sheet:
+        tile_left, tile_top = 4, 20
+        # Upright the photo is 24 x 48, padded to 48 x 48: red on top, blue below (stored, red left, blue right).
+        assert sheet.getpixel((tile_left + 24, tile_top + 6))[0] > 200
+        assert sheet.getpixel((tile_left + 24, tile_top + 42))[2] > 200
