@@ -289,7 +289,10 @@ def search(
     query: List[str] = typer.Argument(..., help="One or more queries, e.g. 'find images of a dog on a beach'."),
     index: Path = typer.Option(..., help="An index folder."),
     k: int = typer.Option(9, "-k", "--k", min=1, help="How many results per query."),
-    json_: bool = typer.Option(False, "--json", help="Print JSON: [{rank, id, path, score}] per query."),
+    json_: bool = typer.Option(
+        False, "--json", help="Print JSON: a list with one {query, normalized_query, hits} per query, each hit "
+        "{rank, id, path, score, caption}, however many queries."
+    ),
     grid: Optional[Path] = typer.Option(None, help="Write a contact sheet PNG of the first query's results."),
     model: Optional[Path] = typer.Option(None, help="Model folder (default: the one the index records)."),
 ):
@@ -299,8 +302,7 @@ def search(
     searcher = Searcher.load(index, model_dir=model)
     results = searcher.search(list(query), k=k)
     if json_:
-        hits = [[{"rank": h.rank, "id": h.id, "path": h.path, "score": h.score} for h in r.hits] for r in results]
-        _echo_json(hits[0] if len(hits) == 1 else hits)
+        _echo_json([result.to_dict() for result in results])
     else:
         for result in results:
             typer.echo(f'\n"{result.query}"  (searched as "{result.normalized_query}")')

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import keras
 import numpy as np
@@ -102,6 +102,13 @@ class Hit:
     score: float
     caption: Optional[str] = None
 
+    def to_dict(self, path: bool = True) -> dict[str, Any]:
+        """`{rank, id, path, score, caption}` (without `path` when `path` is False)."""
+        fields = {"rank": self.rank, "id": self.id, "path": self.path, "score": self.score, "caption": self.caption}
+        if not path:
+            del fields["path"]
+        return fields
+
 
 @dataclasses.dataclass(frozen=True)
 class SearchResult:
@@ -126,8 +133,26 @@ class SearchResult:
     def __getitem__(self, position: int) -> Hit:
         return self.hits[position]
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def to_dict(
+        self,
+        k: Optional[int] = None,
+        *,
+        paths: bool = True,
+        links: Optional[Callable[[Hit], dict[str, str]]] = None,
+    ) -> dict[str, Any]:
+        """The one JSON shape of a result — `search --json`, the HTTP API, the demo's summary:
+        `{query, normalized_query, hits: [{rank, id, path, score, caption}]}`.
+
+        Args:
+            k: keep only the first `k` hits (a micro-batch of the server searches with the largest k asked in it).
+            paths: include each hit's file path (the HTTP API keeps server paths to itself).
+            links: more fields per hit, e.g. the API's image and thumbnail URLs.
+        """
+        return {
+            "query": self.query,
+            "normalized_query": self.normalized_query,
+            "hits": [{**hit.to_dict(paths), **(links(hit) if links else {})} for hit in self.hits[:k]],
+        }
 
 
 # -- the searcher -----------------------------------------------------------------------------------

@@ -225,23 +225,13 @@ def run_server(
 # -- helpers ----------------------------------------------------------------------------------------
 
 
+def _links(hit) -> dict[str, str]:
+    return {"image_url": f"/api/images/{hit.id}", "thumbnail_url": f"/api/thumbnails/{hit.id}"}
+
+
 def _result_json(result, k: int) -> dict[str, Any]:
     # A micro-batch searches with the largest k asked in it: each caller gets only its own k.
-    return {
-        "query": result.query,
-        "normalized_query": result.normalized_query,
-        "hits": [
-            {
-                "rank": hit.rank,
-                "id": hit.id,
-                "score": hit.score,
-                "caption": hit.caption,
-                "image_url": f"/api/images/{hit.id}",
-                "thumbnail_url": f"/api/thumbnails/{hit.id}",
-            }
-            for hit in result.hits[:k]
-        ],
-    }
+    return result.to_dict(k, paths=False, links=_links)
 
 
 def _find_item(searcher, item_id: str) -> Item:

@@ -44,9 +44,17 @@ def test_evaluate_index_search_add_remove(workspace, capsys, tmp_path):
 
     assert main(["search", "--index", str(root / "index"), "find images of a red circle", "-k", "3", "--json",
                  "--grid", str(tmp_path / "grid.png")]) == 0
-    hits = json.loads(capsys.readouterr().out.split("\ngrid:")[0])
-    assert [h["rank"] for h in hits] == [1, 2, 3] and set(hits[0]) == {"rank", "id", "path", "score"}
+    results = json.loads(capsys.readouterr().out.split("\ngrid:")[0])
+    # One shape however many queries: a list of results, each with its hits.
+    assert [set(r) for r in results] == [{"query", "normalized_query", "hits"}]
+    assert results[0]["query"] == "find images of a red circle" and results[0]["normalized_query"] == "a red circle"
+    hits = results[0]["hits"]
+    assert [h["rank"] for h in hits] == [1, 2, 3] and set(hits[0]) == {"rank", "id", "path", "score", "caption"}
     assert (tmp_path / "grid.png").stat().st_size > 0
+    assert main(["search", "--index", str(root / "index"), "a red circle", "two blue squares", "-k", "2", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["query"] for r in results] == ["a red circle", "two blue squares"]
+    assert all(set(r) == {"query", "normalized_query", "hits"} and len(r["hits"]) == 2 for r in results)
 
     for image in images[10:12]:
         (gallery / image.name).write_bytes(image.read_bytes())
