@@ -262,12 +262,15 @@ def index_build(
 def index_add(
     index: Path = typer.Option(..., help="An existing index folder."),
     images: Path = typer.Option(..., help="An image folder or a list file; only new or changed files are embedded."),
+    preset: str = typer.Option("synthetic-small", help="Preset whose data.max_image_pixels to use."),
+    set_: List[str] = typer.Option([], "--set", help="Override a config key, e.g. max_image_pixels=100000000."),
     quiet: bool = typer.Option(False, help="No progress bars."),
 ):
     """Add new or changed images to an index."""
     from dual_encoder.index import add_to_index
 
-    _report_index(add_to_index(index, images, progress=not quiet))
+    config = _config(preset, set_)
+    _report_index(add_to_index(index, images, progress=not quiet, max_image_pixels=config.data.max_image_pixels))
 
 
 @index_app.command("remove")
@@ -288,19 +291,24 @@ def index_remove(
 def search(
     query: List[str] = typer.Argument(..., help="One or more queries, e.g. 'find images of a dog on a beach'."),
     index: Path = typer.Option(..., help="An index folder."),
-    k: int = typer.Option(9, "-k", "--k", min=1, help="How many results per query."),
+    k: Optional[int] = typer.Option(
+        None, "-k", "--k", min=1, help="How many results per query [default: the preset's serve.default_k, 10]."
+    ),
     json_: bool = typer.Option(
         False, "--json", help="Print JSON: a list with one {query, normalized_query, hits} per query, each hit "
         "{rank, id, path, score, caption}, however many queries."
     ),
     grid: Optional[Path] = typer.Option(None, help="Write a contact sheet PNG of the first query's results."),
     model: Optional[Path] = typer.Option(None, help="Model folder (default: the one the index records)."),
+    preset: str = typer.Option("synthetic-small", help="Preset whose serve.default_k and data.max_image_pixels to use."),
+    set_: List[str] = typer.Option([], "--set", help="Override a config key, e.g. default_k=20."),
 ):
     """Search an index with natural-language queries."""
     from dual_encoder.search import Searcher, write_grid
 
+    config = _config(preset, set_)
     searcher = Searcher.load(index, model_dir=model)
-    results = searcher.search(list(query), k=k)
+    results = searcher.search(list(query), k=k or config.serve.default_k)
     if json_:
         _echo_json([result.to_dict() for result in results])
     else:
@@ -310,7 +318,7 @@ def search(
             for hit in result.hits:
                 typer.echo(f"{hit.rank:>4}  {hit.score:>7.4f}  {hit.id:>8}  {hit.path}")
     if grid is not None:
-        typer.echo(f"grid: {write_grid(results[0], grid)}")
+        typer.echo(f"grid: {write_grid(results[0], grid, max_pixels=config.data.max_image_pixels)}")
 
 
 @app.command()
@@ -334,11 +342,17 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Address to bind (loopback unless you say otherwise)."),
     port: int = typer.Option(8000, min=1, max=65535),
     model: Optional[Path] = typer.Option(None, help="Model folder (default: the one the index records)."),
+    preset: str = typer.Option("synthetic-small", help="Preset whose serve section (limits, default_k) to use."),
+    set_: List[str] = typer.Option([], "--set", help="Override a config key, e.g. default_k=20 or max_k=50."),
 ):
     """Serve the search page and the HTTP API."""
     from dual_encoder.serve import run_server
 
-    run_server(index, host=host, port=port, model_dir=model)
+    config = _config(preset, set_)
+    run_server(
+        index, host=host, port=port, model_dir=model, serve_config=config.serve,
+        max_image_pixels=config.data.max_image_pixels,
+    )
 
 
 @app.command()

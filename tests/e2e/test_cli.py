@@ -55,6 +55,11 @@ def test_evaluate_index_search_add_remove(workspace, capsys, tmp_path):
     results = json.loads(capsys.readouterr().out)
     assert [r["query"] for r in results] == ["a red circle", "two blue squares"]
     assert all(set(r) == {"query", "normalized_query", "hits"} and len(r["hits"]) == 2 for r in results)
+    # Without -k: the config's serve.default_k, as the API and the page.
+    assert main(["search", "--index", str(root / "index"), "a red circle", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)[0]["hits"]) == 10
+    assert main(["search", "--index", str(root / "index"), "a red circle", "--json", "--set", "default_k=4"]) == 0
+    assert len(json.loads(capsys.readouterr().out)[0]["hits"]) == 4
 
     for image in images[10:12]:
         (gallery / image.name).write_bytes(image.read_bytes())
