@@ -32,6 +32,7 @@ from dual_encoder.data.sources import (
 )
 
 SPLITS = ("train", "validation")
+FIRST_SKIPPED = 5  # skipped items a summary names (the manifest lists them all)
 # The DataConfig fields that shape the written dataset (the others only concern reading it).
 _PREPARE_FIELDS = ("validation_fraction", "split_seed", "shard_size", "max_image_pixels")
 
@@ -46,6 +47,7 @@ class PrepareSummary:
         skipped: count per reason (see `sources.Reason`).
         splits: images per split.
         skipped_now: True when the output was already up to date and nothing was written.
+        first_skipped: the first `FIRST_SKIPPED` items skipped, to name them (manifest.json lists every one).
     """
 
     output: Path
@@ -54,6 +56,7 @@ class PrepareSummary:
     skipped: dict[str, int]
     splits: dict[str, int]
     skipped_now: bool = False
+    first_skipped: tuple[Skipped, ...] = ()
 
     def summary_line(self) -> str:
         total = sum(self.skipped.values())
@@ -215,6 +218,7 @@ def _summary(output: Path, manifest: dict[str, Any], skipped_now: bool) -> Prepa
         skipped=manifest["skipped_counts"],
         splits={name: split["images"] for name, split in manifest["splits"].items()},
         skipped_now=skipped_now,
+        first_skipped=tuple(Skipped(**item) for item in manifest.get("skipped", [])[:FIRST_SKIPPED]),
     )
 
 
