@@ -163,7 +163,7 @@ def create_app(
             return _not_modified(etag)
         body = thumbnails.get(found.sha256)
         if body is None:
-            body = await in_file_thread(thumbnail_of, found.data, serve_config.thumbnail_size)
+            body = await in_file_thread(thumbnail_of, found.data, serve_config.thumbnail_size, max_image_pixels)
             thumbnails.put(found.sha256, body)
         return _reply(request, body, THUMBNAIL_MEDIA_TYPE, etag)
 
