@@ -11,7 +11,7 @@ import click
 import pytest
 import typer
 
-from dual_encoder.cli import WORKFLOW_ORDER, app, main
+from dual_encoder.cli import app, main
 from tests.tiny import tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
