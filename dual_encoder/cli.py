@@ -39,7 +39,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode=None,  # plain help: flags without a value type, choices as {a|b}
+    rich_markup_mode=None,  # plain help: a flag shows no value type (rich help shows `<bool>` for every flag)
 )
 index_app = typer.Typer(help="Build and update an image index.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(index_app, name="index")
@@ -405,8 +405,10 @@ def export(
 @app.command()
 def serve(
     index: Path = typer.Option(..., help="The index to search."),
-    host: str = typer.Option("127.0.0.1", help="Address to bind (loopback unless you say otherwise)."),
-    port: int = typer.Option(8000, min=1, max=65535),
+    host: Optional[str] = typer.Option(
+        None, help="Address to bind [default: serve.host, 127.0.0.1: loopback unless you say otherwise]."
+    ),
+    port: Optional[int] = typer.Option(None, min=1, max=65535, help="TCP port [default: serve.port, 8000]."),
     model: Optional[Path] = typer.Option(None, help="Model folder (default: the one the index records)."),
     preset: str = typer.Option("synthetic-small", help="Preset whose serve section (limits, default_k) to use."),
     set_: List[str] = _overrides("default_k=20 or max_k=50"),
@@ -416,8 +418,8 @@ def serve(
 
     config = _config(preset, set_)
     run_server(
-        index, host=host, port=port, model_dir=model, serve_config=config.serve,
-        max_image_pixels=config.data.max_image_pixels,
+        index, host=host or config.serve.host, port=port or config.serve.port, model_dir=model,
+        serve_config=config.serve, max_image_pixels=config.data.max_image_pixels,
     )
 
 
