@@ -1,5 +1,6 @@
 """Natural-language image search with a CLIP-style dual encoder (Keras 3 on TensorFlow)."""
 
+import importlib.metadata
 import os
 
 # Keras reads its backend once, at import: set it before anything imports Keras.
@@ -8,7 +9,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from dual_encoder.config import Config  # noqa: E402
 
-__version__ = "0.1.0"
+try:  # one version, setup.cfg's, read from the installed package's metadata
+    __version__ = importlib.metadata.version("dual_encoder")
+except importlib.metadata.PackageNotFoundError:  # a source tree that is not installed
+    __version__ = "0+unknown"
 
 
 def load_model(directory):

@@ -1,6 +1,7 @@
 """The `dual-encoder` command: parse arguments and call the library; no logic lives here.
 
-Heavy imports (TensorFlow) happen inside the commands so `--help` stays fast.
+Heavy imports (TensorFlow) happen inside the commands so `--help` stays fast; TensorFlow's start-up logging is
+kept off stderr unless `--verbose` (`dual_encoder.tf_logging`).
 """
 
 from __future__ import annotations
@@ -12,19 +13,36 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from typer.core import TyperGroup
 
+from dual_encoder import __version__, tf_logging
+from dual_encoder.config import ALLOWED
 from dual_encoder.errors import DualEncoderError
+
+# `--help` lists the commands in the order a user runs them.
+WORKFLOW_ORDER = (
+    "synthetic", "synthetic-queries", "prepare", "train", "evaluate", "index", "search", "serve", "export", "demo",
+)  # fmt: skip
+
+
+class _WorkflowGroup(TyperGroup):
+    def list_commands(self, ctx) -> list[str]:
+        names = super().list_commands(ctx)
+        known = [name for name in WORKFLOW_ORDER if name in names]
+        return known + [name for name in names if name not in known]
+
 
 app = typer.Typer(
     name="dual-encoder",
+    cls=_WorkflowGroup,
     help="Natural-language image search with a dual encoder: prepare data, train, index, search, export, serve.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: a flag shows no value type (rich help shows `<bool>` for every flag)
 )
-index_app = typer.Typer(help="Build and update an image index.", no_args_is_help=True)
+index_app = typer.Typer(help="Build and update an image index.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(index_app, name="index")
-
 
 
 class Source(str, enum.Enum):
@@ -32,6 +50,42 @@ class Source(str, enum.Enum):
     csv = "csv"
     jsonl = "jsonl"
     folder = "folder"
+
+
+# Choices mirror the library's registries (tests keep them equal) without importing TensorFlow for `--help`.
+Split = enum.Enum("Split", {name: name for name in ("train", "validation")}, type=str)  # data.prepare.SPLITS
+Strategy = enum.Enum(  # training.distribute.STRATEGY_NAMES
+    "Strategy", {name: name for name in ("auto", "default", "mirrored", "multi_worker", "tpu")}, type=str
+)
+IndexKind = enum.Enum("IndexKind", {name: name for name in ALLOWED["index.kind"].choices}, type=str)
+
+
+def _flag(name: str, help: str):
+    """A flag: present means True; it takes no value."""
+    return typer.Option(False, name, help=help)
+
+
+def _overrides(example: str):
+    """`--set key=value`, repeatable: config overrides on top of the preset."""
+    return typer.Option(
+        [], "--set", metavar="KEY=VALUE", help=f"Override a config key (repeatable), e.g. {example}."
+    )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"dual-encoder {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    verbose: bool = _flag("--verbose", "Show TensorFlow's start-up logging (oneDNN, CUDA drivers, cuInit …)."),
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    tf_logging.configure(verbose)
 
 
 def _config(preset: str, overrides: List[str], config_file: Optional[Path] = None):
@@ -42,7 +96,7 @@ def _config(preset: str, overrides: List[str], config_file: Optional[Path] = Non
 
 
 def _overwrite_option(what: str):
-    return typer.Option(False, "--overwrite", help=f"Replace an existing {what} at --output (never another kind of folder).")
+    return _flag("--overwrite", f"Replace an existing {what} at --output (never another kind of folder).")
 
 
 def _echo_json(value) -> None:
@@ -59,7 +113,7 @@ def synthetic(
         0.5, min=0.0, max=1.0, help="Fraction of captions that name only some objects or attributes, as people write."
     ),
     object_counts: str = typer.Option("0.1,0.5,0.4", help="Probabilities of 1, 2 and 3 objects per image."),
-    queries: bool = typer.Option(False, "--queries", help="Also write a judged query set (queries.tsv, qrels.txt)."),
+    queries: bool = _flag("--queries", "Also write a judged query set (queries.tsv, qrels.txt)."),
     min_relevant: int = typer.Option(10, min=1, help="With --queries: keep queries with this many relevant images."),
 ):
     """Generate the captioned-shapes dataset (the offline default): images, captions and each image's scene."""
@@ -90,7 +144,7 @@ def _write_shape_queries(scenes, output: Path, min_relevant: int, seed: int) -> 
 def synthetic_queries(
     data: Path = typer.Option(..., help="A prepared captioned-shapes dataset (prepared with --metadata scenes.jsonl)."),
     output: Path = typer.Option(..., help="Folder to write queries.tsv and qrels.txt into."),
-    split: str = typer.Option("validation", help="The split whose images are judged."),
+    split: Split = typer.Option(Split.validation, help="The split whose images are judged."),
     min_relevant: int = typer.Option(10, min=1, help="Keep queries with at least this many relevant images."),
     seed: int = typer.Option(0, help="Seed of the sample kept from large groups."),
 ):
@@ -98,7 +152,7 @@ def synthetic_queries(
     from dual_encoder.data.pipeline import read_split
     from dual_encoder.data.synthetic import split_scenes
 
-    info = read_split(data, split)
+    info = read_split(data, split.value)
     try:
         scenes = split_scenes(info.image_ids, info.metadata)
     except (ValueError, TypeError) as error:
@@ -116,10 +170,10 @@ def prepare(
         None, help="JSONL of per-image fields to keep (one object per line with 'image'), e.g. scenes.jsonl."
     ),
     preset: str = typer.Option("synthetic-small", help="Preset whose data section to use."),
-    set_: List[str] = typer.Option([], "--set", help="Override a config key, e.g. validation_fraction=0.2."),
-    quiet: bool = typer.Option(False, help="No progress bar."),
-    allow_outside: bool = typer.Option(
-        False, help="Read image paths of the annotation file that lead outside --images-dir (absolute, ../)."
+    set_: List[str] = _overrides("validation_fraction=0.2"),
+    quiet: bool = _flag("--quiet", "No progress bar."),
+    allow_outside: bool = _flag(
+        "--allow-outside", "Read image paths of the annotation file that lead outside --images-dir (absolute, ../)."
     ),
     overwrite: bool = _overwrite_option("prepared dataset made from other inputs"),
 ):
@@ -134,6 +188,8 @@ def prepare(
         allow_outside=allow_outside, overwrite=overwrite,
     )
     typer.echo(summary.summary_line())
+    total = sum(summary.skipped.values())
+    _echo_skipped([(s.item, s.reason, s.detail) for s in summary.first_skipped], total, summary.output / "manifest.json")
 
 
 @app.command()
@@ -141,10 +197,11 @@ def train(
     data: Path = typer.Option(..., help="A prepared dataset folder."),
     output: Path = typer.Option(..., help="Run folder (model/, history.json, curves.png, backup/, logs/)."),
     preset: str = typer.Option("synthetic-small", help="Named recipe or a JSON config file."),
-    set_: List[str] = typer.Option([], "--set", help="Override a config key, e.g. loss=siglip."),
+    set_: List[str] = _overrides("loss=siglip"),
     epochs: Optional[int] = typer.Option(None, min=1, help="Shorthand for --set epochs=N."),
-    strategy: str = typer.Option("auto", help="auto, default, mirrored, multi_worker or tpu."),
-    quiet: bool = typer.Option(False, help="No progress bars."),
+    strategy: Strategy = typer.Option(Strategy.auto, help="How to distribute: auto picks TPU, multi-worker, "
+                                      "mirrored (several GPUs) or default."),
+    quiet: bool = _flag("--quiet", "No progress bars."),
     restart: bool = typer.Option(
         False, "--restart", "--overwrite", help="Start the run in --output afresh instead of resuming it."
     ),
@@ -154,7 +211,7 @@ def train(
 
     overrides = list(set_) + ([f"epochs={epochs}"] if epochs else [])
     config = _config(preset, overrides)
-    result = run_training(config, data, output, strategy=strategy, progress=not quiet, restart=restart)
+    result = run_training(config, data, output, strategy=strategy.value, progress=not quiet, restart=restart)
     typer.echo(f"Best model (epoch {result.best.get('epoch')}): {result.model_dir}")
     _echo_json(result.best)
 
@@ -163,7 +220,7 @@ def train(
 def evaluate(
     model: Optional[Path] = typer.Option(None, help="A model folder or a run folder (with --data)."),
     data: Optional[Path] = typer.Option(None, help="A prepared dataset folder (with --model)."),
-    split: str = typer.Option("validation", help="Which split to score."),
+    split: Split = typer.Option(Split.validation, help="Which split to score."),
     index: Optional[Path] = typer.Option(None, help="Score a judged query set on this index instead (with --queries)."),
     queries: Optional[Path] = typer.Option(None, help="A judged query set: queries.tsv (id, query[, group])."),
     qrels: Optional[Path] = typer.Option(None, help="Its TREC qrels (default: qrels.txt beside --queries)."),
@@ -193,11 +250,11 @@ def evaluate(
         from dual_encoder.evaluation import text_encoder
         from dual_encoder.models import load_model
 
-        require_images(data, split, "evaluate")
+        require_images(data, split.value, "evaluate")
         loaded = load_model(model)
-        report = evaluate_split(loaded, data, split, batch_size=batch_size)
+        report = evaluate_split(loaded, data, split.value, batch_size=batch_size)
         if query_set is not None:
-            gallery = split_gallery(loaded, data, split, batch_size=batch_size)
+            gallery = split_gallery(loaded, data, split.value, batch_size=batch_size)
             encode = text_encoder(loaded)
     if query_set is not None:
         judged = evaluate_query_set(encode, *gallery, query_set)
@@ -218,13 +275,22 @@ def _gallery(images: Optional[Path], data: Optional[Path], split: str, list_file
 
 
 def _report_index(summary) -> None:
+    reasons = ", ".join(f"{count} {reason}" for reason, count in summary.skipped_counts.items())
     typer.echo(
         f"{summary.count} items in {summary.index_dir} ({summary.kind}, {summary.dtype}, dim {summary.dim}): "
         f"{summary.embedded} embedded, {summary.reused} reused, {summary.replaced} replaced, "
         f"{summary.removed} removed, {summary.unchanged} unchanged, {len(summary.skipped)} skipped"
+        + (f" ({reasons})" if reasons else "")
     )
-    for skipped in summary.skipped:
-        typer.echo(f"  skipped {skipped.path}: {skipped.reason}", err=True)
+    _echo_skipped([(s.path, s.reason, s.detail) for s in summary.skipped], len(summary.skipped))
+
+
+def _echo_skipped(named: list[tuple[str, str, str]], total: int, listed_in: Optional[Path] = None) -> None:
+    """One stderr line per named skipped item (path, reason, detail), and how many more `listed_in` has."""
+    for item, reason, detail in named:
+        typer.echo(f"  skipped {item}: {reason}" + (f" ({detail})" if detail else ""), err=True)
+    if total > len(named):
+        typer.echo(f"  … and {total - len(named)} more" + (f", listed in {listed_in}" if listed_in else ""), err=True)
 
 
 @index_app.command("build")
@@ -233,20 +299,21 @@ def index_build(
     output: Path = typer.Option(..., help="Index folder to write (an existing index is replaced atomically with --overwrite)."),
     images: Optional[Path] = typer.Option(None, help="An image folder (searched recursively)."),
     data: Optional[Path] = typer.Option(None, help="A prepared dataset (with --split)."),
-    split: str = typer.Option("validation", help="Split of --data to index."),
+    split: Split = typer.Option(Split.validation, help="Split of --data to index."),
     list_file: Optional[Path] = typer.Option(None, "--list", help="A file with one image path per line."),
     preset: str = typer.Option("synthetic-small", help="Preset whose index section to use."),
-    set_: List[str] = typer.Option([], "--set", help="Override an index key, e.g. dtype=float16 or kind=hnsw."),
-    kind: Optional[str] = typer.Option(None, help="exact, hnsw, ivf or auto (shorthand for --set kind=...)."),
-    quiet: bool = typer.Option(False, help="No progress bars."),
+    set_: List[str] = _overrides("dtype=float16 or kind=hnsw"),
+    kind: Optional[IndexKind] = typer.Option(None, help="Shorthand for --set kind=...: auto is exact up to "
+                                             "index.ann_threshold items, then hnsw."),
+    quiet: bool = _flag("--quiet", "No progress bars."),
     overwrite: bool = _overwrite_option("index"),
 ):
     """Embed a gallery with the model's image tower and write a searchable index."""
     from dual_encoder.index import build_index
 
-    overrides = list(set_) + ([f"index.kind={kind}"] if kind else [])
+    overrides = list(set_) + ([f"index.kind={kind.value}"] if kind else [])
     config = _config(preset, overrides)
-    gallery = _gallery(images, data, split, list_file)
+    gallery = _gallery(images, data, split.value, list_file)
     _report_index(
         build_index(
             model, gallery, output, config.index, progress=not quiet, max_image_pixels=config.data.max_image_pixels,
@@ -259,19 +326,22 @@ def index_build(
 def index_add(
     index: Path = typer.Option(..., help="An existing index folder."),
     images: Path = typer.Option(..., help="An image folder or a list file; only new or changed files are embedded."),
-    quiet: bool = typer.Option(False, help="No progress bars."),
+    preset: str = typer.Option("synthetic-small", help="Preset whose data.max_image_pixels to use."),
+    set_: List[str] = _overrides("max_image_pixels=100000000"),
+    quiet: bool = _flag("--quiet", "No progress bars."),
 ):
     """Add new or changed images to an index."""
     from dual_encoder.index import add_to_index
 
-    _report_index(add_to_index(index, images, progress=not quiet))
+    config = _config(preset, set_)
+    _report_index(add_to_index(index, images, progress=not quiet, max_image_pixels=config.data.max_image_pixels))
 
 
 @index_app.command("remove")
 def index_remove(
     index: Path = typer.Option(..., help="An existing index folder."),
     paths: List[Path] = typer.Argument(None, help="Image files or folders to remove."),
-    missing: bool = typer.Option(False, help="Also remove items whose file no longer exists."),
+    missing: bool = _flag("--missing", "Also remove items whose file no longer exists."),
 ):
     """Remove images from an index by path, or those whose file is gone."""
     from dual_encoder.index import remove_from_index
@@ -283,21 +353,30 @@ def index_remove(
 
 @app.command()
 def search(
-    query: List[str] = typer.Argument(..., help="One or more queries, e.g. 'find images of a dog on a beach'."),
+    query: List[str] = typer.Argument(
+        ..., metavar="QUERY", help="One or more queries, e.g. 'find images of a dog on a beach'."
+    ),
     index: Path = typer.Option(..., help="An index folder."),
-    k: int = typer.Option(9, "-k", "--k", min=1, help="How many results per query."),
-    json_: bool = typer.Option(False, "--json", help="Print JSON: [{rank, id, path, score}] per query."),
+    k: Optional[int] = typer.Option(
+        None, "-k", "--k", min=1, help="How many results per query [default: the preset's serve.default_k, 10]."
+    ),
+    json_: bool = _flag(
+        "--json", "Print JSON: a list with one {query, normalized_query, hits} per query, each hit "
+        "{rank, id, path, score, caption}, however many queries."
+    ),
     grid: Optional[Path] = typer.Option(None, help="Write a contact sheet PNG of the first query's results."),
     model: Optional[Path] = typer.Option(None, help="Model folder (default: the one the index records)."),
+    preset: str = typer.Option("synthetic-small", help="Preset whose serve.default_k and data.max_image_pixels to use."),
+    set_: List[str] = _overrides("default_k=20"),
 ):
     """Search an index with natural-language queries."""
     from dual_encoder.search import Searcher, write_grid
 
+    config = _config(preset, set_)
     searcher = Searcher.load(index, model_dir=model)
-    results = searcher.search(list(query), k=k)
+    results = searcher.search(list(query), k=k or config.serve.default_k)
     if json_:
-        hits = [[{"rank": h.rank, "id": h.id, "path": h.path, "score": h.score} for h in r.hits] for r in results]
-        _echo_json(hits[0] if len(hits) == 1 else hits)
+        _echo_json([result.to_dict() for result in results])
     else:
         for result in results:
             typer.echo(f'\n"{result.query}"  (searched as "{result.normalized_query}")')
@@ -305,7 +384,7 @@ def search(
             for hit in result.hits:
                 typer.echo(f"{hit.rank:>4}  {hit.score:>7.4f}  {hit.id:>8}  {hit.path}")
     if grid is not None:
-        typer.echo(f"grid: {write_grid(results[0], grid)}")
+        typer.echo(f"grid: {write_grid(results[0], grid, max_pixels=config.data.max_image_pixels)}")
 
 
 @app.command()
@@ -326,21 +405,29 @@ def export(
 @app.command()
 def serve(
     index: Path = typer.Option(..., help="The index to search."),
-    host: str = typer.Option("127.0.0.1", help="Address to bind (loopback unless you say otherwise)."),
-    port: int = typer.Option(8000, min=1, max=65535),
+    host: Optional[str] = typer.Option(
+        None, help="Address to bind [default: serve.host, 127.0.0.1: loopback unless you say otherwise]."
+    ),
+    port: Optional[int] = typer.Option(None, min=1, max=65535, help="TCP port [default: serve.port, 8000]."),
     model: Optional[Path] = typer.Option(None, help="Model folder (default: the one the index records)."),
+    preset: str = typer.Option("synthetic-small", help="Preset whose serve section (limits, default_k) to use."),
+    set_: List[str] = _overrides("default_k=20 or max_k=50"),
 ):
     """Serve the search page and the HTTP API."""
     from dual_encoder.serve import run_server
 
-    run_server(index, host=host, port=port, model_dir=model)
+    config = _config(preset, set_)
+    run_server(
+        index, host=host or config.serve.host, port=port or config.serve.port, model_dir=model,
+        serve_config=config.serve, max_image_pixels=config.data.max_image_pixels,
+    )
 
 
 @app.command()
 def demo(
     output: Path = typer.Option(Path("demo_output"), help="Folder for everything the demo writes."),
-    quick: bool = typer.Option(False, help="A reduced size (CI): a few hundred images, two epochs, no quality check."),
-    quiet: bool = typer.Option(False, help="No progress bars."),
+    quick: bool = _flag("--quick", "A reduced size (CI): a few hundred images, two epochs, no quality check."),
+    quiet: bool = _flag("--quiet", "No progress bars."),
 ):
     """The offline demo: synthetic data, prepare, train, evaluate, index, queries, export."""
     from dual_encoder.demo import run_demo

@@ -96,10 +96,11 @@ class IndexConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ServeConfig:
-    """The HTTP server."""
+    """Answering queries: the HTTP server and page, and `search` on the command line (`default_k`)."""
 
     host: str = "127.0.0.1"
     port: int = 8000
+    default_k: int = 10  # results per query when none is asked for (CLI `search`, the API, the page)
     max_query_chars: int = 512
     max_k: int = 100
     thumbnail_size: int = 256
@@ -299,6 +300,7 @@ ALLOWED: dict[str, Allowed] = {
     "index.ivf_nlist": _NON_NEGATIVE,
     "index.ivf_nprobe": _POSITIVE,
     "serve.port": Allowed(low=1, high=65535),
+    "serve.default_k": _POSITIVE,
     "serve.max_query_chars": _POSITIVE,
     "serve.max_k": _POSITIVE,
     "serve.thumbnail_size": Allowed(low=16),

@@ -136,11 +136,95 @@ def declared_pixels(data: tf.Tensor) -> tf.Tensor:
     return tf.case(branches, default=lambda: tf.constant(-1, tf.int64), exclusive=False)
 
 
+# Reading a JPEG's EXIF orientation in the graph: how far to look (real files have ~5 segments before the EXIF
+# block and ~10 IFD0 entries before the orientation tag), and zero bytes appended so every read is in range.
+_MAX_JPEG_SEGMENTS, _MAX_IFD_ENTRIES = 32, 64
+_EXIF_PAD = 12 * _MAX_IFD_ENTRIES + 16
+_ORIENTATION_TAG = 0x0112
+
+
+def _bytes_at(padded: tf.Tensor, position: tf.Tensor, count: int) -> tf.Tensor:
+    """`count` bytes of `padded` from `position` (clamped into the string) as int64 [count]."""
+    position = tf.clip_by_value(tf.cast(position, tf.int64), 0, tf.cast(tf.strings.length(padded), tf.int64) - count)
+    return tf.reshape(tf.cast(tf.io.decode_raw(tf.strings.substr(padded, position, count), tf.uint8), tf.int64), [count])
+
+
+def _uint(raw: tf.Tensor, big_endian: tf.Tensor) -> tf.Tensor:
+    """The unsigned integer of the bytes `raw` ([..., n]), big- or little-endian."""
+    n = raw.shape[-1]
+    weights = tf.constant([1 << (8 * i) for i in range(n)], tf.int64)
+    return tf.reduce_sum(raw * tf.where(big_endian, tf.reverse(weights, [0]), weights), axis=-1)
+
+
+def exif_orientation(data: tf.Tensor) -> tf.Tensor:
+    """The EXIF orientation (1-8, int32) of an encoded JPEG, read in the graph; 1 for anything else.
+
+    Walks the JPEG's segments to the APP1 `Exif` block and looks the orientation tag up in its first IFD, as
+    Pillow's `ImageOps.exif_transpose` does for a JPEG. Only JPEG: PNG `eXIf` chunks are not read.
+    """
+    length = tf.cast(tf.strings.length(data), tf.int64)
+    padded = tf.strings.join([data, tf.constant(b"\0" * _EXIF_PAD)])
+    big = tf.constant(True)
+
+    def more(position, tiff, steps):
+        return (position + 10 <= length) & (tiff < 0) & (steps < _MAX_JPEG_SEGMENTS)
+
+    def next_segment(position, tiff, steps):
+        head = _bytes_at(padded, position, 10)
+        is_exif = (head[1] == 0xE1) & tf.reduce_all(head[4:10] == tf.constant(list(b"Exif\0\0"), tf.int64))
+        tiff = tf.where(is_exif, position + 10, tiff)
+        # A byte that is no marker, or start-of-scan / end-of-image (pixel data follows): stop looking.
+        stop = (head[0] != 0xFF) | (head[1] == 0xDA) | (head[1] == 0xD9)
+        return tf.where(stop, length, position + 2 + _uint(head[2:4], big)), tiff, steps + 1
+
+    is_jpeg = tf.strings.substr(padded, 0, 2) == b"\xff\xd8"
+    start = tf.where(is_jpeg, tf.constant(2, tf.int64), length)
+    _, tiff, _ = tf.while_loop(more, next_segment, (start, tf.constant(-1, tf.int64), tf.constant(0)))
+
+    order = _bytes_at(padded, tiff, 8)
+    big_endian = tf.reduce_all(order[:2] == 0x4D)  # "MM"; "II" is little-endian
+    valid = (tiff >= 0) & (tf.reduce_all(order[:2] == 0x4D) | tf.reduce_all(order[:2] == 0x49))
+    ifd = tiff + _uint(order[4:8], big_endian)
+    count = _uint(_bytes_at(padded, ifd, 2), big_endian)
+    entries = tf.reshape(_bytes_at(padded, ifd + 2, 12 * _MAX_IFD_ENTRIES), [_MAX_IFD_ENTRIES, 12])
+    tags, values = _uint(entries[:, 0:2], big_endian), _uint(entries[:, 8:10], big_endian)
+    found = (tags == _ORIENTATION_TAG) & (tf.range(_MAX_IFD_ENTRIES, dtype=tf.int64) < count)
+    orientation = tf.reduce_max(tf.where(found, values, 0))  # one tag at most; 0 when there is none
+    in_range = valid & (orientation >= 1) & (orientation <= 8)
+    return tf.cast(tf.where(in_range, orientation, 1), tf.int32)
+
+
+def apply_orientation(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
+    """`image` [H, W, C] turned upright for an EXIF `orientation`, as `ImageOps.exif_transpose` turns it.
+
+    Applied to a square, already resized image: flips, quarter turns and transposes commute with the resize
+    (up to float rounding), so the decoding in `data.pipeline.decode_and_resize` is used unchanged.
+    """
+    transpose = lambda x: tf.transpose(x, [1, 0, 2])  # noqa: E731
+    branches = [
+        lambda: image,  # 1 (and anything unknown): as stored
+        lambda: image,
+        lambda: tf.image.flip_left_right(image),  # 2: mirrored
+        lambda: tf.image.rot90(image, 2),  # 3: upside down
+        lambda: tf.image.flip_up_down(image),  # 4
+        lambda: transpose(image),  # 5
+        lambda: tf.image.rot90(image, 3),  # 6: turn 90° clockwise (a phone held upright)
+        lambda: tf.image.rot90(transpose(image), 2),  # 7
+        lambda: tf.image.rot90(image, 1),  # 8: turn 90° counter-clockwise
+    ]
+    return tf.switch_case(orientation, branches)
+
+
 def export_image_encoder(model, path: Path, max_pixels: int = DataConfig.max_image_pixels) -> list[str]:
     """Encoded image bytes (JPEG/PNG/GIF/BMP) -> embeddings, decoding and resizing in the graph.
 
     Each image's header is checked before it is decoded: another format, or more than `max_pixels` pixels,
     fails the call with an InvalidArgument error naming the limit. An empty batch gives `[0, D]` embeddings.
+
+    A JPEG's EXIF orientation is applied in the graph (`exif_orientation`), so a phone's portrait photo is
+    embedded upright, as `index build` embeds it. Not read in the graph: orientation stored in a PNG's `eXIf`
+    chunk or in XMP, which Pillow honours: send such images upright, or embed them with `index build`.
+    WebP, TIFF and HEIC are not accepted here: decode them (with Pillow, `dual_encoder.images`) and send PNG.
     """
     size, dim = model.image_size, model.embed_dim
 
@@ -153,7 +237,7 @@ def export_image_encoder(model, path: Path, max_pixels: int = DataConfig.max_ima
             ),
         ]
         with tf.control_dependencies(checks):
-            return decode_and_resize(data, size)
+            return apply_orientation(decode_and_resize(data, size), exif_orientation(data))
 
     def encode(image_bytes):
         images = tf.map_fn(decode, image_bytes, fn_output_signature=tf.TensorSpec([size, size, 3], tf.uint8))

@@ -3,7 +3,8 @@
 Every reader of user image files (prepare, index build/add, the server's image routes, `search --grid`) and
 every checksum of a file goes through here. A path is `stat`ed before it is opened and opened with `O_NONBLOCK`,
 so a FIFO, device or socket — also one swapped in between the two — is refused at once instead of blocking
-or streaming forever; symlinks are followed, but only to regular files.
+or streaming forever; symlinks are followed, but only to regular files. Decoding what is read is
+`dual_encoder.images`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,17 @@ from typing import BinaryIO, Optional, Union
 from PIL import Image, UnidentifiedImageError
 
 from dual_encoder.errors import DualEncoderError
+
+try:  # HEIC/HEIF (iPhone photos) with the optional extra `heic`; Pillow alone cannot read them
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    HEIF_SUPPORTED = True
+except ImportError:
+    HEIF_SUPPORTED = False
+# ISO-BMFF `ftyp` brands of HEIF images, to say what is missing when pillow-heif is not installed.
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1")
+HEIF_MISSING = "HEIC/HEIF needs the optional pillow-heif: pip install 'dual_encoder[heic]'"
 
 # The largest image file read into memory (a 64-megapixel photo is ~20-40 MB; RGB PNGs of it ~200 MB).
 MAX_IMAGE_BYTES = 256 << 20
@@ -128,7 +140,8 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))  # reads the header only
     except UnidentifiedImageError:
-        raise FileRefusedError(Refused.NOT_IMAGE) from None
+        heif = data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS
+        raise FileRefusedError(Refused.NOT_IMAGE, HEIF_MISSING if heif and not HEIF_SUPPORTED else "") from None
     except Image.DecompressionBombError as error:  # Pillow's own guard, should max_pixels exceed it
         raise FileRefusedError(Refused.TOO_LARGE, str(error)) from None
     except Exception as error:  # a truncated or malformed header: Pillow raises many types

@@ -5,14 +5,14 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import keras
 import numpy as np
 import tensorflow as tf
 from PIL import Image, ImageDraw, ImageOps
 
-from dual_encoder import files
+from dual_encoder import files, images
 from dual_encoder.config import DataConfig
 from dual_encoder.index.embed import load_checked_model
 from dual_encoder.index.errors import QueryError, UnknownItemError
@@ -102,6 +102,13 @@ class Hit:
     score: float
     caption: Optional[str] = None
 
+    def to_dict(self, path: bool = True) -> dict[str, Any]:
+        """`{rank, id, path, score, caption}` (without `path` when `path` is False)."""
+        fields = {"rank": self.rank, "id": self.id, "path": self.path, "score": self.score, "caption": self.caption}
+        if not path:
+            del fields["path"]
+        return fields
+
 
 @dataclasses.dataclass(frozen=True)
 class SearchResult:
@@ -126,8 +133,26 @@ class SearchResult:
     def __getitem__(self, position: int) -> Hit:
         return self.hits[position]
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def to_dict(
+        self,
+        k: Optional[int] = None,
+        *,
+        paths: bool = True,
+        links: Optional[Callable[[Hit], dict[str, str]]] = None,
+    ) -> dict[str, Any]:
+        """The one JSON shape of a result — `search --json`, the HTTP API, the demo's summary:
+        `{query, normalized_query, hits: [{rank, id, path, score, caption}]}`.
+
+        Args:
+            k: keep only the first `k` hits (a micro-batch of the server searches with the largest k asked in it).
+            paths: include each hit's file path (the HTTP API keeps server paths to itself).
+            links: more fields per hit, e.g. the API's image and thumbnail URLs.
+        """
+        return {
+            "query": self.query,
+            "normalized_query": self.normalized_query,
+            "hits": [{**hit.to_dict(paths), **(links(hit) if links else {})} for hit in self.hits[:k]],
+        }
 
 
 # -- the searcher -----------------------------------------------------------------------------------
@@ -239,8 +264,8 @@ def write_grid(
 ) -> Path:
     """A PNG contact sheet of `result`'s hits: thumbnails labelled with rank and score, query on top.
 
-    Images that cannot be opened — missing, not regular files, over `max_pixels`, undecodable — are drawn as
-    grey tiles, so the sheet always has every hit.
+    Thumbnails are upright (EXIF orientation applied, `images.decode`). Images that cannot be opened — missing,
+    not regular files, over `max_pixels`, undecodable — are drawn as grey tiles, so the sheet always has every hit.
     """
     columns = max(1, min(columns, len(result.hits) or 1))
     rows = max(1, -(-len(result.hits) // columns))
@@ -261,9 +286,7 @@ def write_grid(
 
 def _thumbnail(image_path: str, size: int, max_pixels: int) -> Image.Image:
     try:
-        _, image = files.read_image(image_path, max_pixels)  # regular file, bounded, header checked
-        with image:
-            image.draft("RGB", (size, size))
-            return ImageOps.pad(image.convert("RGB"), (size, size), color="white")
-    except (OSError, ValueError, Image.DecompressionBombError):  # FileRefusedError is an OSError
+        image = images.decode(files.read_bytes(image_path), max_pixels, draft=(size, size))  # upright, RGB
+    except files.FileRefusedError:  # missing, not a regular file, too large, undecodable
         return Image.new("RGB", (size, size), "lightgrey")
+    return ImageOps.pad(image, (size, size), color="white")

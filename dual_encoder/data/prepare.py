@@ -9,17 +9,14 @@ import collections
 import concurrent.futures
 import dataclasses
 import hashlib
-import io
 import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
-import numpy as np
-from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from dual_encoder import files
+from dual_encoder import files, images
 from dual_encoder.atomic import PREPARED_DATASET, atomic_directory, check_replaceable, writer_lock
 from dual_encoder.config import DataConfig
 from dual_encoder.data import tfrecords
@@ -35,11 +32,9 @@ from dual_encoder.data.sources import (
 )
 
 SPLITS = ("train", "validation")
+FIRST_SKIPPED = 5  # skipped items a summary names (the manifest lists them all)
 # The DataConfig fields that shape the written dataset (the others only concern reading it).
 _PREPARE_FIELDS = ("validation_fraction", "split_seed", "shard_size", "max_image_pixels")
-_EXIF_ORIENTATION = 0x0112
-_PNG_BIT_DEPTH, _PNG_COLOUR_TYPE = 24, 25  # byte offsets in the IHDR chunk, which always comes first
-_PNG_GREY, _PNG_RGB = 0, 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +47,7 @@ class PrepareSummary:
         skipped: count per reason (see `sources.Reason`).
         splits: images per split.
         skipped_now: True when the output was already up to date and nothing was written.
+        first_skipped: the first `FIRST_SKIPPED` items skipped, to name them (manifest.json lists every one).
     """
 
     output: Path
@@ -60,6 +56,7 @@ class PrepareSummary:
     skipped: dict[str, int]
     splits: dict[str, int]
     skipped_now: bool = False
+    first_skipped: tuple[Skipped, ...] = ()
 
     def summary_line(self) -> str:
         total = sum(self.skipped.values())
@@ -84,67 +81,19 @@ class BadImage(Exception):
 # --- images ------------------------------------------------------------------------------------------------------
 
 
-def _png_is_plain(image: Image.Image, data: bytes) -> bool:
-    plain_pixels = data[_PNG_BIT_DEPTH] == 8 and data[_PNG_COLOUR_TYPE] in (_PNG_GREY, _PNG_RGB)
-    return plain_pixels and "transparency" not in image.info
-
-
-# Pillow format -> (the `image/format` we store, whether TF's decoder gives the same RGB pixels from these bytes).
-_KEPT_FORMATS: dict[str, tuple[str, Callable[[Image.Image, bytes], bool]]] = {
-    "JPEG": ("jpeg", lambda image, data: image.mode in ("RGB", "L")),  # not CMYK/YCCK
-    "MPO": ("jpeg", lambda image, data: image.mode in ("RGB", "L")),  # many cameras' JPEGs; TF reads frame 0
-    "PNG": ("png", _png_is_plain),  # not 16-bit, palette or alpha
-    "GIF": ("gif", lambda image, data: "transparency" not in image.info),
-    "BMP": ("bmp", lambda image, data: image.mode == "RGB"),  # 24/32-bit; TF cannot read palette or RLE BMPs
-}
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB: 16/32-bit integer modes rescaled (Pillow's own convert clips them), alpha composited on white."""
-    if image.mode.startswith("I"):
-        grey = np.clip(np.asarray(image, dtype=np.float64) / 257.0, 0, 255).round().astype(np.uint8)
-        return Image.fromarray(grey).convert("RGB")
-    if "A" in image.getbands() or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def _open_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Fully decode `data` with Pillow (after the header's pixel check), or raise `BadImage` saying why not."""
-    try:
-        image = files.open_image(data, max_pixels)
-        image.load()
-        return image
-    except files.FileRefusedError as refused:
-        raise BadImage(refused.reason, refused.detail) from None
-    except Image.DecompressionBombError as error:  # Pillow's own guard, should max_pixels exceed it
-        raise BadImage(Reason.TOO_LARGE, str(error)) from None
-    except Exception as error:  # Pillow's decoders raise many types (OSError, SyntaxError, ValueError, …)
-        raise BadImage(Reason.CORRUPT, f"{type(error).__name__}: {error}") from None
-
-
 def load_image(path: Path, max_pixels: int) -> tuple[bytes, str]:
     """The bytes to store for `path` and their format; raises `BadImage` for an unusable file.
 
     Only a regular file of bounded size is read (`dual_encoder.files`). The file itself when TF decodes it to
-    the same RGB pixels as Pillow, else a lossless RGB PNG (upright per EXIF).
+    the same RGB pixels as Pillow, else a lossless RGB PNG, upright per EXIF (`images.tf_readable`).
     """
     try:
         data = files.read_bytes(path)
+        if not data:
+            raise BadImage(Reason.EMPTY)
+        return images.tf_readable(data, max_pixels)
     except files.FileRefusedError as refused:
         raise BadImage(refused.reason, refused.detail) from None
-    if not data:
-        raise BadImage(Reason.EMPTY)
-    image = _open_image(data, max_pixels)
-    kept = _KEPT_FORMATS.get(image.format)
-    upright = image.getexif().get(_EXIF_ORIENTATION, 1) in (0, 1)
-    if kept is not None and upright and kept[1](image, data):
-        return data, kept[0]
-    buffer = io.BytesIO()
-    _to_rgb(ImageOps.exif_transpose(image)).save(buffer, format="PNG")
-    return buffer.getvalue(), "png"
 
 
 # --- split, fingerprint, atomic output ---------------------------------------------------------------------------
@@ -269,6 +218,7 @@ def _summary(output: Path, manifest: dict[str, Any], skipped_now: bool) -> Prepa
         skipped=manifest["skipped_counts"],
         splits={name: split["images"] for name, split in manifest["splits"].items()},
         skipped_now=skipped_now,
+        first_skipped=tuple(Skipped(**item) for item in manifest.get("skipped", [])[:FIRST_SKIPPED]),
     )
 
 

@@ -16,8 +16,7 @@ from typing import Callable, Iterable, Optional
 
 from dual_encoder import files
 from dual_encoder.errors import DualEncoderError
-
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp"})
+from dual_encoder.images import IMAGE_EXTENSIONS
 
 # Column / key names accepted for the image and the caption in CSV, TSV and JSONL sources.
 IMAGE_KEYS = ("image", "file_name")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import time
@@ -32,7 +33,7 @@ class IndexSummary:
         replaced: indexed paths whose content changed (re-embedded, new id).
         removed: items removed.
         unchanged: offered images already indexed with the same content.
-        skipped: files not indexed (or paths not found for removal), with reasons.
+        skipped: files not indexed (or paths not found for removal), with reasons (`skipped_counts` counts them).
         written: whether the index on disk was (re)written.
         seconds: wall time.
     """
@@ -51,6 +52,11 @@ class IndexSummary:
     written: bool = True
     seconds: float = 0.0
 
+    @property
+    def skipped_counts(self) -> dict[str, int]:
+        """Skipped files per reason, the most frequent first."""
+        return dict(collections.Counter(skipped.reason for skipped in self.skipped).most_common())
+
 
 def build_index(
     model_dir: Union[str, Path],
@@ -64,7 +70,9 @@ def build_index(
     """Embed every image of `source` with the image tower of `model_dir` and save a new index at `output`.
 
     An existing index at `output` is replaced atomically, and only with `overwrite`; any other folder is
-    refused. Undecodable and non-image files are skipped and listed in the summary.
+    refused. Images are read as people see them (`dual_encoder.images`: EXIF orientation applied; JPEG, PNG, GIF,
+    BMP, WebP, TIFF, and HEIC with pillow-heif). Unreadable, oversized and non-image files are skipped and listed in
+    the summary with their reasons.
 
     Args:
         model_dir: a directory written by `save_model`.

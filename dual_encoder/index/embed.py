@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from dual_encoder import files
+from dual_encoder import files, images
 from dual_encoder.config import DataConfig
 from dual_encoder.data import tfrecords
 from dual_encoder.data.pipeline import decode_and_resize, make_image_dataset, read_split
@@ -23,9 +23,9 @@ from dual_encoder.index.items import ImageRecord
 from dual_encoder.index.store import ModelRecord
 from dual_encoder.models import load_model, model_fingerprint
 
-# What `decode_and_resize` decodes; other files in a folder are reported as skipped.
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp"})
-UNDECODABLE = "not a decodable image (JPEG/PNG/GIF/BMP)"
+# Files are converted for TensorFlow at embed time only when they need it (EXIF-rotated, WebP, TIFF, HEIC …):
+# fast zlib, as the PNG lives only until it is decoded.
+_PNG_COMPRESS_LEVEL = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,10 +58,16 @@ GallerySource = Union[ImageFolder, ImageList, DatasetSplit]
 
 @dataclasses.dataclass(frozen=True)
 class SkippedFile:
-    """A file that was not indexed, and why."""
+    """A file that was not indexed, and why: a short `reason` to count by (`files.Refused` values where the file
+    was read) and a `detail` of this file's case."""
 
     path: str
     reason: str
+    detail: str = ""
+
+    @classmethod
+    def refused(cls, path: str, refusal: files.FileRefusedError) -> "SkippedFile":
+        return cls(files.printable(path), refusal.reason, refusal.detail)
 
 
 def as_source(source: Union[str, Path, GallerySource]) -> GallerySource:
@@ -89,10 +95,16 @@ class Gallery(abc.ABC):
         self.records = records
         self.skipped = skipped
         self.source = source
+        self.failures: dict[int, SkippedFile] = {}  # rows `images` dropped, and why (where it knows)
 
     @abc.abstractmethod
     def images(self, rows: Sequence[int], image_size: int, batch_size: int) -> tf.data.Dataset:
         """`{"row": int64 [B], "images": uint8 [B, S, S, 3]}` for `rows` (increasing); undecodable rows are dropped."""
+
+    def failure(self, row: int) -> SkippedFile:
+        """Why `row` is missing from what `images` gave."""
+        found = self.failures.get(row)
+        return found or SkippedFile(self.records[row].path, files.Refused.CORRUPT, "TensorFlow could not decode it")
 
 
 class FileGallery(Gallery):
@@ -107,12 +119,15 @@ class FileGallery(Gallery):
         self.max_pixels = max_pixels
 
     def _read(self, rows: np.ndarray) -> Iterator[tuple[int, bytes]]:
-        """`(row, bytes)` of each row's file, read again with every check (it may have changed since hashing)."""
+        """`(row, bytes)` of each row's file, read again with every check (it may have changed since hashing),
+        as bytes TensorFlow decodes upright (`images.tf_readable`); a refused row is recorded in `failures`."""
         for row in rows.tolist():
+            path = self.records[row].path
             try:
-                data, _ = files.read_image(self.records[row].path, self.max_pixels)
-            except files.FileRefusedError:
-                continue  # reported by `embed_contents` as a row that went missing
+                data = images.tf_readable(files.read_bytes(path), self.max_pixels, _PNG_COMPRESS_LEVEL)[0]
+            except files.FileRefusedError as refused:
+                self.failures[row] = SkippedFile.refused(path, refused)
+                continue
             yield row, data
 
     def images(self, rows: Sequence[int], image_size: int, batch_size: int) -> tf.data.Dataset:
@@ -169,9 +184,7 @@ def open_gallery(
         try:
             records.append(_file_record(path, max_pixels))
         except files.FileRefusedError as refused:
-            undecodable = refused.reason in (files.Refused.NOT_IMAGE, files.Refused.CORRUPT)
-            reason = UNDECODABLE if undecodable else str(refused)
-            skipped.append(SkippedFile(files.printable(path), reason))
+            skipped.append(SkippedFile.refused(path, refused))
     return FileGallery(records, skipped, str(source.path), max_pixels)
 
 
@@ -192,7 +205,7 @@ def _list_folder(folder: Path) -> tuple[list[str], list[SkippedFile]]:
             if name.startswith("."):
                 continue
             path = os.path.abspath(os.path.join(root, name))
-            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+            if Path(name).suffix.lower() in images.IMAGE_EXTENSIONS:
                 paths.append(path)
             else:
                 skipped.append(SkippedFile(files.printable(path), "not an image file (extension)"))
@@ -241,7 +254,7 @@ def embed_contents(
     """Embed the images `gallery.records[rows]` with the image tower, in batches; equal bytes are embedded once.
 
     Returns:
-        `(vectors, skipped)`: float32 embeddings keyed by content sha256, and the rows that failed to decode.
+        `(vectors, skipped)`: float32 embeddings keyed by content sha256, and the rows that failed, with reasons.
     """
     rows = list(rows)
     first_row_of_hash = {}
@@ -259,8 +272,12 @@ def embed_contents(
             for row, vector in zip(batch["row"].numpy(), embeddings):
                 vectors[gallery.records[row].sha256] = vector
             bar.update(len(embeddings))
-    failed = [r for r in rows if gallery.records[r].sha256 not in vectors]
-    skipped = [SkippedFile(gallery.records[r].path, UNDECODABLE) for r in failed]
+    skipped = []
+    for row in rows:
+        digest = gallery.records[row].sha256
+        if digest not in vectors:  # failed: every row of these bytes, for the reason its first row failed
+            why = gallery.failure(first_row_of_hash[digest])
+            skipped.append(SkippedFile(gallery.records[row].path, why.reason, why.detail))
     return vectors, skipped
 
 

@@ -37,7 +37,6 @@ from dual_encoder.serve.images import (
 from dual_encoder.serve.limits import BodyLimitMiddleware
 
 STATIC_DIR = Path(__file__).parent / "static"
-DEFAULT_K = 10
 MAX_BATCH_QUERIES = 64  # queries in one POST: bounds one request's text-tower batch and response size
 THUMBNAIL_CACHE_BYTES = 64 << 20
 # The file under an id can change after indexing: browsers revalidate every time, and the ETag (a hash of
@@ -85,7 +84,8 @@ def create_app(
 
     Args:
         searcher: a loaded `dual_encoder.search.Searcher` (model and index load once, before this).
-        serve_config: request limits (query length, k, body bytes) and thumbnail size.
+        serve_config: request limits (query length, k, body bytes), the k of a query that names none
+            (`default_k`, also the page's), and thumbnail size.
         max_image_pixels: indexed images whose header declares more pixels are not served or thumbnailed.
         max_batch: most concurrent `GET /api/search` queries merged into one text-tower call; 1 turns
             merging off (queries are then searched one at a time, in arrival order).
@@ -110,7 +110,7 @@ def create_app(
 
     QueryText = Annotated[str, StringConstraints(max_length=serve_config.max_query_chars)]
     K = Annotated[int, Field(ge=1, le=serve_config.max_k)]
-    default_k = min(DEFAULT_K, serve_config.max_k)
+    default_k = min(serve_config.default_k, serve_config.max_k)
 
     class SearchBatch(BaseModel):
         queries: list[QueryText] = Field(min_length=1, max_length=MAX_BATCH_QUERIES)
@@ -163,14 +163,14 @@ def create_app(
             return _not_modified(etag)
         body = thumbnails.get(found.sha256)
         if body is None:
-            body = await in_file_thread(thumbnail_of, found.data, serve_config.thumbnail_size)
+            body = await in_file_thread(thumbnail_of, found.data, serve_config.thumbnail_size, max_image_pixels)
             thumbnails.put(found.sha256, body)
         return _reply(request, body, THUMBNAIL_MEDIA_TYPE, etag)
 
     @app.get("/api/info")
     def info() -> dict[str, Any]:
         """The index being searched and the request limits."""
-        limits = {"max_k": serve_config.max_k, "max_query_chars": serve_config.max_query_chars}
+        limits = {"default_k": default_k, "max_k": serve_config.max_k, "max_query_chars": serve_config.max_query_chars}
         return {"index": searcher.info(), "limits": limits}
 
     @app.get("/healthz")
@@ -194,6 +194,7 @@ def run_server(
     serve_config: ServeConfig = ServeConfig(),
     *,
     max_batch: int = 32,
+    max_image_pixels: int = DataConfig.max_image_pixels,
     access_log: bool = False,
 ) -> None:
     """Load the index and its model once, then serve the API and page with uvicorn until interrupted.
@@ -205,7 +206,7 @@ def run_server(
         port: the TCP port.
         model_dir: the model to embed queries with; by default the one the index records.
         serve_config: request limits and thumbnail size (its host and port are not used: pass them above).
-        max_batch: see `create_app`.
+        max_batch, max_image_pixels: see `create_app`.
         access_log: log one line per request (off by default: a busy server would write hundreds a second).
     """
     import uvicorn
@@ -213,7 +214,7 @@ def run_server(
     from dual_encoder.search import Searcher
 
     searcher = Searcher.load(index_dir, model_dir=model_dir)
-    app = create_app(searcher, serve_config, max_batch=max_batch)
+    app = create_app(searcher, serve_config, max_batch=max_batch, max_image_pixels=max_image_pixels)
     # TensorFlow, the model and the item table are ~400k objects that live as long as the server; a full
     # garbage collection walks them all (~185 ms on 2 cores), stalling every request in flight. Frozen,
     # the collector skips them.
@@ -225,23 +226,13 @@ def run_server(
 # -- helpers ----------------------------------------------------------------------------------------
 
 
+def _links(hit) -> dict[str, str]:
+    return {"image_url": f"/api/images/{hit.id}", "thumbnail_url": f"/api/thumbnails/{hit.id}"}
+
+
 def _result_json(result, k: int) -> dict[str, Any]:
     # A micro-batch searches with the largest k asked in it: each caller gets only its own k.
-    return {
-        "query": result.query,
-        "normalized_query": result.normalized_query,
-        "hits": [
-            {
-                "rank": hit.rank,
-                "id": hit.id,
-                "score": hit.score,
-                "caption": hit.caption,
-                "image_url": f"/api/images/{hit.id}",
-                "thumbnail_url": f"/api/thumbnails/{hit.id}",
-            }
-            for hit in result.hits[:k]
-        ],
-    }
+    return result.to_dict(k, paths=False, links=_links)
 
 
 def _find_item(searcher, item_id: str) -> Item:

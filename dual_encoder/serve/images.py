@@ -12,7 +12,7 @@ from typing import Optional
 
 from PIL import Image
 
-from dual_encoder import files
+from dual_encoder import files, images
 from dual_encoder.config import DataConfig
 from dual_encoder.errors import DualEncoderError
 
@@ -58,21 +58,19 @@ def media_type(path: str) -> str:
 
 def make_thumbnail(path: str, size: int, max_pixels: int = DataConfig.max_image_pixels) -> bytes:
     """A JPEG of the image file at `path` that fits in `size` x `size` (see `thumbnail_of`)."""
-    return thumbnail_of(read_image_file(path, max_pixels).data, size)
+    return thumbnail_of(read_image_file(path, max_pixels).data, size, max_pixels)
 
 
-def thumbnail_of(data: bytes, size: int) -> bytes:
-    """A JPEG of encoded image `data` that fits in `size` x `size`, aspect ratio kept; small images are not enlarged."""
+def thumbnail_of(data: bytes, size: int, max_pixels: int = DataConfig.max_image_pixels) -> bytes:
+    """A JPEG of encoded image `data` that fits in `size` x `size`, upright as a photo viewer shows it (EXIF
+    orientation applied; `images.decode`), aspect ratio kept; small images are not enlarged."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            # JPEG decoders can downscale while decoding: much faster for large photos.
-            image.draft("RGB", (size, size))
-            image.thumbnail((size, size))
-            rgb = _flatten(image)
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise UnreadableImageError(f"the image file of this item cannot be read ({type(error).__name__})") from None
+        image = images.decode(data, max_pixels, draft=(size, size))
+    except files.FileRefusedError as refused:
+        raise UnreadableImageError(_message(refused)) from None
+    image.thumbnail((size, size))
     buffer = io.BytesIO()
-    rgb.save(buffer, format=THUMBNAIL_FORMAT, quality=_THUMBNAIL_QUALITY, optimize=True)
+    image.save(buffer, format=THUMBNAIL_FORMAT, quality=_THUMBNAIL_QUALITY, optimize=True)
     return buffer.getvalue()
 
 
@@ -80,16 +78,6 @@ def _message(refused: files.FileRefusedError) -> str:
     if refused.reason == files.Refused.MISSING:
         return "the image file of this item is missing"
     return f"the image file of this item cannot be read: {refused}"
-
-
-def _flatten(image: Image.Image) -> Image.Image:
-    """RGB on a white background: JPEG has no alpha, and black is a poor default behind transparency."""
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGB", rgba.size, "white")
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    return image.convert("RGB")
 
 
 class ByteLRUCache:

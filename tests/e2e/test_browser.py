@@ -117,6 +117,8 @@ def test_search_shows_loaded_thumbnails_with_scores_and_captions(page):
     assert _state(page) == "empty"
     assert "Type a query" in page.locator("#status").inner_text()
     assert "36 images" in page.locator("#index-info").inner_text()
+    # The page's k is the server's default (serve.default_k), the one the CLI and the API use.
+    page.wait_for_function("document.querySelector('#k').value === '10'")
 
     page.get_by_label("Number of results").fill("8")
     _search(page, "find images of a red circle")

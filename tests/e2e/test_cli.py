@@ -1,11 +1,20 @@
 """The command line on a tiny run: every subcommand, and bad input as one line with exit code 2."""
 
+import importlib.metadata
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import click
 import pytest
+import typer
 
-from dual_encoder.cli import main
+from dual_encoder.cli import app, main
 from tests.tiny import tiny_config
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +53,22 @@ def test_evaluate_index_search_add_remove(workspace, capsys, tmp_path):
 
     assert main(["search", "--index", str(root / "index"), "find images of a red circle", "-k", "3", "--json",
                  "--grid", str(tmp_path / "grid.png")]) == 0
-    hits = json.loads(capsys.readouterr().out.split("\ngrid:")[0])
-    assert [h["rank"] for h in hits] == [1, 2, 3] and set(hits[0]) == {"rank", "id", "path", "score"}
+    results = json.loads(capsys.readouterr().out.split("\ngrid:")[0])
+    # One shape however many queries: a list of results, each with its hits.
+    assert [set(r) for r in results] == [{"query", "normalized_query", "hits"}]
+    assert results[0]["query"] == "find images of a red circle" and results[0]["normalized_query"] == "a red circle"
+    hits = results[0]["hits"]
+    assert [h["rank"] for h in hits] == [1, 2, 3] and set(hits[0]) == {"rank", "id", "path", "score", "caption"}
     assert (tmp_path / "grid.png").stat().st_size > 0
+    assert main(["search", "--index", str(root / "index"), "a red circle", "two blue squares", "-k", "2", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["query"] for r in results] == ["a red circle", "two blue squares"]
+    assert all(set(r) == {"query", "normalized_query", "hits"} and len(r["hits"]) == 2 for r in results)
+    # Without -k: the config's serve.default_k, as the API and the page.
+    assert main(["search", "--index", str(root / "index"), "a red circle", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)[0]["hits"]) == 10
+    assert main(["search", "--index", str(root / "index"), "a red circle", "--json", "--set", "default_k=4"]) == 0
+    assert len(json.loads(capsys.readouterr().out)[0]["hits"]) == 4
 
     for image in images[10:12]:
         (gallery / image.name).write_bytes(image.read_bytes())
@@ -119,3 +141,108 @@ def test_usage_errors_exit_2(capsys):
     assert main(["search", "--index", "x", "q", "-k", "0"]) == 2
     assert main(["search", "--index", "x", "q", "-k", "abc"]) == 2
     assert main(["prepare", "--source", "pdf", "--images-dir", ".", "--output", "x"]) == 2
+    assert main(["train", "--data", ".", "--output", "x", "--strategy", "bogus"]) == 2
+    assert main(["index", "build", "--model", "m", "--output", "x", "--images", ".", "--kind", "flat"]) == 2
+
+
+# -- the command line itself: help, flags, choices, version, quiet start-up, what prepare skipped -------------------
+
+
+def _help(capsys, *command: str) -> str:
+    assert main([*command, "--help"]) == 0
+    return capsys.readouterr().out
+
+
+def test_help_lists_the_commands_in_workflow_order(capsys):
+    lines = _help(capsys).split("Commands:")[1].splitlines()
+    names = [line.split()[0] for line in lines if line.startswith("  ") and not line.startswith("   ")]
+    assert names == ["synthetic", "synthetic-queries", "prepare", "train", "evaluate", "index", "search", "serve",
+                     "export", "demo"]
+
+
+def _commands():
+    group = typer.main.get_command(app)
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from ((name, sub) for sub in command.commands)
+        else:
+            yield (name,)
+
+
+@pytest.mark.parametrize("command", list(_commands()), ids=" ".join)
+def test_flags_take_no_value_and_choices_are_listed_in_help(command, capsys):
+    text = _help(capsys, *command)
+    assert "<bool>" not in text and "--no-" not in text  # a flag shows as a flag: present or absent
+    choices = {
+        ("prepare",): "<coco|csv|jsonl|folder>",
+        ("train",): "<auto|default|mirrored|multi_worker|tpu>",
+        ("evaluate",): "<train|validation>",
+        ("index", "build"): "<exact|hnsw|ivf|auto>",
+    }
+    if command in choices:
+        assert choices[command] in " ".join(text.split())
+
+
+def test_json_is_a_flag_that_consumes_no_query():
+    search = typer.main.get_command(app).commands["search"]
+    params = search.make_context("search", ["--index", "ix", "--json", "a red circle"]).params
+    assert params["json_"] is True and list(params["query"]) == ["a red circle"]
+    params = search.make_context("search", ["--index", "ix", "a red circle"]).params
+    assert params["json_"] is False
+
+
+def test_choices_are_the_library_registries():
+    from dual_encoder.cli import IndexKind, Split, Strategy
+    from dual_encoder.data.prepare import SPLITS
+    from dual_encoder.index.ann import IndexKind as Kinds
+    from dual_encoder.training.distribute import STRATEGY_NAMES
+
+    assert [s.value for s in Split] == list(SPLITS)
+    assert [s.value for s in Strategy] == list(STRATEGY_NAMES)
+    assert {k.value for k in IndexKind} == {k.value for k in Kinds} | {"auto"}
+
+
+def test_version_comes_from_the_package_metadata(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"dual-encoder {importlib.metadata.version('dual_encoder')}"
+
+
+def test_prepare_names_the_first_skipped_files_on_the_console(tmp_path, capsys):
+    from tests.unit.index.helpers import write_image
+
+    rows = [(write_image(tmp_path / f"ok{i}.png", seed=i).name, f"picture {i}") for i in range(2)]
+    rows += [(f"gone{i}.png", "missing") for i in range(7)]
+    (tmp_path / "pairs.csv").write_text("image,caption\n" + "".join(f"{i},{c}\n" for i, c in rows))
+    assert main(["prepare", "--source", "csv", "--input", str(tmp_path / "pairs.csv"), "--images-dir", str(tmp_path),
+                 "--output", str(tmp_path / "out"), "--quiet"]) == 0
+    out = capsys.readouterr()
+    assert "7 skipped: 7 missing" in out.out
+    named = [line for line in out.err.splitlines() if line.startswith("  skipped ")]
+    first = json.loads((tmp_path / "out" / "manifest.json").read_text())["skipped"][:5]  # the manifest's order
+    assert named == [f"  skipped {item['item']}: missing" for item in first]
+    assert f"… and 2 more, listed in {tmp_path / 'out' / 'manifest.json'}" in out.err
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    """`dual-encoder ARGS` in a fresh interpreter, with TensorFlow's log level left unset as a user's shell has it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_CPP_MAX_VLOG_LEVEL")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-m", "dual_encoder.cli", *args], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=REPO)
+
+
+@pytest.mark.slow
+def test_tensorflow_start_up_logging_is_silent_unless_verbose(tmp_path):
+    missing = str(tmp_path / "no-index")
+    quiet = _run_cli("search", "--index", missing, "a red circle")  # imports TensorFlow, then fails: one line
+    assert quiet.returncode == 2
+    assert quiet.stderr.splitlines() == [f"error: no index at {missing}: directory does not exist"]
+
+    verbose = _run_cli("--verbose", "search", "--index", missing, "a red circle")
+    assert verbose.returncode == 2 and verbose.stderr.splitlines()[-1] == quiet.stderr.splitlines()[0]
+    # Whatever TensorFlow itself says at start-up on this machine (oneDNN, CUDA drivers, cuInit …) shows again.
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    bare = subprocess.run([sys.executable, "-c", "import tensorflow"], capture_output=True, text=True, timeout=300,
+                          env=env)
+    said = [line.split("] ", 1)[1] for line in bare.stderr.splitlines() if "] " in line]
+    assert all(message in verbose.stderr for message in said), (said, verbose.stderr)

@@ -123,3 +123,27 @@ def test_export_cli_writes_all_three_artifacts(exported, tmp_path, capsys):
     info = json.loads((tmp_path / "out" / "export.json").read_text())
     assert info["needs_tensorflow_text"] is False
     assert info["model"]["count"] == len(searcher.index)
+
+
+def test_exported_image_encoder_turns_exif_rotated_jpegs_upright(exported, tmp_path):
+    from PIL import Image
+
+    summary, searcher, _ = exported
+    encode = tf.saved_model.load(str(summary.artifacts["image_encoder"])).signatures["serving_default"]
+    blocks = np.random.default_rng(5).integers(0, 256, (6, 12, 3), dtype=np.uint8)
+    stored = np.repeat(np.repeat(blocks, 8, axis=0), 8, axis=1)  # 96 wide x 48 high
+    turn = {1: None, 3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_270, 8: Image.Transpose.ROTATE_90}
+    embeddings = {}
+    for orientation, transpose in turn.items():
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        Image.fromarray(stored).save(tmp_path / "photo.jpg", exif=exif, quality=95)
+        # The graph's own JPEG decoding, turned upright outside it, as a lossless PNG.
+        decoded = Image.fromarray(tf.io.decode_jpeg((tmp_path / "photo.jpg").read_bytes()).numpy())
+        (decoded.transpose(transpose) if transpose else decoded).save(tmp_path / "upright.png")
+        batch = [(tmp_path / name).read_bytes() for name in ("photo.jpg", "upright.png")]
+        photo, upright = encode(image_bytes=tf.constant(batch))["embeddings"].numpy()
+        np.testing.assert_allclose(photo, upright, atol=1e-4)
+        embeddings[orientation] = photo
+    for orientation in (3, 6, 8):
+        assert np.abs(embeddings[orientation] - embeddings[1]).max() > 1e-2

@@ -44,6 +44,13 @@ def test_unknown_preset_and_unknown_keys_are_errors(tmp_path):
         Config.from_dict({"model": {"not_a_field": 1}})
 
 
+def test_one_default_k_for_the_cli_the_api_and_the_page():
+    assert Config().serve.default_k == 10
+    assert Config().with_overrides(["default_k=20"]).serve.default_k == 20
+    with pytest.raises(ConfigError, match="serve.default_k=0 is not allowed"):
+        Config().with_overrides(["default_k=0"])
+
+
 def test_sections_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         ModelConfig().embed_dim = 3

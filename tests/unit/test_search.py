@@ -1,5 +1,7 @@
 """Query normalisation, the Searcher over a real tiny model and index, and the contact sheet."""
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -116,3 +118,30 @@ def test_contact_sheet_has_every_hit_even_unreadable_ones(searcher, tmp_path):
         # The missing image is a grey tile, the first hit shows its pixels.
         assert sheet.getpixel((4 + 2 * 44 + 20, 20 + 60 + 4 + 20)) == (211, 211, 211)
         assert sheet.getpixel((4 + 20, 20 + 4 + 20)) != (255, 255, 255)
+
+
+def test_contact_sheet_thumbnails_are_upright(tmp_path):
+    from tests.unit.index.helpers import write_phone_photo
+
+    hit = Hit(rank=1, id=0, path=str(write_phone_photo(tmp_path / "phone.jpg", 6)), score=0.5)
+    path = write_grid(SearchResult("q", "q", [hit]), tmp_path / "grid.png", thumb=48, columns=1)
+    with Image.open(path) as sheet:
+        tile_left, tile_top = 4, 20
+        # Upright the photo is 24 x 48, padded to 48 x 48: red on top, blue below (stored, red left, blue right).
+        assert sheet.getpixel((tile_left + 24, tile_top + 6))[0] > 200
+        assert sheet.getpixel((tile_left + 24, tile_top + 42))[2] > 200
+
+
+def test_one_json_shape_for_results_with_or_without_paths_and_links():
+    result = SearchResult("find a dog", "a dog", [Hit(1, 7, "/p/a.jpg", 0.5, "a dog"), Hit(2, 3, "/p/b.jpg", 0.25)])
+    assert result.to_dict() == {
+        "query": "find a dog",
+        "normalized_query": "a dog",
+        "hits": [
+            {"rank": 1, "id": 7, "path": "/p/a.jpg", "score": 0.5, "caption": "a dog"},
+            {"rank": 2, "id": 3, "path": "/p/b.jpg", "score": 0.25, "caption": None},
+        ],
+    }
+    served = result.to_dict(1, paths=False, links=lambda hit: {"image_url": f"/i/{hit.id}"})
+    assert served["hits"] == [{"rank": 1, "id": 7, "score": 0.5, "caption": "a dog", "image_url": "/i/7"}]
+    assert json.loads(json.dumps(result.to_dict())) == result.to_dict()

@@ -106,7 +106,9 @@ async function search() {
   setStatus("loading", "Searching…");
   button.disabled = true;
 
-  const params = new URLSearchParams({ q: query, k });
+  // No k: the server's default (its config's `serve.default_k`), the one the CLI and API use too.
+  const params = new URLSearchParams({ q: query });
+  if (k) params.set("k", k);
   try {
     const response = await fetch(`/api/search?${params}`, { signal: controller.signal });
     if (!response.ok) {
@@ -142,6 +144,7 @@ async function loadInfo() {
     if (!response.ok) return;
     const info = await response.json();
     kInput.max = info.limits.max_k;
+    if (!kInput.value) kInput.value = info.limits.default_k;
     indexInfo.textContent = `Describe what you are looking for in plain words — ${info.index.count.toLocaleString()} images indexed.`;
   } catch (_) {
     // The page still works without the counts.

@@ -38,3 +38,18 @@ def brute_force_top_k(gallery: np.ndarray, queries: np.ndarray, k: int) -> tuple
     scores = np.asarray(queries, np.float32) @ np.asarray(gallery, np.float32).T
     order = np.stack([np.lexsort((np.arange(len(row)), -row))[:k] for row in scores])
     return order, np.take_along_axis(scores, order, axis=1)
+
+
+def write_phone_photo(path: Path, orientation: int = 6) -> Path:
+    """A JPEG stored 48 wide x 24 high, left half red and right half blue, with an EXIF orientation tag.
+
+    Viewed upright with orientation 6 ("rotate 90° clockwise") it is 24 x 48 with red on top, blue below.
+    """
+    pixels = np.zeros((24, 48, 3), np.uint8)
+    pixels[:, :24] = (255, 0, 0)
+    pixels[:, 24:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, format="JPEG", exif=exif, quality=95)
+    return path

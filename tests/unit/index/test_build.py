@@ -5,7 +5,9 @@ import os
 
 import numpy as np
 import pytest
+from PIL import Image, ImageOps
 
+from dual_encoder import files
 from dual_encoder.config import DataConfig, IndexConfig
 from dual_encoder.data.pipeline import decode_and_resize
 from dual_encoder.data.prepare import prepare_dataset
@@ -20,7 +22,6 @@ from dual_encoder.index import (
     build_index,
     remove_from_index,
 )
-from dual_encoder.index.embed import UNDECODABLE
 from dual_encoder.index.store import MANIFEST
 from dual_encoder.models import load_model
 from tests.unit.index.helpers import save_tiny_model, write_image, write_images
@@ -54,7 +55,7 @@ def test_build_from_a_folder_embeds_images_and_reports_bad_files(tmp_path, model
 
     assert (summary.count, summary.embedded, summary.dim, summary.kind) == (5, 5, 16, "exact")
     assert {(os.path.basename(s.path), s.reason) for s in summary.skipped} == {
-        ("broken.jpg", UNDECODABLE),
+        ("broken.jpg", files.Refused.CORRUPT),
         ("notes.txt", "not an image file (extension)"),
     }
     index = ImageIndex.load(tmp_path / "ix")
@@ -164,3 +165,80 @@ def test_remove_by_path_by_folder_and_missing(tmp_path, model_dir, photos):
     remaining = [os.path.basename(item.path) for item in ImageIndex.load(tmp_path / "ix").items]
     assert remaining == ["001.png", "003.png"]
     assert remove_from_index(tmp_path / "ix", missing=True).written is False
+
+
+# -- photos as people see them: EXIF orientation, WebP / TIFF / HEIC, the pixel limit ------------------------------
+
+
+def _stored_pixels(seed: int) -> np.ndarray:
+    """48 wide x 24 high random 4x4 blocks: non-square, so a rotation changes what the tower sees."""
+    blocks = np.random.default_rng(seed).integers(0, 256, (6, 12, 3), dtype=np.uint8)
+    return np.repeat(np.repeat(blocks, 4, axis=0), 4, axis=1)
+
+
+def _phone_photo(folder, name: str, orientation: int, seed: int):
+    """A JPEG stored landscape with an EXIF orientation tag, its upright pixels and its pixels as stored (PNGs)."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(_stored_pixels(seed)).save(folder / f"{name}.jpg", exif=exif, quality=95)
+    with Image.open(folder / f"{name}.jpg") as photo:
+        ImageOps.exif_transpose(photo).convert("RGB").save(folder / f"{name}-upright.png")
+        photo.convert("RGB").save(folder / f"{name}-as-stored.png")  # what `tf.io.decode_image` alone would see
+
+
+def test_photos_are_indexed_as_people_see_them_in_every_format_pillow_reads(tmp_path, model_dir):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    _phone_photo(photos, "portrait", orientation=6, seed=1)
+    pixels = _stored_pixels(2)
+    Image.fromarray(pixels).save(photos / "pattern.png")
+    Image.fromarray(pixels).save(photos / "pattern.webp", lossless=True)
+    Image.fromarray(pixels).save(photos / "pattern.tiff")
+    if files.HEIF_SUPPORTED:  # the `heic` extra (installed by `make install`)
+        Image.fromarray(pixels).save(photos / "pattern.heic", quality=-1)  # lossless
+    Image.fromarray(np.zeros((100, 60, 3), np.uint8)).save(photos / "big.png")  # 6,000 pixels
+
+    summary = build_index(model_dir, photos, tmp_path / "ix", max_image_pixels=5_000, **QUIET)
+
+    index = ImageIndex.load(tmp_path / "ix")
+    row = {os.path.basename(item.path): position for position, item in enumerate(index.items)}
+    embedding = {name: index.embeddings[position] for name, position in row.items()}
+    assert "big.png" not in row
+    assert [(os.path.basename(s.path), s.reason) for s in summary.skipped] == [("big.png", files.Refused.TOO_LARGE)]
+    assert summary.skipped_counts == {files.Refused.TOO_LARGE: 1}
+    assert "60x100 pixels > 5000" in summary.skipped[0].detail
+
+    # The phone's portrait photo is embedded upright, not lying on its side as its pixels are stored.
+    np.testing.assert_allclose(embedding["portrait.jpg"], embedding["portrait-upright.png"], atol=1e-4)
+    assert np.abs(embedding["portrait.jpg"] - embedding["portrait-as-stored.png"]).max() > 1e-4
+    # WebP and TIFF (and HEIC) are indexed, as the pixels they hold.
+    others = ["pattern.webp", "pattern.tiff"] + (["pattern.heic"] if files.HEIF_SUPPORTED else [])
+    for name in others:
+        np.testing.assert_allclose(embedding[name], embedding["pattern.png"], atol=1e-4 if "heic" not in name else 1e-2)  # HEIC: YUV, ±1 level
+
+    # `add` reads files the same way.
+    _phone_photo(photos, "turned", orientation=8, seed=3)
+    for name in ("turned-upright.png", "turned-as-stored.png"):
+        os.replace(photos / name, tmp_path / name)
+    added = add_to_index(tmp_path / "ix", photos, max_image_pixels=5_000, **QUIET)
+    assert added.embedded == 1 and added.skipped_counts == {files.Refused.TOO_LARGE: 1}
+    os.replace(tmp_path / "turned-upright.png", photos / "turned-upright.png")
+    os.replace(tmp_path / "turned-as-stored.png", photos / "turned-as-stored.png")
+    assert add_to_index(tmp_path / "ix", photos, max_image_pixels=5_000, **QUIET).embedded == 2
+    index = ImageIndex.load(tmp_path / "ix")
+    embedding = {os.path.basename(item.path): index.embeddings[row] for row, item in enumerate(index.items)}
+    np.testing.assert_allclose(embedding["turned.jpg"], embedding["turned-upright.png"], atol=1e-4)
+    assert np.abs(embedding["turned.jpg"] - embedding["turned-as-stored.png"]).max() > 1e-4
+
+
+def test_a_file_pillow_cannot_finish_decoding_is_skipped_and_counted_as_corrupt(tmp_path, model_dir):
+    photos = tmp_path / "photos"
+    write_images(photos, 2)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(_stored_pixels(4)).save(photos / "cut.jpg", exif=exif)
+    (photos / "cut.jpg").write_bytes((photos / "cut.jpg").read_bytes()[:400])  # header fine, data cut short
+    summary = build_index(model_dir, photos, tmp_path / "ix", **QUIET)
+    assert summary.count == 2
+    assert summary.skipped_counts == {files.Refused.CORRUPT: 1}
+    assert os.path.basename(summary.skipped[0].path) == "cut.jpg"

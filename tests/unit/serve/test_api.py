@@ -49,6 +49,14 @@ def test_default_k_is_ten(client):
     assert len(client.get("/api/search", params={"q": "a blue square"}).json()["hits"]) == 10
 
 
+def test_default_k_comes_from_the_config_for_both_routes_and_the_page(searcher):
+    with TestClient(create_app(searcher, ServeConfig(default_k=4))) as configured:
+        assert len(configured.get("/api/search", params={"q": "a blue square"}).json()["hits"]) == 4
+        batch = configured.post("/api/search", json={"queries": ["a blue square", "a red circle"]}).json()
+        assert [len(result["hits"]) for result in batch] == [4, 4]
+        assert configured.get("/api/info").json()["limits"]["default_k"] == 4  # what the page shows and sends
+
+
 @pytest.mark.parametrize(
     "query",
     ["ein großer roter Kreis über dem Meer", "犬が浜辺にいる", "🐶 🌊 on a beach", "a   red\tcircle\u00a0😀", "café ñ ü"],
@@ -257,7 +265,7 @@ def test_info_describes_the_index_and_the_limits(client, searcher):
     body = client.get("/api/info").json()
     assert body["index"]["count"] == len(searcher.index) == 36
     assert body["index"]["dim"] == 16
-    assert body["limits"] == {"max_k": 100, "max_query_chars": 512}
+    assert body["limits"] == {"default_k": 10, "max_k": 100, "max_query_chars": 512}
 
 
 def test_healthz(client):

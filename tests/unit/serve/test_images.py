@@ -51,3 +51,14 @@ def test_lru_cache_evicts_the_least_recently_used_within_its_byte_bound():
     assert cache.total_bytes == 8 and len(cache) == 2
     cache.put("huge", b"x" * 11)  # larger than the whole cache: not kept, nothing evicted
     assert cache.get("huge") is None and len(cache) == 2
+
+
+def test_thumbnails_are_upright_and_read_every_format(tmp_path):
+    from tests.unit.index.helpers import write_phone_photo
+
+    thumbnail = Image.open(io.BytesIO(make_thumbnail(str(write_phone_photo(tmp_path / "phone.jpg", 6)), 256)))
+    assert thumbnail.size == (24, 48)  # stored 48 x 24; EXIF orientation 6 turns it upright
+    assert thumbnail.getpixel((12, 4))[0] > 200 and thumbnail.getpixel((12, 44))[2] > 200  # red on top, blue below
+    for name in ("photo.webp", "photo.tiff"):
+        Image.new("RGB", (30, 20), "green").save(tmp_path / name)
+        assert Image.open(io.BytesIO(make_thumbnail(str(tmp_path / name), 256))).size == (30, 20)
