@@ -283,6 +283,12 @@ def _report_index(summary) -> None:
         + (f" ({reasons})" if reasons else "")
     )
     _echo_skipped([(s.path, s.reason, s.detail) for s in summary.skipped], len(summary.skipped))
+    if summary.rebuild_due:
+        typer.echo(
+            f"  note: the {summary.kind} structure was trained on a gallery of a very different size; "
+            f"`dual-encoder index rebuild --index {summary.index_dir}` retrains it (no image is re-embedded)",
+            err=True,
+        )
 
 
 def _echo_skipped(named: list[tuple[str, str, str]], total: int, listed_in: Optional[Path] = None) -> None:
@@ -304,7 +310,7 @@ def index_build(
     preset: str = typer.Option("synthetic-small", help="Preset whose index section to use."),
     set_: List[str] = _overrides("dtype=float16 or kind=hnsw"),
     kind: Optional[IndexKind] = typer.Option(None, help="Shorthand for --set kind=...: auto is exact up to "
-                                             "index.ann_threshold items, then hnsw."),
+                                             "index.ann_threshold items, hnsw up to index.ivfpq_threshold, then ivfpq."),
     quiet: bool = _flag("--quiet", "No progress bars."),
     overwrite: bool = _overwrite_option("index"),
 ):
@@ -349,6 +355,24 @@ def index_remove(
     if not paths and not missing:
         raise DualEncoderError("name paths to remove, or pass --missing")
     _report_index(remove_from_index(index, paths or (), missing=missing))
+
+
+@index_app.command("rebuild")
+def index_rebuild(
+    index: Path = typer.Option(..., help="An existing index folder."),
+    kind: Optional[IndexKind] = typer.Option(None, help="Switch to this kind (default: the index's own settings)."),
+    set_: List[str] = _overrides("ivfpq_nprobe=128 or rerank=512"),
+):
+    """Retrain an index's search structure from its stored embeddings (after many adds, or to change its kind)."""
+    from dual_encoder.config import Config, IndexConfig
+    from dual_encoder.index import rebuild_index
+    from dual_encoder.index.store import read_manifest
+
+    config = None
+    if kind is not None or set_:
+        own = Config(index=IndexConfig(**read_manifest(index)["config"]))
+        config = own.with_overrides(list(set_) + ([f"index.kind={kind.value}"] if kind else [])).index
+    _report_index(rebuild_index(index, config))
 
 
 @app.command()

@@ -14,7 +14,7 @@ import numpy as np
 from dual_encoder.atomic import readable_path, writer_lock
 from dual_encoder.config import DataConfig, IndexConfig
 from dual_encoder.index.embed import GallerySource, SkippedFile, embed_contents, load_checked_model, open_gallery
-from dual_encoder.index.errors import GallerySourceError
+from dual_encoder.index.errors import GallerySourceError, IndexConfigError
 from dual_encoder.index.store import ImageIndex, check_replaceable, read_manifest
 
 
@@ -36,6 +36,8 @@ class IndexSummary:
         skipped: files not indexed (or paths not found for removal), with reasons (`skipped_counts` counts them).
         written: whether the index on disk was (re)written.
         seconds: wall time.
+        rebuild_due: the approximate structure was trained on a gallery of a very different size
+            (`dual-encoder index rebuild` retrains it from the stored embeddings).
     """
 
     index_dir: Path
@@ -51,6 +53,7 @@ class IndexSummary:
     skipped: list[SkippedFile] = dataclasses.field(default_factory=list)
     written: bool = True
     seconds: float = 0.0
+    rebuild_due: bool = False
 
     @property
     def skipped_counts(self) -> dict[str, int]:
@@ -209,6 +212,25 @@ def _remove(index_dir, paths, missing: bool, started: float) -> IndexSummary:
     return _summary(index, path, started, removed=len(doomed), skipped=skipped)
 
 
+def rebuild_index(index_dir: Union[str, Path], config: Optional[IndexConfig] = None) -> IndexSummary:
+    """Retrain and refill the index's search structure from its stored embeddings (no image is re-embedded).
+
+    Args:
+        index_dir: an existing index.
+        config: new index settings (kind, ANN parameters); default: the index's own. The dtype cannot change here.
+    """
+    started = time.perf_counter()
+    with _locked_index(index_dir):
+        index = ImageIndex.load(index_dir)
+        if config is not None:
+            if config.dtype != index.dtype:
+                raise IndexConfigError(f"rebuild keeps the index dtype ({index.dtype}); build anew for {config.dtype}")
+            index.config = config
+        index.rebuild()
+        path = index.save(index_dir, overwrite=True)
+        return _summary(index, path, started)
+
+
 def _locked_index(index_dir):
     """The writer lock of an existing index: a second `add`/`remove` waits and then reads the first one's result,
     so no update is lost and ids stay unique. A missing index is an error before any lock file is made."""
@@ -224,5 +246,6 @@ def _summary(index: ImageIndex, path, started: float, **counts) -> IndexSummary:
         dtype=index.dtype,
         dim=index.dim,
         seconds=time.perf_counter() - started,
+        rebuild_due=index.rebuild_due,
         **counts,
     )
