@@ -58,6 +58,7 @@ Strategy = enum.Enum(  # training.distribute.STRATEGY_NAMES
     "Strategy", {name: name for name in ("auto", "default", "mirrored", "multi_worker", "tpu")}, type=str
 )
 IndexKind = enum.Enum("IndexKind", {name: name for name in ALLOWED["index.kind"].choices}, type=str)
+Runner = enum.Enum("Runner", {name: name for name in ("direct", "dataflow", "flink", "spark")}, type=str)  # index.beam.RUNNERS
 
 
 def _flag(name: str, help: str):
@@ -313,12 +314,40 @@ def index_build(
                                              "index.ann_threshold items, hnsw up to index.ivfpq_threshold, then ivfpq."),
     quiet: bool = _flag("--quiet", "No progress bars."),
     overwrite: bool = _overwrite_option("index"),
+    runner: Optional[Runner] = typer.Option(
+        None, help="Embed on Apache Beam (extra 'beam') with this runner instead of in this process."
+    ),
+    pipeline_option: List[str] = typer.Option(
+        [], "--pipeline-option", metavar="KEY=VALUE",
+        help="A Beam pipeline option (repeatable), e.g. project=my-project or direct_num_workers=4.",
+    ),
+    shards_dir: Optional[str] = typer.Option(
+        None, help="With --runner: where workers write embedding shards (default: beside --output; gs://… on Dataflow)."
+    ),
+    worker_model: Optional[str] = typer.Option(
+        None, help="With --runner: the model folder as workers see it, e.g. a staged gs://bucket/model (default: --model)."
+    ),
 ):
     """Embed a gallery with the model's image tower and write a searchable index."""
     from dual_encoder.index import build_index
 
     overrides = list(set_) + ([f"index.kind={kind.value}"] if kind else [])
     config = _config(preset, overrides)
+    if runner is not None:
+        from dual_encoder.index.beam import build_index_on_beam
+
+        if data is not None or (images is None) == (list_file is None):
+            raise DualEncoderError("--runner embeds an image folder (--images) or a list file (--list), one of them")
+        _report_index(
+            build_index_on_beam(
+                model, images or list_file, output, config.index, runner=runner.value, options=pipeline_option,
+                max_image_pixels=config.data.max_image_pixels, overwrite=overwrite, shards_dir=shards_dir,
+                worker_model_dir=worker_model,
+            )
+        )
+        return
+    if pipeline_option or shards_dir or worker_model:
+        raise DualEncoderError("--pipeline-option, --shards-dir and --worker-model go with --runner")
     gallery = _gallery(images, data, split.value, list_file)
     _report_index(
         build_index(
