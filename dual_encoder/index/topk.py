@@ -25,8 +25,8 @@ WIDEN_SPAN_VALUES = 1 << 21
 WIDEN_BLOCK_VALUES = 1 << 18
 VECTOR_QUERIES = 4
 WIDEN_THREADS = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
-# `_widen_float16` gives value * 2**-112; the queries are scaled by 2**112 to make up for it.
-_FLOAT16_SCALE_EXPONENT = 112
+# `widen_float16` gives value * 2**-112; the queries are scaled by 2**112 to make up for it.
+FLOAT16_SCALE_EXPONENT = 112
 _EXPONENT_AND_MANTISSA = np.int32(-0x70002000)  # 0x8FFFE000: sign, then a float32's low 5 exponent bits, mantissa
 
 
@@ -41,7 +41,7 @@ def exact_search(
 
     The result equals a full sort of every score by (-score, row): ties go to the lower row.
     Each gallery chunk is scored in float32 (a float16 gallery is widened to float32 a cache-sized
-    block at a time, see `_widen_float16`) and only rows that can still enter a query's top-k are kept,
+    block at a time, see `widen_float16`) and only rows that can still enter a query's top-k are kept,
     so the gallery is never sorted nor materialised as float32 all at once.
 
     Args:
@@ -88,7 +88,7 @@ def _float32_scorer(gallery: np.ndarray, queries: np.ndarray) -> Scorer:
 def _float16_scorer(gallery: np.ndarray, queries: np.ndarray) -> Scorer:
     """The same scores for a float16 gallery, widened a span at a time on up to `WIDEN_THREADS` threads.
 
-    The queries are scaled by a power of two to make up for `_widen_float16`'s 2**-112 (and the scores scaled
+    The queries are scaled by a power of two to make up for `widen_float16`'s 2**-112 (and the scores scaled
     back when large queries need a smaller factor): power-of-two scaling is exact, so every product and sum
     equals the float32 computation on the widened gallery. Widening is most of the work at small batches and a
     NumPy loop runs on one core, so a span's blocks are shared among threads (NumPy releases the GIL in them).
@@ -97,7 +97,7 @@ def _float16_scorer(gallery: np.ndarray, queries: np.ndarray) -> Scorer:
     peak = float(np.max(np.abs(queries))) if queries.size else 0.0
     # Keep |query| * 2**exponent below 2**126 (finite, with room for the sums); large queries give back the rest.
     give_back = max(0, math.frexp(peak)[1] - 14) if math.isfinite(peak) else 0
-    scaled = queries * np.float32(2.0 ** (_FLOAT16_SCALE_EXPONENT - give_back))
+    scaled = queries * np.float32(2.0 ** (FLOAT16_SCALE_EXPONENT - give_back))
     block_rows = max(1, WIDEN_BLOCK_VALUES // max(1, gallery.shape[1]))
     span_rows = max(block_rows, WIDEN_SPAN_VALUES // max(1, gallery.shape[1]))
     span = np.empty((min(span_rows, gallery.shape[0]), gallery.shape[1]), np.float32)
@@ -106,14 +106,14 @@ def _float16_scorer(gallery: np.ndarray, queries: np.ndarray) -> Scorer:
     def widen_rows(offset: int, first: int, stop: int) -> None:
         for begin in range(first, stop, block_rows):
             end = min(begin + block_rows, stop)
-            _widen_float16(gallery[begin:end], span[begin - offset : end - offset])
+            widen_float16(gallery[begin:end], span[begin - offset : end - offset])
 
     def score_rows(out: np.ndarray, chunk_queries: np.ndarray, offset: int, first: int, stop: int) -> None:
         if getattr(buffers, "block", None) is None:
             buffers.block = np.empty((block_rows, gallery.shape[1]), np.float32)
         for begin in range(first, stop, block_rows):
             end = min(begin + block_rows, stop)
-            widened = _widen_float16(gallery[begin:end], buffers.block[: end - begin])
+            widened = widen_float16(gallery[begin:end], buffers.block[: end - begin])
             for query, scores in zip(chunk_queries, out):  # matrix-vector products: single-threaded in BLAS
                 np.dot(widened, query, out=scores[begin - offset : end - offset])
 
@@ -161,7 +161,7 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
         return _POOL
 
 
-def _widen_float16(values: np.ndarray, out: np.ndarray) -> np.ndarray:
+def widen_float16(values: np.ndarray, out: np.ndarray) -> np.ndarray:
     """`values` (finite float16) as float32 times 2**-112, exactly, in `out`: three vectorised integer passes.
 
     NumPy's own float16 -> float32 cast is a scalar loop (~1.7 ns a value here, as long as the whole float32

@@ -75,7 +75,7 @@ def test_float16_blocks_spans_and_threads_equal_brute_force(monkeypatch, num_que
 def test_float16_widening_is_exact_for_every_finite_value():
     every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
     finite = every[np.isfinite(every)].reshape(-1, 1)  # normals, subnormals, +-0, +-65504
-    widened = topk._widen_float16(finite, np.empty(finite.shape, np.float32))
+    widened = topk.widen_float16(finite, np.empty(finite.shape, np.float32))
     np.testing.assert_array_equal(widened * np.float32(2.0**112), finite.astype(np.float32))
 
 
