@@ -17,6 +17,7 @@ from typer.core import TyperGroup
 
 from dual_encoder import __version__, tf_logging
 from dual_encoder.config import ALLOWED
+from dual_encoder.data.synthetic import SyntheticOptions  # no TensorFlow: the defaults of `synthetic`
 from dual_encoder.errors import DualEncoderError
 
 # `--help` lists the commands in the order a user runs them.
@@ -103,27 +104,45 @@ def _echo_json(value) -> None:
     typer.echo(json.dumps(value, indent=2, default=str))
 
 
+_SYNTHETIC = SyntheticOptions()  # the generator's defaults, shown by the options below
+
+
 @app.command()
 def synthetic(
     output: Path = typer.Option(..., help="Folder to write images/, captions.csv and scenes.jsonl into."),
     num_images: int = typer.Option(5000, min=1, help="How many images to draw."),
     seed: int = typer.Option(0, help="Random seed: the same seed gives the same dataset."),
-    image_size: int = typer.Option(64, min=16, help="Image side in pixels."),
+    image_size: int = typer.Option(_SYNTHETIC.image_size, min=16, help="Image side in pixels."),
     partial_captions: float = typer.Option(
-        0.5, min=0.0, max=1.0, help="Fraction of captions that name only some objects or attributes, as people write."
+        _SYNTHETIC.partial_captions,
+        min=0.0,
+        max=1.0,
+        help="Fraction of captions that name only some objects or attributes, as people write.",
     ),
-    object_counts: str = typer.Option("0.1,0.5,0.4", help="Probabilities of 1, 2 and 3 objects per image."),
+    captions: str = typer.Option(
+        f"{_SYNTHETIC.min_captions},{_SYNTHETIC.max_captions}", help="Captions per image: the fewest and the most."
+    ),
+    object_counts: str = typer.Option(
+        ",".join(f"{p:g}" for p in _SYNTHETIC.object_counts), help="Probabilities of 1, 2 and 3 objects per image."
+    ),
     queries: bool = _flag("--queries", "Also write a judged query set (queries.tsv, qrels.txt)."),
     min_relevant: int = typer.Option(10, min=1, help="With --queries: keep queries with this many relevant images."),
 ):
     """Generate the captioned-shapes dataset (the offline default): images, captions and each image's scene."""
-    from dual_encoder.data.synthetic import SCENES_FILE, SyntheticOptions, generate_synthetic, read_scenes
+    from dual_encoder.data.synthetic import SCENES_FILE, generate_synthetic, read_scenes
 
     try:
         counts = tuple(float(p) for p in object_counts.split(","))
-        options = SyntheticOptions(image_size=image_size, partial_captions=partial_captions, object_counts=counts)
+        fewest, most = (int(n) for n in captions.split(","))
+        options = SyntheticOptions(
+            image_size=image_size,
+            partial_captions=partial_captions,
+            object_counts=counts,
+            min_captions=fewest,
+            max_captions=most,
+        )
     except ValueError as error:
-        raise DualEncoderError(f"--object-counts / --partial-captions: {error}") from None
+        raise DualEncoderError(f"--object-counts / --captions / --partial-captions: {error}") from None
     captions = generate_synthetic(output, num_images, seed=seed, options=options)
     typer.echo(f"{num_images} images, their captions and scenes written to {output} (captions: {captions})")
     if queries:

@@ -120,6 +120,8 @@ def test_judged_query_sets_from_the_generator_score_a_split_and_an_index(workspa
         (["train", "--data", ".", "--output", "/tmp/x", "--set", "no_such_key=1"], "unknown config key"),
         (["train", "--data", ".", "--output", "/tmp/x", "--preset", "no-such-preset"], "unknown preset"),
         (["index", "remove", "--index", "/tmp/x"], "--missing"),
+        (["synthetic", "--output", "/tmp/x", "--captions", "5,2"], "min_captions <= max_captions"),
+        (["synthetic", "--output", "/tmp/x", "--captions", "many"], "--captions"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(args, message, capsys):
@@ -127,6 +129,12 @@ def test_bad_input_is_one_line_and_exit_code_2(args, message, capsys):
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert err.strip().count("\n") == 0
+
+
+def test_synthetic_writes_as_many_captions_per_image_as_asked(tmp_path):
+    assert main(["synthetic", "--output", str(tmp_path), "--num-images", "4", "--image-size", "32", "--captions", "2,2"]) == 0
+    rows = (tmp_path / "captions.csv").read_text().strip().splitlines()[1:]
+    assert len(rows) == 8
 
 
 def test_annotation_file_that_is_not_json_exits_2(tmp_path, capsys):
