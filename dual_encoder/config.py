@@ -71,7 +71,9 @@ class TrainConfig:
     warmup_fraction: float = 0.05
     min_learning_rate_ratio: float = 0.0
     gather_negatives: bool = True
-    mixed_precision: bool = False
+    mixed_precision: bool = False  # compute in 16 bits, keep float32 variables, embeddings and loss
+    # float16: GPUs (with loss scaling); bfloat16: TPUs and CPUs with AVX512-BF16 / AMX (no scaling needed)
+    mixed_precision_dtype: str = "float16"
     feature_cache: bool = True  # embed frozen backbones once and train the heads on features
     seed: int = 0
     early_stopping_patience: int = 0  # epochs without better validation recall; 0 = off
@@ -282,6 +284,7 @@ ALLOWED: dict[str, Allowed] = {
     "model.max_logit_scale": Allowed(low=0, low_open=True),
     "train.batch_size": _POSITIVE,
     "train.captions_per_image": _POSITIVE,
+    "train.mixed_precision_dtype": Allowed(choices=("float16", "bfloat16")),
     "train.epochs": _POSITIVE,
     "train.learning_rate": Allowed(low=0, low_open=True),
     "train.weight_decay": _NON_NEGATIVE,
