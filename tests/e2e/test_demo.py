@@ -16,6 +16,10 @@ def test_quick_demo_runs_every_stage_and_writes_a_summary(tmp_path, capsys):
     for stage in range(1, STAGES + 1):
         assert f"[{stage}/{STAGES}]" in printed
     assert "Demo summary" in printed and "precision@10 on the fresh gallery" in printed
+    # Each metric explained in a line, every file it wrote listed (curves and summary too), the next step.
+    assert "share of full captions whose own image ranks first" in printed
+    assert "curves.png" in printed and str(tmp_path / "summary.json") in printed
+    assert f"dual-encoder serve --index {tmp_path / 'index'}" in printed
 
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["targets_met"] is None  # the quick size checks no quality target
