@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from dual_encoder.cli import main
-from dual_encoder.demo import QUERY_TARGETS, SCALES, STAGES, TARGETS, missed_targets
+from dual_encoder.demo import QUERY_TARGETS, SCALES, STAGES, TARGETS, DemoScale, missed_targets, run_demo
 
 
 @pytest.mark.slow
@@ -56,3 +56,20 @@ def test_a_missed_target_is_named():
     assert missed == ["t2i_recall@10 0.980 < 0.99", "fresh gallery two objects P@10 0.500 < 0.7"]
     del groups["shape"]
     assert "fresh gallery shape P@10 none < 0.95" in missed_targets(metrics, {"fresh gallery": {"groups": groups}})
+
+
+# A model that learns short queries, small enough for CI: the demo's recipe on 2,000 images at 32×32 for a
+# few epochs (a few minutes on 2 cores), scored through an index of a fresh gallery of new scenes.
+CI_SCALE = DemoScale(
+    num_images=2000, validation_images=300, fresh_images=500, overrides=("epochs=5", "image_size=32"), min_relevant=5
+)
+
+
+@pytest.mark.slow
+def test_short_queries_land_well_above_chance_on_a_fresh_gallery(tmp_path, monkeypatch):
+    monkeypatch.setitem(SCALES, "ci", CI_SCALE)
+    result = run_demo(tmp_path, scale="ci", progress=False, echo=lambda line: None)
+    groups = result.query_metrics["fresh gallery"]["groups"]
+    for group, times in (("shape", 2.0), ("colour+shape", 5.0), ("two objects", 3.0)):
+        got, chance = groups[group]["P@10"], groups[group]["chance"]["P@10"]
+        assert got >= times * chance, f"{group}: P@10 {got:.3f}, chance {chance:.3f}"
