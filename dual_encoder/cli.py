@@ -353,33 +353,52 @@ def index_remove(
 
 @app.command()
 def search(
-    query: List[str] = typer.Argument(
-        ..., metavar="QUERY", help="One or more queries, e.g. 'find images of a dog on a beach'."
+    query: Optional[List[str]] = typer.Argument(
+        None, metavar="[QUERY]...", help="Queries, e.g. 'find images of a dog on a beach' (one with --image/--like)."
     ),
     index: Path = typer.Option(..., help="An index folder."),
+    image: Optional[Path] = typer.Option(None, help="Search by this image (any format the index reads)."),
+    like: Optional[int] = typer.Option(None, min=0, help="More like this: search by the indexed item with this id."),
+    text_weight: float = typer.Option(1.0, min=0.0, help="Weight of the text in a mix with --image/--like."),
+    image_weight: float = typer.Option(1.0, min=0.0, help="Weight of --image in a mix."),
+    like_weight: float = typer.Option(1.0, min=0.0, help="Weight of --like in a mix."),
     k: Optional[int] = typer.Option(
         None, "-k", "--k", min=1, help="How many results per query [default: the preset's serve.default_k, 10]."
     ),
     json_: bool = _flag(
-        "--json", "Print JSON: a list with one {query, normalized_query, hits} per query, each hit "
-        "{rank, id, path, score, caption}, however many queries."
+        "--json", "Print JSON: a list with one {query, normalized_query, hits} per query (plus image, like and "
+        "weights where given), each hit {rank, id, path, score, caption}, however many queries."
     ),
     grid: Optional[Path] = typer.Option(None, help="Write a contact sheet PNG of the first query's results."),
     model: Optional[Path] = typer.Option(None, help="Model folder (default: the one the index records)."),
     preset: str = typer.Option("synthetic-small", help="Preset whose serve.default_k and data.max_image_pixels to use."),
     set_: List[str] = _overrides("default_k=20"),
 ):
-    """Search an index with natural-language queries."""
+    """Search an index with natural-language queries, an image, an indexed item (--like), or a weighted mix
+    (e.g. --image beach.jpg "at night")."""
     from dual_encoder.search import Searcher, write_grid
 
+    texts = list(query or [])
+    if image is None and like is None and not texts:
+        raise DualEncoderError("give a query, --image FILE or --like ID")
+    if (image is not None or like is not None) and len(texts) > 1:
+        raise DualEncoderError("with --image or --like, give at most one text query (it is mixed in)")
     config = _config(preset, set_)
-    searcher = Searcher.load(index, model_dir=model)
-    results = searcher.search(list(query), k=k or config.serve.default_k)
+    searcher = Searcher.load(index, model_dir=model, max_image_pixels=config.data.max_image_pixels)
+    k = k or config.serve.default_k
+    if image is None and like is None:
+        results = searcher.search(texts, k=k)
+    else:
+        weights = {"text_weight": text_weight, "image_weight": image_weight, "like_weight": like_weight}
+        results = [searcher.search(texts[0] if texts else None, k=k, image=image, like=like, **weights)]
     if json_:
         _echo_json([result.to_dict() for result in results])
     else:
         for result in results:
-            typer.echo(f'\n"{result.query}"  (searched as "{result.normalized_query}")')
+            if result.image is None and result.like is None:
+                typer.echo(f'\n"{result.query}"  (searched as "{result.normalized_query}")')
+            else:
+                typer.echo(f"\n{result.describe()}" + (f"  (weights {result.weights})" if result.weights else ""))
             typer.echo(f"{'rank':>4}  {'score':>7}  {'id':>8}  path")
             for hit in result.hits:
                 typer.echo(f"{hit.rank:>4}  {hit.score:>7.4f}  {hit.id:>8}  {hit.path}")
