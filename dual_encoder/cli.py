@@ -337,6 +337,45 @@ def index_add(
     _report_index(add_to_index(index, images, progress=not quiet, max_image_pixels=config.data.max_image_pixels))
 
 
+@index_app.command("sync")
+def index_sync(
+    index: Path = typer.Option(..., help="An existing index folder."),
+    images: Path = typer.Option(..., help="The image folder the index should mirror (searched recursively)."),
+    preset: str = typer.Option("synthetic-small", help="Preset whose data.max_image_pixels to use."),
+    set_: List[str] = _overrides("max_image_pixels=100000000"),
+    quiet: bool = _flag("--quiet", "No progress bars."),
+):
+    """Mirror a folder in one atomic update: add new files, re-embed changed ones (content hash), remove missing ones."""
+    from dual_encoder.index import sync_index
+
+    config = _config(preset, set_)
+    summary = sync_index(index, images, progress=not quiet, max_image_pixels=config.data.max_image_pixels)
+    typer.echo(
+        f"synced {images}: {len(summary.added_paths)} added, {len(summary.replaced_paths)} changed, "
+        f"{len(summary.removed_paths)} removed, {summary.unchanged} unchanged"
+    )
+    _echo_changes(summary)
+    _report_index(summary)
+
+
+SHOWN_CHANGES = 5  # paths named per kind of change; the rest are counted
+
+
+def _echo_changes(summary) -> None:
+    """Name the first few added, changed and removed paths of an update, then how many more."""
+    for sign, what, paths in (
+        ("+", "added", summary.added_paths),
+        ("~", "changed", summary.replaced_paths),
+        ("-", "removed", summary.removed_paths),
+    ):
+        for path in paths[:SHOWN_CHANGES]:
+            typer.echo(f"  {sign} {path}")
+        if len(paths) > SHOWN_CHANGES:
+            typer.echo(f"  {sign} … and {len(paths) - SHOWN_CHANGES} more {what}")
+    if not summary.written:
+        typer.echo("  nothing changed: the index was not rewritten")
+
+
 @index_app.command("remove")
 def index_remove(
     index: Path = typer.Option(..., help="An existing index folder."),

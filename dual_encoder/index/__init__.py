@@ -25,6 +25,7 @@ _LAZY = {
     "add_to_index": "dual_encoder.index.build",
     "build_index": "dual_encoder.index.build",
     "remove_from_index": "dual_encoder.index.build",
+    "sync_index": "dual_encoder.index.build",
     "DatasetSplit": "dual_encoder.index.embed",
     "ImageFolder": "dual_encoder.index.embed",
     "ImageList": "dual_encoder.index.embed",

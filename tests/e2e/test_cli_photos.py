@@ -72,3 +72,21 @@ def test_a_query_image_that_is_not_an_image_is_one_line(tmp_path, photos, capsys
     (tmp_path / "notes.jpg").write_text("not an image")
     assert main(["search", "--index", str(tmp_path / "ix"), "--image", str(tmp_path / "notes.jpg")]) == 2
     assert "notes.jpg: not an image" in capsys.readouterr().err
+
+
+def test_sync_names_what_changed_then_counts(tmp_path, photos, capsys):
+    write_images(photos, 7, first_seed=40)  # 7 new: 5 named, 2 counted
+    write_image(photos / "001.png", seed=77)  # changed
+    (photos / "003.png").unlink()  # gone
+    assert main(["index", "sync", "--index", str(tmp_path / "ix"), "--images", str(photos), "--quiet"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"synced {photos}: 7 added, 1 changed, 1 removed, 4 unchanged"
+    assert lines[1:6] == [f"  + {photos / f'{seed:03d}.png'}" for seed in range(40, 45)]
+    assert lines[6] == "  + … and 2 more added"
+    assert lines[7:9] == [f"  ~ {photos / '001.png'}", f"  - {photos / '003.png'}"]
+    assert lines[9].startswith("12 items in ")
+
+    assert main(["index", "sync", "--index", str(tmp_path / "ix"), "--images", str(photos), "--quiet"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:2] == [f"synced {photos}: 0 added, 0 changed, 0 removed, 12 unchanged",
+                         "  nothing changed: the index was not rewritten"]
