@@ -390,6 +390,51 @@ def index_remove(
     _report_index(remove_from_index(index, paths or (), missing=missing))
 
 
+DedupMethod = enum.Enum("DedupMethod", {name: name for name in ("auto", "exact", "faiss")}, type=str)
+SHOWN_GROUPS = 20  # groups listed on the console; --json and --grid have them all
+
+
+@index_app.command("dedup")
+def index_dedup(
+    index: Path = typer.Option(..., help="An index folder."),
+    threshold: float = typer.Option(
+        0.95, min=0.0, max=1.0, help="Cosine at or above which two images count as near-duplicates."
+    ),
+    method: DedupMethod = typer.Option(
+        DedupMethod.auto, help="exact: chunked self-join; faiss: IVF range search (approximate); auto: exact up to "
+        "1,000,000 items."
+    ),
+    json_: bool = _flag("--json", "Print the report as JSON: counts, group sizes and every group's items."),
+    grid: Optional[Path] = typer.Option(None, help="Write a contact sheet PNG: one row per group (the largest 50)."),
+    preset: str = typer.Option("synthetic-small", help="Preset whose data.max_image_pixels (for --grid) to use."),
+    set_: List[str] = _overrides("ivf_nprobe=64"),
+):
+    """Find groups of near-duplicate images (re-encoded, resized, cropped or rotated copies) in an index."""
+    from dual_encoder.index import find_duplicates
+    from dual_encoder.index.dedup import write_groups_grid
+
+    config = _config(preset, set_)
+    # FAISS parameters: the index's own, unless --set gives some.
+    report = find_duplicates(index, threshold=threshold, method=method.value, config=config.index if set_ else None)
+    if json_:
+        _echo_json(report.to_dict())
+    else:
+        sizes = ", ".join(f"{number} of {size}" for size, number in report.sizes.items())
+        typer.echo(
+            f"{len(report.groups)} groups of near-duplicates among {report.count} items ({report.pairs} pairs with "
+            f"cosine >= {report.threshold:g}, {report.method}, {report.seconds:.1f} s)" + (f"; sizes: {sizes}" if sizes else "")
+        )
+        for number, group in enumerate(report.groups[:SHOWN_GROUPS], start=1):
+            typer.echo(f"group {number}: {len(group)} images")
+            for item_id, path, score in zip(group.ids, group.paths, group.scores):
+                typer.echo(f"  {score:>7.4f}  {item_id:>8}  {path}")
+        if len(report.groups) > SHOWN_GROUPS:
+            typer.echo(f"… and {len(report.groups) - SHOWN_GROUPS} more groups (--json lists them all)")
+    if grid is not None:
+        written = write_groups_grid(report, grid, max_pixels=config.data.max_image_pixels) if report.groups else None
+        typer.echo(f"grid: {written}" if written else "grid: none written (no near-duplicates)", err=json_)
+
+
 @app.command()
 def search(
     query: Optional[List[str]] = typer.Argument(

@@ -14,6 +14,7 @@ from dual_encoder.index.errors import (
     QueryError,
     UnknownItemError,
 )
+from dual_encoder.index.dedup import DedupReport, DuplicateGroup, find_duplicates
 from dual_encoder.index.items import ImageRecord, Item, ItemTable
 from dual_encoder.index.store import ImageIndex, ModelRecord
 from dual_encoder.index.topk import exact_search
@@ -41,6 +42,8 @@ def __getattr__(name: str):
 
 __all__ = [
     "AnnUnavailableError",
+    "DedupReport",
+    "DuplicateGroup",
     "GallerySourceError",
     "ImageIndex",
     "ImageIndexError",
@@ -56,5 +59,6 @@ __all__ = [
     "QueryError",
     "UnknownItemError",
     "exact_search",
+    "find_duplicates",
     *_LAZY,
 ]

@@ -90,3 +90,30 @@ def test_sync_names_what_changed_then_counts(tmp_path, photos, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[:2] == [f"synced {photos}: 0 added, 0 changed, 0 removed, 12 unchanged",
                          "  nothing changed: the index was not rewritten"]
+
+
+def test_dedup_finds_copies_of_one_photo_and_writes_a_grid(tmp_path, photos, capsys):
+    # A byte copy and a lossless re-encode of 000.png embed exactly alike: one group of three at any threshold.
+    (photos / "copy.png").write_bytes((photos / "000.png").read_bytes())
+    with Image.open(photos / "000.png") as image:
+        image.save(photos / "re-encoded.bmp")
+    assert main(["index", "add", "--index", str(tmp_path / "ix"), "--images", str(photos), "--quiet"]) == 0
+    capsys.readouterr()
+
+    assert main(["index", "dedup", "--index", str(tmp_path / "ix"), "--threshold", "0.99999", "--json",
+                 "--grid", str(tmp_path / "dups.png")]) == 0
+    out = capsys.readouterr()
+    report = json.loads(out.out)
+    assert report["method"] == "exact" and report["threshold"] == 0.99999 and report["count"] == 8
+    assert report["sizes"] == {"3": 1} and report["duplicates"] == 2
+    paths = sorted(item["path"] for item in report["groups"][0]["items"])
+    assert paths == sorted(str(photos / name) for name in ("000.png", "copy.png", "re-encoded.bmp"))
+    assert "grid:" in out.err and (tmp_path / "dups.png").is_file()
+
+    assert main(["index", "dedup", "--index", str(tmp_path / "ix"), "--threshold", "0.99999"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("1 groups of near-duplicates among 8 items (3 pairs with cosine >= 0.99999, exact")
+    assert lines[0].endswith("sizes: 1 of 3") and lines[1] == "group 1: 3 images"
+
+    assert main(["index", "dedup", "--index", str(tmp_path / "ix"), "--threshold", "1.5"]) == 2
+    assert main(["index", "dedup", "--index", str(tmp_path / "nowhere")]) == 2
