@@ -21,7 +21,7 @@ from dual_encoder.config import DataConfig
 from dual_encoder.contact_sheet import Section, Tile, write_sheet
 from dual_encoder.data.pipeline import decode_and_resize
 from dual_encoder.index.embed import load_checked_model
-from dual_encoder.index.errors import QueryError, UnknownItemError
+from dual_encoder.index.errors import QueryError, QueryImageError, UnknownItemError
 from dual_encoder.index.store import ImageIndex
 from dual_encoder.index.store import validate_k
 from dual_encoder.models.compiled import compiled
@@ -261,15 +261,20 @@ class Searcher:
         Raises:
             QueryImageError: an image that is missing, not an image, corrupt or larger than `max_image_pixels`.
         """
-        size = int(self.model.image_size)
-        pixels = [decode_and_resize(tf.constant(self._tf_bytes(image)), size) for image in query_images]
-        if not pixels:
+        if not query_images:
             raise QueryError("no query images given")
+        return self._encode(query_images, [_image_name(image) for image in query_images])
+
+    def _encode_image(self, image: QueryImage, name: Optional[str]) -> np.ndarray:
+        return self._encode([image], [name or _image_name(image)])[0]
+
+    def _encode(self, query_images: Sequence[QueryImage], names: Sequence[str]) -> np.ndarray:
+        size = int(self.model.image_size)
+        pixels = [decode_and_resize(tf.constant(self._tf_bytes(i, n)), size) for i, n in zip(query_images, names)]
         return keras.ops.convert_to_numpy(compiled(self.model, "encode_image")(tf.stack(pixels)))
 
-    def _tf_bytes(self, image: QueryImage) -> bytes:
+    def _tf_bytes(self, image: QueryImage, name: str) -> bytes:
         """Encoded bytes that TensorFlow decodes to the upright pixels of `image`."""
-        name = _image_name(image)
         try:
             if isinstance(image, (str, os.PathLike)):
                 data = files.read_bytes(image)
@@ -279,9 +284,10 @@ class Searcher:
                 return _png_of(image, self.max_image_pixels)
             else:
                 raise QueryError(f"a query image must be a path, bytes, a Pillow image or an array, got {name}")
-            return images.tf_readable(data, self.max_image_pixels)[0]
+            # zlib level 1: a converted image (EXIF-rotated, WebP, HEIC …) lives only until it is decoded.
+            return images.tf_readable(data, self.max_image_pixels, compress_level=1)[0]
         except files.FileRefusedError as refused:
-            raise QueryImageError(refused.reason, f"query image {name}: {refused}") from None
+            raise QueryImageError.refused(name, refused) from None
 
     def item_embedding(self, item_id: int) -> np.ndarray:
         """The stored embedding of an indexed item (float32 `[D]`), for "more like this"."""
@@ -302,6 +308,7 @@ class Searcher:
         text_weight: float = 1.0,
         image_weight: float = 1.0,
         like_weight: float = 1.0,
+        image_name: Optional[str] = None,
     ) -> Union[SearchResult, list[SearchResult]]:
         """The `k` best images for a query (a `SearchResult`), or for each text query of a list.
 
@@ -312,6 +319,8 @@ class Searcher:
             like: search by the embedding of this indexed item ("more like this"; the item itself ranks first).
             text_weight, image_weight, like_weight: with two or more of `query`, `image` and `like`, the query
                 embedding is the normalised weighted sum of theirs. Weights are finite and at least 0.
+            image_name: how the image is named in the result and in errors (default: its path, or its size), e.g.
+                the name an upload came with.
 
         Raises:
             QueryError: no query, an empty text, a bad `k` or weight, a list of texts mixed with an image or item.
@@ -330,7 +339,7 @@ class Searcher:
             text = normalize_query(query) if self.normalize else _check_text(query)
             parts["text"] = self.encode_queries([text])[0]
         if image is not None:
-            parts["image"] = self.encode_images([image])[0]
+            parts["image"] = self._encode_image(image, image_name)
         if like is not None:
             parts["like"] = self.item_embedding(like)
         used = {name: _check_weight(name, weights[name]) for name in parts}
@@ -338,7 +347,7 @@ class Searcher:
         rows, scores = self.index.search(vector[None], k)
         return SearchResult(
             query, text, self._hits(rows[0], scores[0]),
-            image=None if image is None else _image_name(image),
+            image=None if image is None else image_name or _image_name(image),
             like=None if like is None else int(like),
             weights=used if len(used) > 1 else None,
         )  # fmt: skip
@@ -384,14 +393,6 @@ class Searcher:
             "dtype": self.index.dtype,
             "ann": self.index.ann_params,
         }
-
-
-class QueryImageError(QueryError):
-    """A query image that cannot be used: `reason` is a `files.Refused` value (`not an image`, `too large` …)."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
 
 
 def combine_embeddings(embeddings: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:

@@ -12,6 +12,7 @@ from dual_encoder.index.errors import (
     IndexNotFoundError,
     ModelMismatchError,
     QueryError,
+    QueryImageError,
     UnknownItemError,
 )
 from dual_encoder.index.dedup import DedupReport, DuplicateGroup, find_duplicates
@@ -57,6 +58,7 @@ __all__ = [
     "ModelMismatchError",
     "ModelRecord",
     "QueryError",
+    "QueryImageError",
     "UnknownItemError",
     "exact_search",
     "find_duplicates",
