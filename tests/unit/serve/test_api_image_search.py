@@ -158,3 +158,13 @@ def test_the_openapi_schema_documents_the_upload_and_the_item_query(client):
     assert body["multipart/form-data"]["schema"]["properties"]["image"]["format"] == "binary"
     assert {"like", "q", "k"} <= set(body["application/json"]["schema"]["oneOf"][1]["properties"])
     assert {p["name"] for p in schema["paths"]["/api/search"]["get"]["parameters"]} >= {"q", "k", "like"}
+
+
+def test_the_page_offers_image_search_and_a_favicon(client):
+    page = client.get("/").text
+    assert 'id="image-input"' in page and 'for="image-input"' in page and 'id="viewer"' in page
+    assert '<link rel="icon" href="/static/favicon.svg"' in page
+    for route in ("/static/favicon.svg", "/favicon.ico"):
+        response = client.get(route)
+        assert response.status_code == 200 and response.headers["content-type"].startswith("image/svg+xml")
+        assert response.text.lstrip().startswith("<svg")
