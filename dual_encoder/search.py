@@ -270,7 +270,12 @@ class Searcher:
 
     def _encode(self, query_images: Sequence[QueryImage], names: Sequence[str]) -> np.ndarray:
         size = int(self.model.image_size)
-        pixels = [decode_and_resize(tf.constant(self._tf_bytes(i, n)), size) for i, n in zip(query_images, names)]
+        pixels = []
+        for image, name in zip(query_images, names):
+            try:
+                pixels.append(decode_and_resize(tf.constant(self._tf_bytes(image, name)), size))
+            except tf.errors.OpError:  # bytes Pillow read but TensorFlow's decoder does not: still the user's input
+                raise QueryImageError(files.Refused.CORRUPT, f"query image {name}: corrupt (TensorFlow could not decode it)") from None
         return keras.ops.convert_to_numpy(compiled(self.model, "encode_image")(tf.stack(pixels)))
 
     def _tf_bytes(self, image: QueryImage, name: str) -> bytes:

@@ -251,3 +251,12 @@ def test_image_item_and_mix_results_keep_one_json_shape():
     assert list(mix.to_dict()) == ["query", "normalized_query", "like", "weights", "hits"]
     assert mix.describe() == 'like #7 + "at night"'
     assert set(SearchResult("q", "q", hits).to_dict()) == {"query", "normalized_query", "hits"}
+
+
+def test_an_image_pillow_reads_but_tensorflow_cannot_decode_is_a_query_error(searcher, gallery, monkeypatch):
+    from dual_encoder import images
+    from dual_encoder.search import QueryImageError
+
+    monkeypatch.setattr(images, "tf_readable", lambda data, max_pixels, compress_level=6: (b"\xff\xd8 garbage", "jpeg"))
+    with pytest.raises(QueryImageError, match="corrupt \\(TensorFlow could not decode it\\)"):
+        searcher.search(image=gallery / "photos" / "000.png")
