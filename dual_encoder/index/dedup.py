@@ -174,16 +174,28 @@ def _self_join_blocks(embeddings: np.ndarray, threshold: float, block_rows: int)
     for top in range(0, count, block_rows):
         rows = np.ascontiguousarray(embeddings[top : top + block_rows], dtype=np.float32)
         for left in range(top, count, block_rows):
-            columns = rows if left == top else np.asarray(embeddings[left : left + block_rows], dtype=np.float32)
-            scores = rows @ columns.T
-            # Most rows of most blocks have no pair: a row maximum is much cheaper than `nonzero` on every row.
-            hot = np.flatnonzero(scores.max(axis=1) >= threshold)
-            if hot.size == 0:
-                continue
-            hot_rows, hot_columns = np.nonzero(scores[hot] >= threshold)
-            a, b = hot[hot_rows] + top, hot_columns.astype(np.int64) + left
-            upper = b > a  # on the diagonal block: each pair once, no item with itself
-            yield a[upper], b[upper], scores[hot[hot_rows[upper]], hot_columns[upper]]
+            found = join_block(rows, top, embeddings, left, threshold, block_rows)
+            if found is not None:
+                yield found
+
+
+def join_block(
+    rows: np.ndarray, top: int, embeddings: np.ndarray, left: int, threshold: float, block_rows: int
+) -> Optional[tuple[np.ndarray, ...]]:
+    """The pairs of one block of the self-join: `rows` (float32 rows `top...`) against rows `left...` (`left >= top`).
+
+    Returns `(rows_a, rows_b, scores)` with `rows_a < rows_b`, or None when the block holds no pair.
+    """
+    columns = rows if left == top else np.asarray(embeddings[left : left + block_rows], dtype=np.float32)
+    scores = rows @ columns.T
+    # Most rows of most blocks have no pair: a row maximum is much cheaper than `nonzero` on every row.
+    hot = np.flatnonzero(scores.max(axis=1) >= threshold)
+    if hot.size == 0:
+        return None
+    hot_rows, hot_columns = np.nonzero(scores[hot] >= threshold)
+    a, b = hot[hot_rows] + top, hot_columns.astype(np.int64) + left
+    upper = b > a  # on the diagonal block: each pair once, no item with itself
+    return a[upper], b[upper], scores[hot[hot_rows[upper]], hot_columns[upper]]
 
 
 def similar_pairs_faiss(
