@@ -25,8 +25,8 @@ from dual_encoder.index.errors import ImageIndexError, QueryError
 from dual_encoder.index.store import ImageIndex
 
 DEFAULT_THRESHOLD = 0.95
-# The exact self-join costs N^2 * D multiply-adds: ~40 min for 1M x 256 on 2 cores (BENCHMARKS.md); above this the
-# FAISS range search takes over.
+# The exact self-join costs N^2 * D / 2 multiply-adds: ~45 min for 1M x 256 on 2 idle cores, ~1.5 h on busy ones
+# (BENCHMARKS.md); above this the FAISS range search takes over.
 EXACT_LIMIT = 1_000_000
 # 4096 x 4096 float32 scores = 64 MiB per block: large enough for BLAS to run at full speed.
 DEFAULT_BLOCK_ROWS = 4096
