@@ -356,6 +356,45 @@ def index_add(
     _report_index(add_to_index(index, images, progress=not quiet, max_image_pixels=config.data.max_image_pixels))
 
 
+@index_app.command("sync")
+def index_sync(
+    index: Path = typer.Option(..., help="An existing index folder."),
+    images: Path = typer.Option(..., help="The image folder the index should mirror (searched recursively)."),
+    preset: str = typer.Option("synthetic-small", help="Preset whose data.max_image_pixels to use."),
+    set_: List[str] = _overrides("max_image_pixels=100000000"),
+    quiet: bool = _flag("--quiet", "No progress bars."),
+):
+    """Mirror a folder in one atomic update: add new files, re-embed changed ones (content hash), remove missing ones."""
+    from dual_encoder.index import sync_index
+
+    config = _config(preset, set_)
+    summary = sync_index(index, images, progress=not quiet, max_image_pixels=config.data.max_image_pixels)
+    typer.echo(
+        f"synced {images}: {len(summary.added_paths)} added, {len(summary.replaced_paths)} changed, "
+        f"{len(summary.removed_paths)} removed, {summary.unchanged} unchanged"
+    )
+    _echo_changes(summary)
+    _report_index(summary)
+
+
+SHOWN_CHANGES = 5  # paths named per kind of change; the rest are counted
+
+
+def _echo_changes(summary) -> None:
+    """Name the first few added, changed and removed paths of an update, then how many more."""
+    for sign, what, paths in (
+        ("+", "added", summary.added_paths),
+        ("~", "changed", summary.replaced_paths),
+        ("-", "removed", summary.removed_paths),
+    ):
+        for path in paths[:SHOWN_CHANGES]:
+            typer.echo(f"  {sign} {path}")
+        if len(paths) > SHOWN_CHANGES:
+            typer.echo(f"  {sign} … and {len(paths) - SHOWN_CHANGES} more {what}")
+    if not summary.written:
+        typer.echo("  nothing changed: the index was not rewritten")
+
+
 @index_app.command("remove")
 def index_remove(
     index: Path = typer.Option(..., help="An existing index folder."),
@@ -370,35 +409,99 @@ def index_remove(
     _report_index(remove_from_index(index, paths or (), missing=missing))
 
 
+DedupMethod = enum.Enum("DedupMethod", {name: name for name in ("auto", "exact", "faiss")}, type=str)
+SHOWN_GROUPS = 20  # groups listed on the console; --json and --grid have them all
+
+
+@index_app.command("dedup")
+def index_dedup(
+    index: Path = typer.Option(..., help="An index folder."),
+    threshold: float = typer.Option(
+        0.95, min=0.0, max=1.0, help="Cosine at or above which two images count as near-duplicates."
+    ),
+    method: DedupMethod = typer.Option(
+        DedupMethod.auto, help="exact: chunked self-join; faiss: IVF range search (approximate); auto: exact up to "
+        "1,000,000 items."
+    ),
+    json_: bool = _flag("--json", "Print the report as JSON: counts, group sizes and every group's items."),
+    grid: Optional[Path] = typer.Option(None, help="Write a contact sheet PNG: one row per group (the largest 50)."),
+    preset: str = typer.Option("synthetic-small", help="Preset whose data.max_image_pixels (for --grid) to use."),
+    set_: List[str] = _overrides("ivf_nprobe=64"),
+):
+    """Find groups of near-duplicate images (re-encoded, resized, cropped or rotated copies) in an index."""
+    from dual_encoder.index import find_duplicates
+    from dual_encoder.index.dedup import write_groups_grid
+
+    config = _config(preset, set_)
+    # FAISS parameters: the index's own, unless --set gives some.
+    report = find_duplicates(index, threshold=threshold, method=method.value, config=config.index if set_ else None)
+    if json_:
+        _echo_json(report.to_dict())
+    else:
+        sizes = ", ".join(f"{number} of {size}" for size, number in report.sizes.items())
+        typer.echo(
+            f"{len(report.groups)} groups of near-duplicates among {report.count} items ({report.pairs} pairs with "
+            f"cosine >= {report.threshold:g}, {report.method}, {report.seconds:.1f} s)" + (f"; sizes: {sizes}" if sizes else "")
+        )
+        for number, group in enumerate(report.groups[:SHOWN_GROUPS], start=1):
+            typer.echo(f"group {number}: {len(group)} images")
+            for item_id, path, score in zip(group.ids, group.paths, group.scores):
+                typer.echo(f"  {score:>7.4f}  {item_id:>8}  {path}")
+        if len(report.groups) > SHOWN_GROUPS:
+            typer.echo(f"… and {len(report.groups) - SHOWN_GROUPS} more groups (--json lists them all)")
+    if grid is not None:
+        written = write_groups_grid(report, grid, max_pixels=config.data.max_image_pixels) if report.groups else None
+        typer.echo(f"grid: {written}" if written else "grid: none written (no near-duplicates)", err=json_)
+
+
 @app.command()
 def search(
-    query: List[str] = typer.Argument(
-        ..., metavar="QUERY", help="One or more queries, e.g. 'find images of a dog on a beach'."
+    query: Optional[List[str]] = typer.Argument(
+        None, metavar="[QUERY]...", help="Queries, e.g. 'find images of a dog on a beach' (one with --image/--like)."
     ),
     index: Path = typer.Option(..., help="An index folder."),
+    image: Optional[Path] = typer.Option(None, help="Search by this image (any format the index reads)."),
+    like: Optional[int] = typer.Option(None, min=0, help="More like this: search by the indexed item with this id."),
+    text_weight: float = typer.Option(1.0, min=0.0, help="Weight of the text in a mix with --image/--like."),
+    image_weight: float = typer.Option(1.0, min=0.0, help="Weight of --image in a mix."),
+    like_weight: float = typer.Option(1.0, min=0.0, help="Weight of --like in a mix."),
     k: Optional[int] = typer.Option(
         None, "-k", "--k", min=1, help="How many results per query [default: the preset's serve.default_k, 10]."
     ),
     json_: bool = _flag(
-        "--json", "Print JSON: a list with one {query, normalized_query, hits} per query, each hit "
-        "{rank, id, path, score, caption}, however many queries."
+        "--json", "Print JSON: a list with one {query, normalized_query, hits} per query (plus image, like and "
+        "weights where given), each hit {rank, id, path, score, caption}, however many queries."
     ),
     grid: Optional[Path] = typer.Option(None, help="Write a contact sheet PNG of the first query's results."),
     model: Optional[Path] = typer.Option(None, help="Model folder (default: the one the index records)."),
     preset: str = typer.Option("synthetic-small", help="Preset whose serve.default_k and data.max_image_pixels to use."),
     set_: List[str] = _overrides("default_k=20"),
 ):
-    """Search an index with natural-language queries."""
+    """Search an index with natural-language queries, an image, an indexed item (--like), or a weighted mix
+    (e.g. --image beach.jpg "at night")."""
     from dual_encoder.search import Searcher, write_grid
 
+    texts = list(query or [])
+    if image is None and like is None and not texts:
+        raise DualEncoderError("give a query, --image FILE or --like ID")
+    if (image is not None or like is not None) and len(texts) > 1:
+        raise DualEncoderError("with --image or --like, give at most one text query (it is mixed in)")
     config = _config(preset, set_)
-    searcher = Searcher.load(index, model_dir=model)
-    results = searcher.search(list(query), k=k or config.serve.default_k)
+    searcher = Searcher.load(index, model_dir=model, max_image_pixels=config.data.max_image_pixels)
+    k = k or config.serve.default_k
+    if image is None and like is None:
+        results = searcher.search(texts, k=k)
+    else:
+        weights = {"text_weight": text_weight, "image_weight": image_weight, "like_weight": like_weight}
+        results = [searcher.search(texts[0] if texts else None, k=k, image=image, like=like, **weights)]
     if json_:
         _echo_json([result.to_dict() for result in results])
     else:
         for result in results:
-            typer.echo(f'\n"{result.query}"  (searched as "{result.normalized_query}")')
+            if result.image is None and result.like is None:
+                typer.echo(f'\n"{result.query}"  (searched as "{result.normalized_query}")')
+            else:
+                typer.echo(f"\n{result.describe()}" + (f"  (weights {result.weights})" if result.weights else ""))
             typer.echo(f"{'rank':>4}  {'score':>7}  {'id':>8}  path")
             for hit in result.hits:
                 typer.echo(f"{hit.rank:>4}  {hit.score:>7.4f}  {hit.id:>8}  {hit.path}")

@@ -107,6 +107,7 @@ class ServeConfig:
     max_k: int = 100
     thumbnail_size: int = 256
     max_request_bytes: int = 1 << 20  # larger request bodies get a 413 before they are read
+    max_upload_bytes: int = 20 << 20  # an image uploaded to search with (a phone photo is ~2-12 MB)
 
 
 _SECTIONS = {
@@ -308,6 +309,7 @@ ALLOWED: dict[str, Allowed] = {
     "serve.max_k": _POSITIVE,
     "serve.thumbnail_size": Allowed(low=16),
     "serve.max_request_bytes": Allowed(low=1024),
+    "serve.max_upload_bytes": Allowed(low=1024),
 }
 
 

@@ -186,6 +186,7 @@ def test_flags_take_no_value_and_choices_are_listed_in_help(command, capsys):
         ("train",): "<auto|default|mirrored|multi_worker|tpu>",
         ("evaluate",): "<train|validation>",
         ("index", "build"): "<exact|hnsw|ivf|auto>",
+        ("index", "dedup"): "<auto|exact|faiss>",
     }
     if command in choices:
         assert choices[command] in " ".join(text.split())
@@ -200,7 +201,8 @@ def test_json_is_a_flag_that_consumes_no_query():
 
 
 def test_choices_are_the_library_registries():
-    from dual_encoder.cli import IndexKind, Split, Strategy
+    from dual_encoder.cli import DedupMethod, IndexKind, Split, Strategy
+    from dual_encoder.index.dedup import DedupMethod as Methods
     from dual_encoder.data.prepare import SPLITS
     from dual_encoder.index.ann import IndexKind as Kinds
     from dual_encoder.training.distribute import STRATEGY_NAMES
@@ -208,6 +210,7 @@ def test_choices_are_the_library_registries():
     assert [s.value for s in Split] == list(SPLITS)
     assert [s.value for s in Strategy] == list(STRATEGY_NAMES)
     assert {k.value for k in IndexKind} == {k.value for k in Kinds} | {"auto"}
+    assert [m.value for m in DedupMethod] == [m.value for m in Methods]
 
 
 def test_version_comes_from_the_package_metadata(capsys):
