@@ -22,7 +22,7 @@ from dual_encoder.errors import DualEncoderError
 
 # `--help` lists the commands in the order a user runs them.
 WORKFLOW_ORDER = (
-    "synthetic", "synthetic-queries", "prepare", "train", "evaluate", "index", "search", "serve", "export", "demo",
+    "synthetic", "synthetic-queries", "prepare", "model", "train", "evaluate", "index", "search", "serve", "export", "demo",
 )  # fmt: skip
 
 
@@ -44,6 +44,8 @@ app = typer.Typer(
 )
 index_app = typer.Typer(help="Build and update an image index.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(index_app, name="index")
+model_app = typer.Typer(help="Make model folders without training.", no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(model_app, name="model")
 
 
 class Source(str, enum.Enum):
@@ -404,6 +406,33 @@ def search(
                 typer.echo(f"{hit.rank:>4}  {hit.score:>7.4f}  {hit.id:>8}  {hit.path}")
     if grid is not None:
         typer.echo(f"grid: {write_grid(results[0], grid, max_pixels=config.data.max_image_pixels)}")
+
+
+@model_app.command("create")
+def model_create(
+    output: Path = typer.Option(..., help="The model folder to write."),
+    preset: Optional[str] = typer.Option(
+        None, help="A product preset with a pretrained section, e.g. clip-vit-b32, siglip2-b16-224."
+    ),
+    from_keras_hub: Optional[str] = typer.Option(
+        None, "--from-keras-hub", help="A KerasHub CLIP / SigLIP preset name or a local preset folder."
+    ),
+    set_: List[str] = _overrides("model.pretrained.sequence_length=32"),
+    overwrite: bool = _overwrite_option("model folder"),
+):
+    """A zero-shot model folder from a CLIP / SigLIP preset (downloads it once; loads offline afterwards)."""
+    from dual_encoder.config import Config, ConfigError
+
+    if (preset is None) == (from_keras_hub is None):
+        raise ConfigError("give exactly one of --preset and --from-keras-hub")
+    if from_keras_hub is not None:
+        set_ = ["model.image_trainable=false", "model.text_trainable=false",
+                f"model.pretrained.preset={json.dumps(from_keras_hub)}", *set_]  # fmt: skip
+    config = (Config() if from_keras_hub is not None else Config.from_preset(preset)).with_overrides(set_)
+    from dual_encoder.models.pretrained import create_pretrained_model
+
+    path = create_pretrained_model(config.model, output, overwrite=overwrite)
+    typer.echo(f"model: {path}")
 
 
 @app.command()

@@ -1,0 +1,122 @@
+"""Paired pretrained towers (KerasHub CLIP / SigLIP) from tiny presets made offline: model create -> index build
+-> search, with embeddings equal to KerasHub's own."""
+
+from __future__ import annotations
+
+import json
+
+import keras_hub
+import numpy as np
+import pytest
+from PIL import Image
+
+from dual_encoder.cli import main
+from dual_encoder.data.pipeline import decode_and_resize
+from dual_encoder.config import Config, ConfigError, ModelConfig, PretrainedConfig
+from dual_encoder.models import ModelConfigError, build_dual_encoder, load_model
+from tests.pretrained_presets import IMAGE_SIZE, make_clip_preset, make_siglip_preset
+
+FAMILIES = {
+    "clip": (make_clip_preset, keras_hub.models.CLIPPreprocessor),
+    "siglip": (make_siglip_preset, keras_hub.models.SigLIPPreprocessor),
+}
+TEXTS = ["a red circle", "The photo of a DOG!", "green star"]
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def preset(request, tmp_path_factory):
+    make, preprocessor_class = FAMILIES[request.param]
+    return make(tmp_path_factory.mktemp(request.param) / "preset"), preprocessor_class
+
+
+def _reference(folder, preprocessor_class, images, texts):
+    """KerasHub's own embeddings (L2-normalised): its preprocessor, then get_vision/text_embeddings."""
+    backbone = keras_hub.models.Backbone.from_preset(str(folder))
+    inputs = preprocessor_class.from_preset(str(folder))({"images": images.astype("float32"), "prompts": texts})
+    image = np.asarray(backbone.get_vision_embeddings(inputs["images"]))
+    text = np.asarray(backbone.get_text_embeddings(inputs["token_ids"]))
+    return image / np.linalg.norm(image, axis=-1, keepdims=True), text / np.linalg.norm(text, axis=-1, keepdims=True)
+
+
+def test_embeddings_equal_keras_hub_and_survive_a_model_folder(preset, tmp_path):
+    folder, preprocessor_class = preset
+    # Non-square and not the preset's size: the tower's own image converter must resize and normalise.
+    images = np.random.default_rng(0).integers(0, 256, (3, 45, 70, 3), dtype=np.uint8)
+    expected_image, expected_text = _reference(folder, preprocessor_class, images, TEXTS)
+
+    model = build_dual_encoder(ModelConfig(pretrained=PretrainedConfig(preset=str(folder))))
+    assert model.image_size == IMAGE_SIZE
+    np.testing.assert_allclose(model.encode_image(images), expected_image, atol=1e-5)
+    np.testing.assert_allclose(model.encode_text(TEXTS), expected_text, atol=1e-5)
+    tokens = model.tokenize(TEXTS)
+    np.testing.assert_allclose(
+        model.encode_token_ids(tokens["token_ids"], tokens["padding_mask"]), expected_text, atol=1e-5
+    )
+    # A resize that is not the converter's (plain bilinear to the preset size) gives other embeddings.
+    squashed = np.asarray(model.image_encoder.backbone.get_vision_embeddings(
+        np.asarray(images, "float32")[:, :IMAGE_SIZE, :IMAGE_SIZE] / 255.0))
+    assert not np.allclose(squashed / np.linalg.norm(squashed, axis=-1, keepdims=True), expected_image, atol=1e-3)
+
+    output = tmp_path / "model"
+    assert main(["model", "create", "--from-keras-hub", str(folder), "--output", str(output)]) == 0
+    saved = json.loads((output / "config.json").read_text())
+    assert saved["model"]["pretrained"]["heads"] == "none"
+    assert saved["assets"] == {"pretrained.preset": "assets/pretrained_preset"}
+    # Self-contained: the source preset may go away.
+    for path in sorted(folder.rglob("*"), reverse=True):
+        path.unlink() if path.is_file() else path.rmdir()
+    try:
+        loaded = load_model(output)
+        np.testing.assert_allclose(loaded.encode_image(images), expected_image, atol=1e-5)
+        np.testing.assert_allclose(loaded.encode_text(TEXTS), expected_text, atol=1e-5)
+    finally:
+        make = FAMILIES["clip" if preprocessor_class is keras_hub.models.CLIPPreprocessor else "siglip"][0]
+        make(folder)  # the module's other tests use the same preset
+
+
+def test_model_create_index_build_search(preset, tmp_path, capsys):
+    folder, _ = preset
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(1)
+    for index in range(5):
+        Image.fromarray(rng.integers(0, 256, (40 + index, 60, 3), dtype=np.uint8)).save(photos / f"p{index}.png")
+    model_dir, index_dir = tmp_path / "model", tmp_path / "index"
+    assert main(["model", "create", "--from-keras-hub", str(folder), "--output", str(model_dir)]) == 0
+    # An existing model folder is not replaced without --overwrite; a folder of something else never.
+    assert main(["model", "create", "--from-keras-hub", str(folder), "--output", str(model_dir)]) == 2
+    assert main(["model", "create", "--from-keras-hub", str(folder), "--output", str(photos), "--overwrite"]) == 2
+    assert main(["index", "build", "--model", str(model_dir), "--images", str(photos), "--output", str(index_dir),
+                 "--quiet"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["search", "a red circle", "--index", str(index_dir), "-k", "3", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)[0]["hits"]
+    # The index's scores are the model's: the query against each image as the index pipeline decodes it.
+    model = load_model(model_dir)
+    query = np.asarray(model.encode_text(["a red circle"]))[0]
+    names = [f"p{i}.png" for i in range(5)]
+    images = np.stack([decode_and_resize((photos / name).read_bytes(), model.image_size) for name in names])
+    scores = np.asarray(model.encode_image(images)) @ query
+    assert [hit["path"].rsplit("/", 1)[-1] for hit in hits] == [names[i] for i in np.argsort(-scores)[:3]]
+    np.testing.assert_allclose([hit["score"] for hit in hits], np.sort(scores)[::-1][:3], atol=1e-4)
+
+
+def test_pretrained_config_section():
+    config = Config.from_preset("clip-vit-b32")
+    assert config.model.pretrained == PretrainedConfig(preset="clip_vit_base_patch32", heads="none")
+    assert Config.from_preset("siglip2-b16-224").model.pretrained.preset == "siglip2_base_patch16_224"
+    assert Config.from_json(config.to_json()) == config
+    changed = config.with_overrides(["model.pretrained.heads=trained", "model.pretrained.sequence_length=32"])
+    assert changed.model.pretrained == PretrainedConfig("clip_vit_base_patch32", "trained", 32)
+    with pytest.raises(ConfigError, match="heads"):
+        config.with_overrides(["model.pretrained.heads=linear"])
+    with pytest.raises(ConfigError, match="unknown keys"):
+        config.with_overrides(["model.pretrained.colour=red"])
+    assert Config().model.pretrained is None
+
+
+def test_a_preset_of_another_family_is_refused(tmp_path):
+    backbone = keras_hub.models.BertBackbone(20, 1, 2, 8, 16, max_sequence_length=8)
+    backbone.save_to_preset(str(tmp_path / "bert"))
+    with pytest.raises(ModelConfigError, match="BertBackbone"):
+        build_dual_encoder(ModelConfig(pretrained=PretrainedConfig(preset=str(tmp_path / "bert"))))
