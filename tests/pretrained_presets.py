@@ -16,7 +16,8 @@ WORDS = ("a", "red", "blue", "green", "circle", "square", "star", "photo", "of",
 def _bpe_vocabulary():
     """Characters (word-inner and word-final), every word whole, a merge chain per word; EOS has the largest id."""
     vocabulary = {"!": 0}
-    for char in string.ascii_lowercase:
+    # Every character the tests write (real CLIP vocabularies cover all bytes): an unknown one is -1 in a graph.
+    for char in string.ascii_lowercase + string.digits + string.punctuation:
         vocabulary.setdefault(char, len(vocabulary))
         vocabulary.setdefault(char + "</w>", len(vocabulary))
     merges = []

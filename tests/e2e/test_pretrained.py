@@ -120,3 +120,44 @@ def test_a_preset_of_another_family_is_refused(tmp_path):
     backbone.save_to_preset(str(tmp_path / "bert"))
     with pytest.raises(ModelConfigError, match="BertBackbone"):
         build_dual_encoder(ModelConfig(pretrained=PretrainedConfig(preset=str(tmp_path / "bert"))))
+
+
+def test_classify_from_folder_and_index(preset, tmp_path, capsys):
+    folder, _ = preset
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(2)
+    for index in range(4):
+        Image.fromarray(rng.integers(0, 256, (36, 50, 3), dtype=np.uint8)).save(photos / f"p{index}.png")
+    (tmp_path / "truth.csv").write_text("path,label\n" + "".join(f"p{i}.png,{'cat' if i % 2 else 'dog'}\n" for i in range(4)))
+    model_dir, index_dir = tmp_path / "model", tmp_path / "index"
+    assert main(["model", "create", "--from-keras-hub", str(folder), "--output", str(model_dir)]) == 0
+    assert main(["index", "build", "--model", str(model_dir), "--images", str(photos), "--output", str(index_dir),
+                 "--quiet"]) == 0  # fmt: skip
+    capsys.readouterr()
+    common = ["--labels", "cat,dog,red star", "--templates", "imagenet", "--top-k", "2", "--json",
+              "--truth", str(tmp_path / "truth.csv")]  # fmt: skip
+    assert main(["classify", "--model", str(model_dir), "--images", str(photos), *common]) == 0
+    from_folder = json.loads(capsys.readouterr().out)
+    assert main(["classify", "--index", str(index_dir), *common]) == 0
+    from_index = json.loads(capsys.readouterr().out)
+    # The index's stored embeddings are the ones the folder gives.
+    assert from_folder["accuracy"] == from_index["accuracy"]
+    for a, b in zip(from_folder["predictions"], from_index["predictions"], strict=True):
+        assert a["path"] == b["path"] and [x["label"] for x in a["labels"]] == [x["label"] for x in b["labels"]]
+        np.testing.assert_allclose([x["score"] for x in a["labels"]], [x["score"] for x in b["labels"]], atol=1e-5)
+    assert [len(p["labels"]) for p in from_index["predictions"]] == [2] * 4
+    accuracy = from_index["accuracy"]
+    assert accuracy["images"] == 4 and sum(map(sum, accuracy["confusion_matrix"])) == 4
+    assert (tmp_path / "truth.confusion.png").read_bytes()[:4] == b"\x89PNG"
+    # Scores: the image (as the index decodes it) against the ensemble of the label's prompts.
+    from dual_encoder.classify import TEMPLATES
+
+    model = load_model(model_dir)
+    first = from_index["predictions"][0]
+    image = decode_and_resize((photos / first["path"].rsplit("/", 1)[-1]).read_bytes(), model.image_size)
+    image_embedding = np.asarray(model.encode_image(np.asarray(image)[None]))[0]
+    prompts = np.asarray(model.encode_text([t.format(first["labels"][0]["label"]) for t in TEMPLATES["imagenet"]]))
+    mean = prompts.mean(axis=0)
+    assert first["labels"][0]["score"] == pytest.approx(float(image_embedding @ (mean / np.linalg.norm(mean))), abs=1e-5)
+    assert main(["classify", "--model", str(model_dir), "--images", str(photos), "--labels", "cat"]) == 2
