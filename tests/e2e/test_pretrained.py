@@ -161,3 +161,42 @@ def test_classify_from_folder_and_index(preset, tmp_path, capsys):
     mean = prompts.mean(axis=0)
     assert first["labels"][0]["score"] == pytest.approx(float(image_embedding @ (mean / np.linalg.norm(mean))), abs=1e-5)
     assert main(["classify", "--model", str(model_dir), "--images", str(photos), "--labels", "cat"]) == 2
+
+
+def test_export_loads_without_the_package_and_equals_the_python_api(preset, tmp_path):
+    import subprocess
+    import sys
+
+    from dual_encoder.search import Searcher
+    from tests.e2e.test_export import STANDALONE
+
+    folder, _ = preset
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(3)
+    for index in range(4):
+        Image.fromarray(rng.integers(0, 256, (30, 44, 3), dtype=np.uint8)).save(photos / f"p{index}.png")
+    model_dir, index_dir, export_dir = tmp_path / "model", tmp_path / "index", tmp_path / "export"
+    assert main(["model", "create", "--from-keras-hub", str(folder), "--output", str(model_dir)]) == 0
+    assert main(["index", "build", "--model", str(model_dir), "--images", str(photos), "--output", str(index_dir),
+                 "--quiet"]) == 0  # fmt: skip
+    assert main(["export", "--index", str(index_dir), "--output", str(export_dir)]) == 0
+    # BPE (TF Text regex split) and SentencePiece run as TF Text ops in the graph.
+    assert json.loads((export_dir / "export.json").read_text())["needs_tensorflow_text"] is True
+    queries = ["find images of a red circle", "the photo of a dog", "green star"]
+    images = sorted(str(p) for p in photos.glob("*.png"))
+    run = subprocess.run(
+        [sys.executable, "-c", STANDALONE, str(export_dir), json.dumps(queries), json.dumps(images)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["modules"] == []
+    searcher = Searcher.load(index_dir)
+    results = searcher.search(queries, k=4)
+    np.testing.assert_allclose(got["text"], searcher.encode_queries(queries), atol=1e-5)
+    for result, ids, scores in zip(results, got["ids"], got["scores"]):
+        assert ids == [hit.id for hit in result.hits]
+        np.testing.assert_allclose(scores, [hit.score for hit in result.hits], atol=1e-5)
+    pixels = np.stack([decode_and_resize(open(p, "rb").read(), searcher.model.image_size) for p in images])
+    np.testing.assert_allclose(got["image"], searcher.model.encode_image(pixels), atol=1e-5)
