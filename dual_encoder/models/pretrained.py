@@ -71,7 +71,13 @@ class PairedPreset:
         self.preset = preset
         self.backbone = backbone
         self.image_size = int(self.preprocessor.image_converter.image_size[0])
-        probe = backbone.get_text_embeddings(self.tokenize(tf.constant(["a"]))["token_ids"])  # SigLIP's text encoder takes only its full length
+        try:
+            probe = backbone.get_text_embeddings(self.tokenize(tf.constant(["a"]))["token_ids"])
+        except (tf.errors.InvalidArgumentError, ValueError) as error:  # SigLIP takes only its full length
+            raise ModelConfigError(
+                f"sequence_length {self.preprocessor.sequence_length} does not fit the text encoder of '{preset}' "
+                f"(SigLIP needs exactly its max_sequence_length): {_first_line(error)}"
+            ) from None
         self.output_dim = int(probe.shape[-1])
 
     def tokenize(self, texts) -> dict:

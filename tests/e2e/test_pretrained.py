@@ -200,3 +200,34 @@ def test_export_loads_without_the_package_and_equals_the_python_api(preset, tmp_
         np.testing.assert_allclose(scores, [hit.score for hit in result.hits], atol=1e-5)
     pixels = np.stack([decode_and_resize(open(p, "rb").read(), searcher.model.image_size) for p in images])
     np.testing.assert_allclose(got["image"], searcher.model.encode_image(pixels), atol=1e-5)
+
+
+def test_model_create_from_a_product_preset_file_then_evaluate(preset, tmp_path, capsys):
+    from dual_encoder.config import DataConfig
+    from dual_encoder.data.prepare import prepare_dataset
+    from dual_encoder.data.synthetic import generate_synthetic
+
+    folder, preprocessor_class = preset
+    recipe = tmp_path / "my-clip.json"  # what dual_encoder/presets/clip-vit-b32.json is, with a local preset folder
+    recipe.write_text(json.dumps({"model": {"image_trainable": False, "text_trainable": False,
+                                            "pretrained": {"preset": str(folder), "heads": "none"}}}))  # fmt: skip
+    model_dir = tmp_path / "model"
+    shorter = ["model", "create", "--preset", str(recipe), "--output", str(model_dir),
+               "--set", "model.pretrained.sequence_length=10"]  # fmt: skip
+    if preprocessor_class is keras_hub.models.SigLIPPreprocessor:
+        assert main(shorter) == 2  # SigLIP's text encoder takes exactly its max_sequence_length (12)
+        assert "sequence_length 10 does not fit" in capsys.readouterr().err
+        assert not model_dir.exists()
+        assert main(shorter[:-2]) == 0
+    else:
+        assert main(shorter) == 0
+        assert load_model(model_dir).tokenize(["a red circle"])["token_ids"].shape == (1, 10)
+    assert main(["model", "create", "--preset", str(recipe), "--from-keras-hub", str(folder),
+                 "--output", str(tmp_path / "other")]) == 2  # fmt: skip
+    captions_csv = generate_synthetic(tmp_path / "synthetic", 12, seed=0, image_size=32)
+    prepared = tmp_path / "prepared"
+    prepare_dataset("csv", captions_csv, captions_csv.parent / "images", prepared, DataConfig(), progress=False)
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(model_dir), "--data", str(prepared), "--split", "train"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_captions"] > 0 and 0.0 <= report["t2i_recall@1"] <= report["t2i_recall@10"] <= 1.0
