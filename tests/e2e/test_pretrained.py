@@ -16,6 +16,8 @@ from dual_encoder.config import Config, ConfigError, ModelConfig, PretrainedConf
 from dual_encoder.models import ModelConfigError, build_dual_encoder, load_model
 from tests.pretrained_presets import IMAGE_SIZE, make_clip_preset, make_siglip_preset
 
+pytestmark = pytest.mark.slow  # each builds, saves and loads small KerasHub models (seconds to a minute)
+
 FAMILIES = {
     "clip": (make_clip_preset, keras_hub.models.CLIPPreprocessor),
     "siglip": (make_siglip_preset, keras_hub.models.SigLIPPreprocessor),
@@ -231,3 +233,33 @@ def test_model_create_from_a_product_preset_file_then_evaluate(preset, tmp_path,
     assert main(["evaluate", "--model", str(model_dir), "--data", str(prepared), "--split", "train"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["num_captions"] > 0 and 0.0 <= report["t2i_recall@1"] <= report["t2i_recall@10"] <= 1.0
+
+
+def test_trained_heads_on_a_frozen_pretrained_pair(tmp_path):
+    """LiT-style: `heads: trained` trains projection heads on the frozen preset's joint space."""
+    from dual_encoder.config import DataConfig
+    from dual_encoder.data.prepare import prepare_dataset
+    from dual_encoder.data.synthetic import generate_synthetic
+
+    folder = make_clip_preset(tmp_path / "preset")
+    recipe = tmp_path / "lit.json"
+    recipe.write_text(json.dumps({
+        "model": {"image_trainable": False, "text_trainable": False, "embed_dim": 8,
+                  "pretrained": {"preset": str(folder), "heads": "trained"}},
+        "train": {"batch_size": 4, "epochs": 2, "tensorboard": False},
+    }))  # fmt: skip
+    captions_csv = generate_synthetic(tmp_path / "synthetic", 24, seed=0, image_size=32)
+    prepared = tmp_path / "prepared"
+    prepare_dataset("csv", captions_csv, captions_csv.parent / "images", prepared, DataConfig(validation_fraction=0.25),
+                    progress=False)  # fmt: skip
+    assert main(["train", "--data", str(prepared), "--output", str(tmp_path / "run"), "--preset", str(recipe),
+                 "--quiet"]) == 0  # fmt: skip
+    model = load_model(tmp_path / "run")
+    images = np.random.default_rng(4).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    embeddings = np.asarray(model.encode_image(images))
+    assert embeddings.shape == (2, 8)
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=-1), 1.0, atol=1e-5)
+    # The backbone stayed frozen: the tower's features are still KerasHub's own projections.
+    expected, _ = _reference(folder, keras_hub.models.CLIPPreprocessor, images, ["a"])
+    features = np.asarray(model.image_features(images))
+    np.testing.assert_allclose(features / np.linalg.norm(features, axis=-1, keepdims=True), expected, atol=1e-5)
