@@ -22,7 +22,7 @@ from dual_encoder.errors import DualEncoderError
 
 # `--help` lists the commands in the order a user runs them.
 WORKFLOW_ORDER = (
-    "synthetic", "synthetic-queries", "prepare", "train", "evaluate", "index", "search", "serve", "export", "demo",
+    "synthetic", "synthetic-queries", "prepare", "model", "train", "evaluate", "index", "search", "classify", "serve", "export", "demo",
 )  # fmt: skip
 
 
@@ -44,6 +44,8 @@ app = typer.Typer(
 )
 index_app = typer.Typer(help="Build and update an image index.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(index_app, name="index")
+model_app = typer.Typer(help="Make model folders without training.", no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(model_app, name="model")
 
 
 class Source(str, enum.Enum):
@@ -507,6 +509,80 @@ def search(
                 typer.echo(f"{hit.rank:>4}  {hit.score:>7.4f}  {hit.id:>8}  {hit.path}")
     if grid is not None:
         typer.echo(f"grid: {write_grid(results[0], grid, max_pixels=config.data.max_image_pixels)}")
+
+
+@model_app.command("create")
+def model_create(
+    output: Path = typer.Option(..., help="The model folder to write."),
+    preset: Optional[str] = typer.Option(
+        None, help="A product preset with a pretrained section, e.g. clip-vit-b32, siglip2-b16-224."
+    ),
+    from_keras_hub: Optional[str] = typer.Option(
+        None, "--from-keras-hub", help="A KerasHub CLIP / SigLIP preset name or a local preset folder."
+    ),
+    set_: List[str] = _overrides("model.pretrained.sequence_length=32"),
+    overwrite: bool = _overwrite_option("model folder"),
+):
+    """A zero-shot model folder from a CLIP / SigLIP preset (downloads it once; loads offline afterwards)."""
+    from dual_encoder.config import Config, ConfigError
+
+    if (preset is None) == (from_keras_hub is None):
+        raise ConfigError("give exactly one of --preset and --from-keras-hub")
+    if from_keras_hub is not None:
+        set_ = ["model.image_trainable=false", "model.text_trainable=false",
+                f"model.pretrained.preset={json.dumps(from_keras_hub)}", *set_]  # fmt: skip
+    config = (Config() if from_keras_hub is not None else Config.from_preset(preset)).with_overrides(set_)
+    from dual_encoder.models.pretrained import create_pretrained_model
+
+    path = create_pretrained_model(config.model, output, overwrite=overwrite)
+    typer.echo(f"model: {path}")
+
+
+@app.command()
+def classify(
+    model: Optional[Path] = typer.Option(None, help="Model folder (with --index: default the one it records)."),
+    labels: str = typer.Option(..., help='A file with one label a line, or "cat,dog,…".'),
+    images: Optional[Path] = typer.Option(None, help="An image folder to classify (searched recursively)."),
+    index: Optional[Path] = typer.Option(None, help="An index whose stored embeddings to classify."),
+    templates: str = typer.Option("simple", help="Prompt templates: simple, imagenet (7-prompt ensemble) or a file."),
+    top_k: int = typer.Option(5, "--top-k", min=1, help="Labels per image."),
+    truth: Optional[Path] = typer.Option(None, help="CSV of path,label: print accuracy, write a confusion PNG."),
+    confusion: Optional[Path] = typer.Option(None, help="Where to write the confusion PNG [default: beside --truth]."),
+    json_: bool = _flag("--json", "Print JSON: {predictions, accuracy}."),
+    csv_: Optional[Path] = typer.Option(None, "--csv", help="Write predictions as CSV (path,rank,label,score)."),
+):
+    """Zero-shot classification: each image gets the labels whose prompts it matches best."""
+    from dual_encoder.classify import (
+        ZeroShotClassifier, accuracy_report, embed_for_classification, read_truth, write_confusion_png,
+    )  # fmt: skip
+
+    loaded, paths, embeddings = embed_for_classification(model, images, index)
+    classifier = ZeroShotClassifier(loaded, labels, templates)
+    predictions = classifier.classify_embeddings(embeddings, paths, k=top_k)
+    report = None
+    if truth is not None:
+        report = accuracy_report(predictions, read_truth(truth), classifier.labels)
+        report["confusion_png"] = str(write_confusion_png(report, confusion or truth.with_suffix(".confusion.png")))
+    if csv_ is not None:
+        import csv as csv_module
+
+        with open(csv_, "w", newline="", encoding="utf-8") as handle:
+            writer = csv_module.writer(handle)
+            writer.writerow(["path", "rank", "label", "score"])
+            for p in predictions:
+                writer.writerows([p.path, r + 1, l, f"{s:.6f}"] for r, (l, s) in enumerate(zip(p.labels, p.scores)))
+    if json_:
+        _echo_json({"predictions": [p.to_dict() for p in predictions], "accuracy": report})
+        return
+    if csv_ is None:
+        for p in predictions:
+            typer.echo(p.path + "  " + ", ".join(f"{l} {s:.3f}" for l, s in zip(p.labels, p.scores)))
+    if report is not None:
+        typer.echo(f"top-1 {report['top1_accuracy']:.4f}  top-5 {report['top5_accuracy']:.4f}  "
+                   f"(chance {report['chance_top1']:.4f}, {report['images']} images)")  # fmt: skip
+        for label, value in report["per_class_accuracy"].items():
+            typer.echo(f"  {label:<20} {'-' if value is None else f'{value:.3f}'}")
+        typer.echo(f"confusion: {report['confusion_png']}")
 
 
 @app.command()

@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field, StringConstraints, ValidationError
 from starlette.datastructures import UploadFile
 
 from dual_encoder import files
+from dual_encoder.classify import TEMPLATES, ZeroShotClassifier
 from dual_encoder.config import DataConfig, ServeConfig
 from dual_encoder.errors import DualEncoderError
 from dual_encoder.index.errors import QueryError, QueryImageError, UnknownItemError
@@ -264,6 +265,32 @@ def create_app(
             thumbnails.put(found.sha256, body)
         return _reply(request, body, THUMBNAIL_MEDIA_TYPE, etag)
 
+    class ClassifyIn(BaseModel):
+        labels: Union[list[str], str] = Field(description='Labels, as a list or "cat,dog,…".')
+        templates: Union[list[str], str] = Field("simple", description="simple, imagenet, or a list with '{}'.")
+        k: K = 5
+        id: Optional[int] = Field(None, description="An indexed item to classify (its stored embedding).")
+        image_base64: Optional[str] = Field(None, description="An uploaded image (PNG/JPEG/… bytes, base64).")
+
+    @app.post("/api/classify")
+    def classify(body: ClassifyIn) -> dict[str, Any]:
+        """Zero-shot classification of one image (indexed id or upload) among `labels`: top-k with scores."""
+        if (body.id is None) == (body.image_base64 is None):
+            raise ClassifyInputError("give exactly one of 'id' (an indexed item) and 'image_base64' (an upload)")
+        templates = body.templates.split("\n") if isinstance(body.templates, str) and "{}" in body.templates else body.templates
+        if isinstance(templates, str) and templates not in TEMPLATES:
+            raise ClassifyInputError(f"templates must be one of {sorted(TEMPLATES)} or a list of strings with '{{}}'")
+        classifier = ZeroShotClassifier(searcher.model, body.labels, templates)
+        if body.id is not None:
+            item = _find_item(searcher, str(body.id))
+            embedding = searcher.index.embeddings[searcher.index.items.row_of(item.id)][None]
+            path = str(item.id)
+        else:
+            embedding = encode_uploaded_image(searcher.model, body.image_base64, max_image_pixels)
+            path = "upload"
+        prediction = classifier.classify_embeddings(embedding, [path], k=body.k)[0]
+        return {"id": body.id, **{key: value for key, value in prediction.to_dict().items() if key != "path"}}
+
     @app.get("/api/info")
     def info() -> dict[str, Any]:
         """The index being searched and the request limits."""
@@ -336,6 +363,36 @@ def run_server(
 
 
 # -- helpers ----------------------------------------------------------------------------------------
+
+
+class ClassifyInputError(DualEncoderError, ValueError):
+    """A classify request without exactly one image, or with an unreadable one."""
+
+
+def encode_uploaded_image(model, data_base64: str, max_pixels: int):
+    """Base64 image bytes -> [1, D] embedding, decoded and resized as the index pipeline does."""
+    import base64
+    import binascii
+
+    import numpy as np
+    import tensorflow as tf
+
+    from dual_encoder.images import decode
+
+    try:
+        data = base64.b64decode(data_base64, validate=True)
+    except (binascii.Error, ValueError):
+        raise ClassifyInputError("image_base64 is not valid base64") from None
+    try:
+        image = decode(data, max_pixels)
+    except DualEncoderError:
+        raise
+    except Exception:  # Pillow raises many kinds for bytes that are not an image
+        raise ClassifyInputError("image_base64 does not hold a readable image") from None
+    size = int(model.image_size)
+    resized = tf.image.resize(np.asarray(image.convert("RGB")), [size, size], antialias=True)
+    pixels = tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)[None]
+    return np.asarray(model.encode_image(pixels))
 
 
 def _links(hit) -> dict[str, str]:

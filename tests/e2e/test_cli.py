@@ -164,8 +164,8 @@ def _help(capsys, *command: str) -> str:
 def test_help_lists_the_commands_in_workflow_order(capsys):
     lines = _help(capsys).split("Commands:")[1].splitlines()
     names = [line.split()[0] for line in lines if line.startswith("  ") and not line.startswith("   ")]
-    assert names == ["synthetic", "synthetic-queries", "prepare", "train", "evaluate", "index", "search", "serve",
-                     "export", "demo"]
+    assert names == ["synthetic", "synthetic-queries", "prepare", "model", "train", "evaluate", "index", "search",
+                     "classify", "serve", "export", "demo"]
 
 
 def _commands():
