@@ -58,10 +58,10 @@ def test_a_missed_target_is_named():
     assert "fresh gallery shape P@10 none < 0.95" in missed_targets(metrics, {"fresh gallery": {"groups": groups}})
 
 
-# A model that learns short queries, small enough for CI: the demo's recipe on 2,000 images at 32×32 for a
-# few epochs (a few minutes on 2 cores), scored through an index of a fresh gallery of new scenes.
+# A model that learns short queries, small enough for CI: the demo's recipe on 3,000 training images at 32×32 for a
+# few epochs (about 3 minutes on 2 cores), scored through an index of a fresh gallery of new scenes.
 CI_SCALE = DemoScale(
-    num_images=2000, validation_images=300, fresh_images=500, overrides=("epochs=5", "image_size=32"), min_relevant=5
+    num_images=3300, validation_images=300, fresh_images=500, overrides=("epochs=8", "image_size=32"), min_relevant=5
 )
 
 
@@ -70,6 +70,7 @@ def test_short_queries_land_well_above_chance_on_a_fresh_gallery(tmp_path, monke
     monkeypatch.setitem(SCALES, "ci", CI_SCALE)
     result = run_demo(tmp_path, scale="ci", progress=False, echo=lambda line: None)
     groups = result.query_metrics["fresh gallery"]["groups"]
-    for group, times in (("shape", 2.0), ("colour+shape", 5.0), ("two objects", 3.0)):
+    # Chance: the same measure of random rankings (shape-only queries fit ~30% of the gallery, the others 1-4%).
+    for group, times in (("shape", 1.5), ("colour+shape", 4.0), ("two objects", 4.0), ("synonyms", 3.0)):
         got, chance = groups[group]["P@10"], groups[group]["chance"]["P@10"]
         assert got >= times * chance, f"{group}: P@10 {got:.3f}, chance {chance:.3f}"
