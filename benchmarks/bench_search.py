@@ -4,6 +4,7 @@ recall and speed, resident memory of a loaded float16 index, and end-to-end quer
     python benchmarks/bench_search.py              # N = 10k, 100k, 1M (~15 min on 2 cores)
     python benchmarks/bench_search.py --quick      # N = 10k only
     python benchmarks/bench_search.py --sizes 100000 --skip-hnsw
+    python benchmarks/bench_search.py --float16-only --sizes 1000000   # float16 vs float32 exact search (~1 min)
 
 Prints markdown tables. Galleries are random unit vectors (D=256), the hardest case for HNSW, so
 HNSW is built on them up to `--hnsw-uniform-max` (100k); a clustered gallery (labelled, closer to
@@ -115,6 +116,32 @@ def bench_exact(size: int, gallery: np.ndarray, queries: np.ndarray) -> list[dic
                 "qps": len(batch_queries) * batch / seconds, "ms_per_batch": 1000 * seconds / len(batch_queries),
                 "id_mismatches": mismatches,
             })  # fmt: skip
+    return rows
+
+
+def bench_float16(size: int, gallery: np.ndarray, queries: np.ndarray, repeats: int = 15) -> list[dict]:
+    """float16 vs float32 gallery, our exact search at batch 1 and 64: runs alternate (fair under a varying load),
+    the best of `repeats` counts, and the ids must equal those of the float32 search of the widened gallery."""
+    gallery16 = gallery.astype(np.float16)
+    widened = gallery16.astype(np.float32)
+    rows = []
+    for batch in (1, BATCH):
+        batch_queries = [queries[i : i + 1] for i in range(SINGLE_QUERIES)] if batch == 1 else [queries[:BATCH]]
+        for q in batch_queries:
+            assert np.array_equal(exact_search(gallery16, q, K)[0], exact_search(widened, q, K)[0])
+        seconds: dict[str, list[float]] = {"float32": [], "float16": []}
+        for _ in range(repeats):
+            for name, matrix in (("float32", gallery), ("float16", gallery16)):
+                started = time.perf_counter()
+                for q in batch_queries:
+                    exact_search(matrix, q, K)
+                seconds[name].append(time.perf_counter() - started)
+        qps = {name: len(batch_queries) * batch / min(times) for name, times in seconds.items()}
+        rows.append({
+            "N": size, "batch": batch, "float32 q/s": qps["float32"], "float16 q/s": qps["float16"],
+            "float16 / float32": qps["float16"] / qps["float32"],
+            "float16 memory / float32": gallery16.nbytes / gallery.nbytes,
+        })  # fmt: skip
     return rows
 
 
@@ -251,6 +278,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--quick", action="store_true", help="N = 10k only")
     parser.add_argument("--skip-hnsw", action="store_true")
+    parser.add_argument("--float16-only", action="store_true", help="only float16 vs float32 exact search")
     parser.add_argument(
         "--hnsw-uniform-max", type=int, default=100_000,
         help="largest uniform gallery to build HNSW on (1M takes ~15 min more and reaches recall@10 < 0.2)",
@@ -262,16 +290,25 @@ def main() -> None:
     started = time.perf_counter()
     print(f"machine: {os.cpu_count()} CPUs, numpy {np.__version__}, faiss {import_faiss().__version__}\n")
 
-    exact_rows, hnsw_rows = [], []
+    exact_rows, hnsw_rows, float16_rows = [], [], []
     queries = unit_vectors(max(RECALL_QUERIES, BATCH), seed=1)
     for size in sizes:
         gallery = unit_vectors(size, seed=0)
+        float16_rows += bench_float16(size, gallery, queries)
+        log(started, f"float16 vs float32, N={size:,}")
+        if args.float16_only:
+            continue
         exact_rows += bench_exact(size, gallery, queries)
         log(started, f"exact search, N={size:,}")
         if not args.skip_hnsw and size <= args.hnsw_uniform_max:
             hnsw_rows += bench_hnsw(size, gallery, queries[:RECALL_QUERIES], "uniform")
             log(started, f"HNSW on uniform vectors, N={size:,}")
         del gallery
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}\n")
+    print("## Exact top-10, float16 vs float32 gallery: queries/s (alternating runs, best of 15)\n")
+    print(markdown(float16_rows) + "\n")
+    if args.float16_only:
+        return
     if not args.skip_hnsw:
         centers = unit_vectors(CLUSTERS, seed=3)
         clustered = clustered_vectors(sizes[-1], seed=4, centers=centers)

@@ -61,6 +61,7 @@ Strategy = enum.Enum(  # training.distribute.STRATEGY_NAMES
     "Strategy", {name: name for name in ("auto", "default", "mirrored", "multi_worker", "tpu")}, type=str
 )
 IndexKind = enum.Enum("IndexKind", {name: name for name in ALLOWED["index.kind"].choices}, type=str)
+Runner = enum.Enum("Runner", {name: name for name in ("direct", "dataflow", "flink", "spark")}, type=str)  # index.beam.RUNNERS
 
 
 def _flag(name: str, help: str):
@@ -304,6 +305,12 @@ def _report_index(summary) -> None:
         + (f" ({reasons})" if reasons else "")
     )
     _echo_skipped([(s.path, s.reason, s.detail) for s in summary.skipped], len(summary.skipped))
+    if summary.rebuild_due:
+        typer.echo(
+            f"  note: the {summary.kind} structure was trained on a gallery of a very different size; "
+            f"`dual-encoder index rebuild --index {summary.index_dir}` retrains it (no image is re-embedded)",
+            err=True,
+        )
 
 
 def _echo_skipped(named: list[tuple[str, str, str]], total: int, listed_in: Optional[Path] = None) -> None:
@@ -325,15 +332,43 @@ def index_build(
     preset: str = typer.Option("synthetic-small", help="Preset whose index section to use."),
     set_: List[str] = _overrides("dtype=float16 or kind=hnsw"),
     kind: Optional[IndexKind] = typer.Option(None, help="Shorthand for --set kind=...: auto is exact up to "
-                                             "index.ann_threshold items, then hnsw."),
+                                             "index.ann_threshold items, hnsw up to index.ivfpq_threshold, then ivfpq."),
     quiet: bool = _flag("--quiet", "No progress bars."),
     overwrite: bool = _overwrite_option("index"),
+    runner: Optional[Runner] = typer.Option(
+        None, help="Embed on Apache Beam (extra 'beam') with this runner instead of in this process."
+    ),
+    pipeline_option: List[str] = typer.Option(
+        [], "--pipeline-option", metavar="KEY=VALUE",
+        help="A Beam pipeline option (repeatable), e.g. project=my-project or direct_num_workers=4.",
+    ),
+    shards_dir: Optional[str] = typer.Option(
+        None, help="With --runner: where workers write embedding shards (default: beside --output; gs://… on Dataflow)."
+    ),
+    worker_model: Optional[str] = typer.Option(
+        None, help="With --runner: the model folder as workers see it, e.g. a staged gs://bucket/model (default: --model)."
+    ),
 ):
     """Embed a gallery with the model's image tower and write a searchable index."""
     from dual_encoder.index import build_index
 
     overrides = list(set_) + ([f"index.kind={kind.value}"] if kind else [])
     config = _config(preset, overrides)
+    if runner is not None:
+        from dual_encoder.index.beam import build_index_on_beam
+
+        if data is not None or (images is None) == (list_file is None):
+            raise DualEncoderError("--runner embeds an image folder (--images) or a list file (--list), one of them")
+        _report_index(
+            build_index_on_beam(
+                model, images or list_file, output, config.index, runner=runner.value, options=pipeline_option,
+                max_image_pixels=config.data.max_image_pixels, overwrite=overwrite, shards_dir=shards_dir,
+                worker_model_dir=worker_model,
+            )
+        )
+        return
+    if pipeline_option or shards_dir or worker_model:
+        raise DualEncoderError("--pipeline-option, --shards-dir and --worker-model go with --runner")
     gallery = _gallery(images, data, split.value, list_file)
     _report_index(
         build_index(
@@ -454,6 +489,24 @@ def index_dedup(
     if grid is not None:
         written = write_groups_grid(report, grid, max_pixels=config.data.max_image_pixels) if report.groups else None
         typer.echo(f"grid: {written}" if written else "grid: none written (no near-duplicates)", err=json_)
+
+
+@index_app.command("rebuild")
+def index_rebuild(
+    index: Path = typer.Option(..., help="An existing index folder."),
+    kind: Optional[IndexKind] = typer.Option(None, help="Switch to this kind (default: the index's own settings)."),
+    set_: List[str] = _overrides("ivfpq_nprobe=128 or rerank=512"),
+):
+    """Retrain an index's search structure from its stored embeddings (after many adds, or to change its kind)."""
+    from dual_encoder.config import Config, IndexConfig
+    from dual_encoder.index import rebuild_index
+    from dual_encoder.index.store import read_manifest
+
+    config = None
+    if kind is not None or set_:
+        own = Config(index=IndexConfig(**read_manifest(index)["config"]))
+        config = own.with_overrides(list(set_) + ([f"index.kind={kind.value}"] if kind else [])).index
+    _report_index(rebuild_index(index, config))
 
 
 @app.command()

@@ -26,6 +26,7 @@ _LAZY = {
     "IndexSummary": "dual_encoder.index.build",
     "add_to_index": "dual_encoder.index.build",
     "build_index": "dual_encoder.index.build",
+    "rebuild_index": "dual_encoder.index.build",
     "remove_from_index": "dual_encoder.index.build",
     "sync_index": "dual_encoder.index.build",
     "DatasetSplit": "dual_encoder.index.embed",

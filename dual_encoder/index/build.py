@@ -22,7 +22,7 @@ from dual_encoder.index.embed import (
     load_checked_model,
     open_gallery,
 )
-from dual_encoder.index.errors import GallerySourceError
+from dual_encoder.index.errors import GallerySourceError, IndexConfigError
 from dual_encoder.index.store import ImageIndex, check_replaceable, read_manifest
 
 
@@ -47,6 +47,8 @@ class IndexSummary:
         added_paths: the paths that came in new (not replacing an indexed path), in order.
         replaced_paths: the indexed paths whose content changed.
         removed_paths: the paths whose items were removed (not counting replaced ones).
+        rebuild_due: the approximate structure was trained on a gallery of a very different size
+            (`dual-encoder index rebuild` retrains it from the stored embeddings).
     """
 
     index_dir: Path
@@ -65,6 +67,7 @@ class IndexSummary:
     added_paths: list[str] = dataclasses.field(default_factory=list)
     replaced_paths: list[str] = dataclasses.field(default_factory=list)
     removed_paths: list[str] = dataclasses.field(default_factory=list)
+    rebuild_due: bool = False
 
     @property
     def skipped_counts(self) -> dict[str, int]:
@@ -292,6 +295,25 @@ def _remove(index_dir, paths, missing: bool, started: float) -> IndexSummary:
     return _summary(index, path, started, removed=len(doomed), skipped=skipped, removed_paths=removed_paths)
 
 
+def rebuild_index(index_dir: Union[str, Path], config: Optional[IndexConfig] = None) -> IndexSummary:
+    """Retrain and refill the index's search structure from its stored embeddings (no image is re-embedded).
+
+    Args:
+        index_dir: an existing index.
+        config: new index settings (kind, ANN parameters); default: the index's own. The dtype cannot change here.
+    """
+    started = time.perf_counter()
+    with _locked_index(index_dir):
+        index = ImageIndex.load(index_dir)
+        if config is not None:
+            if config.dtype != index.dtype:
+                raise IndexConfigError(f"rebuild keeps the index dtype ({index.dtype}); build anew for {config.dtype}")
+            index.config = config
+        index.rebuild()
+        path = index.save(index_dir, overwrite=True)
+        return _summary(index, path, started)
+
+
 def _locked_index(index_dir):
     """The writer lock of an existing index: a second `add`/`remove` waits and then reads the first one's result,
     so no update is lost and ids stay unique. A missing index is an error before any lock file is made."""
@@ -307,5 +329,6 @@ def _summary(index: ImageIndex, path, started: float, **counts) -> IndexSummary:
         dtype=index.dtype,
         dim=index.dim,
         seconds=time.perf_counter() - started,
+        rebuild_due=index.rebuild_due,
         **counts,
     )

@@ -114,7 +114,7 @@ class ImageIndex:
         return self.config.dtype
 
     @property
-    def ann_params(self) -> dict[str, int]:
+    def ann_params(self) -> dict[str, Any]:
         return dict(self._ann.params) if self._ann is not None else {}
 
     # -- search -------------------------------------------------------------------------------
@@ -139,7 +139,7 @@ class ImageIndex:
             return np.zeros((len(queries), 0), dtype=np.int64), np.zeros((len(queries), 0), dtype=np.float32)
         k = min(k, len(self))
         if self._ann is not None:
-            return self._ann.search(queries, k)
+            return self._ann.search(queries, k, self._embeddings, self.items.ids)
         return exact_search(self._embeddings, queries, k)
 
     # -- changes ------------------------------------------------------------------------------
@@ -158,25 +158,41 @@ class ImageIndex:
         self.next_id += len(new_items)
         kind = resolve_kind(self.config, len(self))
         if kind == self.kind and self._ann is not None:
-            self._ann.add(new_embeddings)
+            self._ann.add(new_embeddings, new_items.ids)
         else:
             self.kind = kind
             self._ann = self._build_ann()
 
     def remove(self, rows: Sequence[int]) -> None:
-        """Drop the given rows; the approximate structure (if any) is rebuilt."""
+        """Drop the given rows. A structure labelled by item id (`ivfpq`) drops their vectors in place; the others
+        are rebuilt (their labels are rows, which shift)."""
         if len(rows) == 0:
             return
+        removed_ids = self.items.ids[np.unique(np.asarray(rows, dtype=np.int64))]
         keep = np.setdiff1d(np.arange(len(self)), np.asarray(rows, dtype=np.int64))
         self._embeddings = np.ascontiguousarray(self._embeddings[keep])
         self.items = self.items.take(keep)
+        kind = resolve_kind(self.config, len(self))
+        if kind == self.kind and self._ann is not None and self._ann.labels_are_ids and len(self):
+            self._ann.remove_ids(removed_ids)
+        else:
+            self.kind = kind
+            self._ann = self._build_ann()
+
+    def rebuild(self) -> None:
+        """Train and fill the approximate structure afresh from the stored embeddings (no image is re-embedded)."""
         self.kind = resolve_kind(self.config, len(self))
         self._ann = self._build_ann()
+
+    @property
+    def rebuild_due(self) -> bool:
+        """Whether the trained structure has seen the gallery grow or shrink enough that `rebuild` is worth it."""
+        return self._ann is not None and self._ann.rebuild_due
 
     def _build_ann(self) -> Optional[AnnIndex]:
         if self.kind == IndexKind.EXACT or len(self) == 0:
             return None
-        return AnnIndex.build(self.kind, self._embeddings, self.config)
+        return AnnIndex.build(self.kind, self._embeddings, self.config, ids=self.items.ids)
 
     # -- persistence --------------------------------------------------------------------------
 
@@ -218,7 +234,8 @@ class ImageIndex:
 
     @classmethod
     def load(cls, directory: str | Path, verify: bool = True) -> "ImageIndex":
-        """Open a saved index; embeddings are memory-mapped, not read.
+        """Open a saved index; embeddings are memory-mapped, not read (and so is an `ivfpq` structure, copied into
+        memory only if it is changed).
 
         Args:
             directory: the index directory.
@@ -258,7 +275,7 @@ class ImageIndex:
             kind = IndexKind(manifest["kind"])
         except (TypeError, ValueError) as error:
             raise IndexCorruptError(f"{source / MANIFEST}: bad config or kind ({error})") from None
-        ann = AnnIndex.load(kind, source / ANN, manifest["ann"]) if ANN in manifest["files"] else None
+        ann = AnnIndex.load(kind, source / ANN, manifest["ann"], mmap=True) if ANN in manifest["files"] else None
         model = ModelRecord(manifest["model"]["dir"], manifest["model"]["fingerprint"])
         index = cls(embeddings, items, config, model, manifest["next_id"], ann=ann)
         if index.kind != kind:

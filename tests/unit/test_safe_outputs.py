@@ -197,7 +197,7 @@ BAD_SETTINGS = {
     "embed_batch_size=0": "index.embed_batch_size",
     "mixed_precision=maybe": "train.mixed_precision=\"maybe\" is not allowed: expected true or false",
     "loss=triplet": "one of clip, soft_target, siglip",
-    "kind=lsh": "one of exact, hnsw, ivf, auto",
+    "kind=lsh": "one of exact, hnsw, ivf, ivfpq, auto",
     "dtype=int8": "one of float32, float16",
     "text_backbone=gpt": "one of small_transformer, keras_hub, tf_hub",
     "validation_fraction=1": "data.validation_fraction",

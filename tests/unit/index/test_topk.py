@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from dual_encoder.index import topk
 from dual_encoder.index.topk import exact_search
 from tests.unit.index.helpers import brute_force_top_k, unit_vectors
 
@@ -54,3 +55,35 @@ def test_k_is_clamped_to_the_gallery_and_must_be_positive():
     np.testing.assert_array_equal(rows[:, 0], [0, 1, 2])
     with pytest.raises(ValueError, match="k must be at least 1"):
         exact_search(gallery, gallery, 0)
+
+
+@pytest.mark.parametrize("num_queries", [1, 3, 9])  # matrix-vector products on worker threads, or one product
+def test_float16_blocks_spans_and_threads_equal_brute_force(monkeypatch, num_queries):
+    # Tiny blocks and spans: a chunk is widened in many blocks, spread over the threads, and spans end mid-chunk.
+    monkeypatch.setattr(topk, "WIDEN_BLOCK_VALUES", 5 * 8)
+    monkeypatch.setattr(topk, "WIDEN_SPAN_VALUES", 23 * 8)
+    monkeypatch.setattr(topk, "WIDEN_THREADS", 3)
+    rng = np.random.default_rng(num_queries)
+    gallery = _tied_gallery(rng, 1000, 8, np.float16)
+    queries = (rng.integers(-2, 3, (num_queries, 8)) / 4).astype(np.float32)
+    rows, scores = exact_search(gallery, queries, 7, chunk_rows=97)
+    expected_rows, expected_scores = brute_force_top_k(gallery, queries, 7)
+    np.testing.assert_array_equal(rows, expected_rows)
+    np.testing.assert_array_equal(scores, expected_scores)
+
+
+def test_float16_widening_is_exact_for_every_finite_value():
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    finite = every[np.isfinite(every)].reshape(-1, 1)  # normals, subnormals, +-0, +-65504
+    widened = topk.widen_float16(finite, np.empty(finite.shape, np.float32))
+    np.testing.assert_array_equal(widened * np.float32(2.0**112), finite.astype(np.float32))
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1.0, 3e4, 1e30])
+def test_float16_scores_equal_float32_scores_for_tiny_and_huge_queries(scale):
+    gallery = unit_vectors(500, 16, seed=3).astype(np.float16)
+    queries = unit_vectors(6, 16, seed=4) * np.float32(scale)
+    rows, scores = exact_search(gallery, queries, 5)
+    expected_rows, expected_scores = exact_search(gallery.astype(np.float32), queries, 5)
+    np.testing.assert_array_equal(rows, expected_rows)
+    np.testing.assert_array_equal(scores, expected_scores)

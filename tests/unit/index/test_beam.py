@@ -1,0 +1,114 @@
+"""Gallery embedding on Apache Beam: the DirectRunner with 2 worker processes gives the local path's index; bad files
+are counted by reason as locally; a retried shard write leaves no duplicate rows; options are checked."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dual_encoder import files
+from dual_encoder.cli import main
+from dual_encoder.errors import DualEncoderError
+from dual_encoder.index import ImageIndex, build_index
+from dual_encoder.index import beam as beam_index
+from dual_encoder.index.store import MANIFEST
+from tests.unit.index.helpers import save_tiny_model, write_image, write_images, write_phone_photo
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "model", seed=0)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gallery") / "photos"
+    write_images(folder, 24)
+    write_image(folder / "nested" / "deep.jpg", seed=50)
+    write_phone_photo(folder / "phone.jpg", orientation=6)  # EXIF-rotated: read upright on the workers too
+    (folder / "copy.png").write_bytes((folder / "000.png").read_bytes())  # equal content, another path
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (folder / "notes.txt").write_text("not an image")
+    Image.fromarray(np.zeros((300, 300, 3), np.uint8)).save(folder / "huge.png")  # 90,000 pixels > the limit below
+    return folder
+
+
+@pytest.mark.slow
+def test_beam_direct_runner_with_two_workers_builds_the_local_index(tmp_path, model_dir, photos, capsys):
+    common = ["--model", str(model_dir), "--images", str(photos), "--set", "max_image_pixels=50000",
+              "--set", "embed_batch_size=4"]  # fmt: skip
+    beam_output = tmp_path / "beam.ix"
+    code = main(["index", "build", *common, "--output", str(beam_output), "--runner", "direct",
+                 "--pipeline-option", "direct_num_workers=2", "--pipeline-option", "direct_running_mode=multi_processing"])  # fmt: skip
+    assert code == 0
+    beam_report = capsys.readouterr().out
+    local = build_index(model_dir, photos, tmp_path / "local.ix", progress=False, max_image_pixels=50_000)
+    on_beam, by_hand = ImageIndex.load(beam_output), ImageIndex.load(tmp_path / "local.ix")
+
+    assert len(on_beam) == len(by_hand) == local.count == 27
+    assert [item.path for item in on_beam.items] == [item.path for item in by_hand.items]  # the local row order
+    assert [item.sha256 for item in on_beam.items] == [item.sha256 for item in by_hand.items]
+    np.testing.assert_allclose(on_beam.embeddings, by_hand.embeddings, atol=1e-5)
+    assert len({item.path for item in on_beam.items}) == len(on_beam)  # no duplicate rows
+    manifest = json.loads((beam_output / MANIFEST).read_text())
+    assert manifest["model"]["fingerprint"] == json.loads((tmp_path / "local.ix" / MANIFEST).read_text())["model"]["fingerprint"]
+    assert not [p for p in tmp_path.iterdir() if ".shards-" in p.name]  # the shards are cleaned up
+    # Bad files are counted by reason as locally.
+    assert local.skipped_counts == {"not an image file (extension)": 1, files.Refused.CORRUPT: 1, files.Refused.TOO_LARGE: 1}
+    assert "27 embedded" in beam_report and "3 skipped (1 not an image file (extension), 1 corrupt, 1 too large)" in beam_report
+
+
+def test_a_retried_shard_write_leaves_one_copy_of_each_row(tmp_path):
+    rows = [("image", ({"position": p, "path": f"/g/{p}.png", "sha256": f"{p:064x}", "size": 1, "mtime": 0.0},
+                       np.full(4, p, np.float32))) for p in (3, 1, 2)]  # fmt: skip
+    rows.append(("skipped", (0, "/g/0.png", files.Refused.CORRUPT, "")))
+    (tmp_path / "shard-00000.npz.0123.tmp").write_bytes(b"a killed attempt's partial write")
+    first = beam_index.write_shard((0, rows), str(tmp_path))
+    second = beam_index.write_shard((0, list(reversed(rows))), str(tmp_path))  # the retry, rows in another order
+    assert first == second and (tmp_path / "shard-00000.npz").read_bytes()
+    # A stale copy of a row in another shard file (e.g. a rerun with another shard count) still counts once.
+    beam_index.write_shard((7, rows[:1]), str(tmp_path))
+    merged = beam_index.merge_shards(str(tmp_path))
+    assert [r.path for r in merged.records] == ["/g/1.png", "/g/2.png", "/g/3.png"]
+    np.testing.assert_array_equal(merged.embeddings[:, 0], [1, 2, 3])
+    assert [(s.path, s.reason) for s in merged.skipped] == [("/g/0.png", files.Refused.CORRUPT)]
+
+
+def test_shards_are_fixed_by_listing_position():
+    assert [beam_index.shard_of(p, 5) for p in range(50)] == [beam_index.shard_of(p, 5) for p in range(50)]
+    assert set(beam_index.shard_of(p, 5) for p in range(50)) == set(range(5))
+
+
+def test_read_and_decode_gives_the_local_pixels_and_skip_reasons(tmp_path):
+    from dual_encoder.data.pipeline import decode_and_resize
+
+    photo = write_phone_photo(tmp_path / "phone.jpg")
+    kind, (record, pixels) = beam_index.read_and_decode(beam_index.GalleryFile(4, str(photo)), 16, 10_000)
+    assert kind == "image" and record["position"] == 4 and record["size"] == os.path.getsize(photo)
+    upright = decode_and_resize(open(tmp_path / "phone.jpg", "rb").read(), 16).numpy()  # as stored: landscape
+    assert pixels.shape == (16, 16, 3) and not np.array_equal(pixels, upright)
+    assert pixels[2, 8, 0] > 200 and pixels[13, 8, 2] > 200  # red on top, blue below: EXIF applied
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG nope")
+    assert beam_index.read_and_decode(beam_index.GalleryFile(5, str(tmp_path / "bad.png")), 16, 10_000)[1][2] in (
+        files.Refused.CORRUPT, files.Refused.NOT_IMAGE)  # fmt: skip
+    assert beam_index.read_and_decode(beam_index.GalleryFile(6, str(tmp_path / "gone.png")), 16, 10_000)[1][2] == files.Refused.MISSING
+
+
+def test_pipeline_options_and_cli_misuse_are_one_line_errors(tmp_path, model_dir, photos, capsys):
+    options = beam_index.pipeline_options("direct", ["direct_num_workers=3"]).get_all_options()
+    assert options["direct_num_workers"] == 3 and options["direct_running_mode"] == "multi_processing"
+    assert options["runner"] == "DirectRunner"
+    dataflow = beam_index.pipeline_options("dataflow", ["project=p", "region=europe-west1"]).get_all_options()
+    assert (dataflow["runner"], dataflow["project"], dataflow["region"]) == ("DataflowRunner", "p", "europe-west1")
+    with pytest.raises(DualEncoderError, match="'nonsense' is not of the form KEY=VALUE"):
+        beam_index.pipeline_options("direct", ["nonsense"])
+    with pytest.raises(DualEncoderError, match="unknown runner 'local'"):
+        beam_index.pipeline_options("local")
+    output = ["--model", str(model_dir), "--output", str(tmp_path / "ix")]
+    assert main(["index", "build", *output, "--images", str(photos), "--pipeline-option", "a=b"]) == 2
+    assert "go with --runner" in capsys.readouterr().err
+    assert main(["index", "build", *output, "--data", str(tmp_path), "--runner", "direct"]) == 2
+    assert "--runner embeds an image folder" in capsys.readouterr().err
+    assert not (tmp_path / "ix").exists()
