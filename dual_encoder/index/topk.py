@@ -16,12 +16,10 @@ import numpy as np
 DEFAULT_CHUNK_ROWS = 65_536
 # Caps the [queries x chunk] score block (256 x 64k float32 = 64 MiB) for large query batches.
 DEFAULT_QUERY_BLOCK = 256
-# A float16 gallery is widened to float32 a span at a time (2M values, 8 MiB: it stays in the L3 cache until the
-# matrix product reads it), by threads that each widen 1 MiB blocks (L2-sized: the three passes stay in cache).
-# Only the main thread calls BLAS's matrix products: worker threads calling a multi-threaded BLAS at once stall
-# each other. Up to `VECTOR_QUERIES` queries, the workers score their own blocks with (single-threaded)
-# matrix-vector products instead, while the block is still in their core's cache.
-WIDEN_SPAN_VALUES = 1 << 21
+# A float16 gallery is widened to float32 in 1 MiB blocks (L2-sized: the three passes stay in cache), on threads.
+# Up to `VECTOR_QUERIES` queries (memory-bound) each thread also scores its blocks while they are in cache, with
+# matrix-vector products, which BLAS runs single-threaded; above it the widened chunk gets one matrix product on
+# the main thread (worker threads calling a multi-threaded BLAS at once stall each other).
 WIDEN_BLOCK_VALUES = 1 << 18
 VECTOR_QUERIES = 4
 WIDEN_THREADS = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
@@ -86,12 +84,12 @@ def _float32_scorer(gallery: np.ndarray, queries: np.ndarray) -> Scorer:
 
 
 def _float16_scorer(gallery: np.ndarray, queries: np.ndarray) -> Scorer:
-    """The same scores for a float16 gallery, widened a span at a time on up to `WIDEN_THREADS` threads.
+    """The same scores for a float16 gallery, widened a cache-sized block at a time.
 
     The queries are scaled by a power of two to make up for `widen_float16`'s 2**-112 (and the scores scaled
     back when large queries need a smaller factor): power-of-two scaling is exact, so every product and sum
     equals the float32 computation on the widened gallery. Widening is most of the work at small batches and a
-    NumPy loop runs on one core, so a span's blocks are shared among threads (NumPy releases the GIL in them).
+    NumPy loop runs on one core, so there a chunk's blocks are shared among threads (NumPy releases the GIL).
     """
     gallery = np.asarray(gallery)
     peak = float(np.max(np.abs(queries))) if queries.size else 0.0
@@ -99,36 +97,42 @@ def _float16_scorer(gallery: np.ndarray, queries: np.ndarray) -> Scorer:
     give_back = max(0, math.frexp(peak)[1] - 14) if math.isfinite(peak) else 0
     scaled = queries * np.float32(2.0 ** (FLOAT16_SCALE_EXPONENT - give_back))
     block_rows = max(1, WIDEN_BLOCK_VALUES // max(1, gallery.shape[1]))
-    span_rows = max(block_rows, WIDEN_SPAN_VALUES // max(1, gallery.shape[1]))
-    span = np.empty((min(span_rows, gallery.shape[0]), gallery.shape[1]), np.float32)
     buffers = threading.local()
+
+    def block_buffer() -> np.ndarray:
+        if getattr(buffers, "block", None) is None:
+            buffers.block = np.empty((block_rows, gallery.shape[1]), np.float32)
+        return buffers.block
+
+    def score_rows(out: np.ndarray, chunk_queries: np.ndarray, offset: int, first: int, stop: int) -> None:
+        for begin in range(first, stop, block_rows):
+            end = min(begin + block_rows, stop)
+            widened = widen_float16(gallery[begin:end], block_buffer()[: end - begin])
+            for query, scores in zip(chunk_queries, out):  # matrix-vector products: single-threaded in BLAS
+                np.dot(widened, query, out=scores[begin - offset : end - offset])
+
+    chunk: dict = {}  # the widened chunk (larger batches) and its bounds, reused by every query block
 
     def widen_rows(offset: int, first: int, stop: int) -> None:
         for begin in range(first, stop, block_rows):
             end = min(begin + block_rows, stop)
-            widen_float16(gallery[begin:end], span[begin - offset : end - offset])
-
-    def score_rows(out: np.ndarray, chunk_queries: np.ndarray, offset: int, first: int, stop: int) -> None:
-        if getattr(buffers, "block", None) is None:
-            buffers.block = np.empty((block_rows, gallery.shape[1]), np.float32)
-        for begin in range(first, stop, block_rows):
-            end = min(begin + block_rows, stop)
-            widened = widen_float16(gallery[begin:end], buffers.block[: end - begin])
-            for query, scores in zip(chunk_queries, out):  # matrix-vector products: single-threaded in BLAS
-                np.dot(widened, query, out=scores[begin - offset : end - offset])
+            widen_float16(gallery[begin:end], chunk["buffer"][begin - offset : end - offset])
 
     def score(block: slice, start: int, stop: int) -> np.ndarray:
         chunk_queries = scaled[block]
-        out = np.empty((len(chunk_queries), stop - start), np.float32)
         if len(chunk_queries) <= VECTOR_QUERIES:
             # Memory-bound: every thread widens a block and scores it while it is still in its core's cache.
+            out = np.empty((len(chunk_queries), stop - start), np.float32)
             _in_threads(functools.partial(score_rows, out, chunk_queries), start, stop, block_rows)
         else:
-            for first in range(start, stop, span_rows):
-                last = min(first + span_rows, stop)
-                _in_threads(widen_rows, first, last, block_rows)
-                # Into a contiguous block first: NumPy skips BLAS for an output with gaps between its rows.
-                out[:, first - start : last - start] = chunk_queries @ span[: last - first].T
+            # Compute-bound: widen the whole chunk (threads, no BLAS), then one product on BLAS's threads, as
+            # for float32. Many small products would each wait for BLAS's threads, which a busy machine delays.
+            if chunk.get("bounds") != (start, stop):
+                if chunk.get("buffer") is None or len(chunk["buffer"]) < stop - start:
+                    chunk["buffer"] = np.empty((stop - start, gallery.shape[1]), np.float32)
+                _in_threads(widen_rows, start, stop, block_rows)
+                chunk["bounds"] = (start, stop)
+            out = chunk_queries @ chunk["buffer"][: stop - start].T
         if give_back:
             out *= np.float32(2.0**give_back)
         return out

@@ -112,3 +112,9 @@ def test_pipeline_options_and_cli_misuse_are_one_line_errors(tmp_path, model_dir
     assert main(["index", "build", *output, "--data", str(tmp_path), "--runner", "direct"]) == 2
     assert "--runner embeds an image folder" in capsys.readouterr().err
     assert not (tmp_path / "ix").exists()
+
+
+def test_cli_runner_choices_mirror_the_library():
+    from dual_encoder import cli
+
+    assert {runner.value for runner in cli.Runner} == set(beam_index.RUNNERS)

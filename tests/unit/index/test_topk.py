@@ -58,10 +58,9 @@ def test_k_is_clamped_to_the_gallery_and_must_be_positive():
 
 
 @pytest.mark.parametrize("num_queries", [1, 3, 9])  # matrix-vector products on worker threads, or one product
-def test_float16_blocks_spans_and_threads_equal_brute_force(monkeypatch, num_queries):
-    # Tiny blocks and spans: a chunk is widened in many blocks, spread over the threads, and spans end mid-chunk.
+def test_float16_blocks_and_threads_equal_brute_force(monkeypatch, num_queries):
+    # Tiny blocks: a chunk is widened in many blocks, spread over the threads, the last one short.
     monkeypatch.setattr(topk, "WIDEN_BLOCK_VALUES", 5 * 8)
-    monkeypatch.setattr(topk, "WIDEN_SPAN_VALUES", 23 * 8)
     monkeypatch.setattr(topk, "WIDEN_THREADS", 3)
     rng = np.random.default_rng(num_queries)
     gallery = _tied_gallery(rng, 1000, 8, np.float16)
