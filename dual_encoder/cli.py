@@ -17,11 +17,12 @@ from typer.core import TyperGroup
 
 from dual_encoder import __version__, tf_logging
 from dual_encoder.config import ALLOWED
+from dual_encoder.data.synthetic import SyntheticOptions  # no TensorFlow: the defaults of `synthetic`
 from dual_encoder.errors import DualEncoderError
 
 # `--help` lists the commands in the order a user runs them.
 WORKFLOW_ORDER = (
-    "synthetic", "synthetic-queries", "prepare", "train", "evaluate", "index", "search", "serve", "export", "demo",
+    "synthetic", "synthetic-queries", "prepare", "model", "train", "evaluate", "index", "search", "classify", "serve", "export", "demo",
 )  # fmt: skip
 
 
@@ -43,6 +44,8 @@ app = typer.Typer(
 )
 index_app = typer.Typer(help="Build and update an image index.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(index_app, name="index")
+model_app = typer.Typer(help="Make model folders without training.", no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(model_app, name="model")
 
 
 class Source(str, enum.Enum):
@@ -104,27 +107,45 @@ def _echo_json(value) -> None:
     typer.echo(json.dumps(value, indent=2, default=str))
 
 
+_SYNTHETIC = SyntheticOptions()  # the generator's defaults, shown by the options below
+
+
 @app.command()
 def synthetic(
     output: Path = typer.Option(..., help="Folder to write images/, captions.csv and scenes.jsonl into."),
     num_images: int = typer.Option(5000, min=1, help="How many images to draw."),
     seed: int = typer.Option(0, help="Random seed: the same seed gives the same dataset."),
-    image_size: int = typer.Option(64, min=16, help="Image side in pixels."),
+    image_size: int = typer.Option(_SYNTHETIC.image_size, min=16, help="Image side in pixels."),
     partial_captions: float = typer.Option(
-        0.5, min=0.0, max=1.0, help="Fraction of captions that name only some objects or attributes, as people write."
+        _SYNTHETIC.partial_captions,
+        min=0.0,
+        max=1.0,
+        help="Fraction of captions that name only some objects or attributes, as people write.",
     ),
-    object_counts: str = typer.Option("0.1,0.5,0.4", help="Probabilities of 1, 2 and 3 objects per image."),
+    captions: str = typer.Option(
+        f"{_SYNTHETIC.min_captions},{_SYNTHETIC.max_captions}", help="Captions per image: the fewest and the most."
+    ),
+    object_counts: str = typer.Option(
+        ",".join(f"{p:g}" for p in _SYNTHETIC.object_counts), help="Probabilities of 1, 2 and 3 objects per image."
+    ),
     queries: bool = _flag("--queries", "Also write a judged query set (queries.tsv, qrels.txt)."),
     min_relevant: int = typer.Option(10, min=1, help="With --queries: keep queries with this many relevant images."),
 ):
     """Generate the captioned-shapes dataset (the offline default): images, captions and each image's scene."""
-    from dual_encoder.data.synthetic import SCENES_FILE, SyntheticOptions, generate_synthetic, read_scenes
+    from dual_encoder.data.synthetic import SCENES_FILE, generate_synthetic, read_scenes
 
     try:
         counts = tuple(float(p) for p in object_counts.split(","))
-        options = SyntheticOptions(image_size=image_size, partial_captions=partial_captions, object_counts=counts)
+        fewest, most = (int(n) for n in captions.split(","))
+        options = SyntheticOptions(
+            image_size=image_size,
+            partial_captions=partial_captions,
+            object_counts=counts,
+            min_captions=fewest,
+            max_captions=most,
+        )
     except ValueError as error:
-        raise DualEncoderError(f"--object-counts / --partial-captions: {error}") from None
+        raise DualEncoderError(f"--object-counts / --captions / --partial-captions: {error}") from None
     captions = generate_synthetic(output, num_images, seed=seed, options=options)
     typer.echo(f"{num_images} images, their captions and scenes written to {output} (captions: {captions})")
     if queries:
@@ -372,6 +393,45 @@ def index_add(
     _report_index(add_to_index(index, images, progress=not quiet, max_image_pixels=config.data.max_image_pixels))
 
 
+@index_app.command("sync")
+def index_sync(
+    index: Path = typer.Option(..., help="An existing index folder."),
+    images: Path = typer.Option(..., help="The image folder the index should mirror (searched recursively)."),
+    preset: str = typer.Option("synthetic-small", help="Preset whose data.max_image_pixels to use."),
+    set_: List[str] = _overrides("max_image_pixels=100000000"),
+    quiet: bool = _flag("--quiet", "No progress bars."),
+):
+    """Mirror a folder in one atomic update: add new files, re-embed changed ones (content hash), remove missing ones."""
+    from dual_encoder.index import sync_index
+
+    config = _config(preset, set_)
+    summary = sync_index(index, images, progress=not quiet, max_image_pixels=config.data.max_image_pixels)
+    typer.echo(
+        f"synced {images}: {len(summary.added_paths)} added, {len(summary.replaced_paths)} changed, "
+        f"{len(summary.removed_paths)} removed, {summary.unchanged} unchanged"
+    )
+    _echo_changes(summary)
+    _report_index(summary)
+
+
+SHOWN_CHANGES = 5  # paths named per kind of change; the rest are counted
+
+
+def _echo_changes(summary) -> None:
+    """Name the first few added, changed and removed paths of an update, then how many more."""
+    for sign, what, paths in (
+        ("+", "added", summary.added_paths),
+        ("~", "changed", summary.replaced_paths),
+        ("-", "removed", summary.removed_paths),
+    ):
+        for path in paths[:SHOWN_CHANGES]:
+            typer.echo(f"  {sign} {path}")
+        if len(paths) > SHOWN_CHANGES:
+            typer.echo(f"  {sign} … and {len(paths) - SHOWN_CHANGES} more {what}")
+    if not summary.written:
+        typer.echo("  nothing changed: the index was not rewritten")
+
+
 @index_app.command("remove")
 def index_remove(
     index: Path = typer.Option(..., help="An existing index folder."),
@@ -384,6 +444,51 @@ def index_remove(
     if not paths and not missing:
         raise DualEncoderError("name paths to remove, or pass --missing")
     _report_index(remove_from_index(index, paths or (), missing=missing))
+
+
+DedupMethod = enum.Enum("DedupMethod", {name: name for name in ("auto", "exact", "faiss")}, type=str)
+SHOWN_GROUPS = 20  # groups listed on the console; --json and --grid have them all
+
+
+@index_app.command("dedup")
+def index_dedup(
+    index: Path = typer.Option(..., help="An index folder."),
+    threshold: float = typer.Option(
+        0.95, min=0.0, max=1.0, help="Cosine at or above which two images count as near-duplicates."
+    ),
+    method: DedupMethod = typer.Option(
+        DedupMethod.auto, help="exact: chunked self-join; faiss: IVF range search (approximate); auto: exact up to "
+        "1,000,000 items."
+    ),
+    json_: bool = _flag("--json", "Print the report as JSON: counts, group sizes and every group's items."),
+    grid: Optional[Path] = typer.Option(None, help="Write a contact sheet PNG: one row per group (the largest 50)."),
+    preset: str = typer.Option("synthetic-small", help="Preset whose data.max_image_pixels (for --grid) to use."),
+    set_: List[str] = _overrides("ivf_nprobe=64"),
+):
+    """Find groups of near-duplicate images (re-encoded, resized, cropped or rotated copies) in an index."""
+    from dual_encoder.index import find_duplicates
+    from dual_encoder.index.dedup import write_groups_grid
+
+    config = _config(preset, set_)
+    # FAISS parameters: the index's own, unless --set gives some.
+    report = find_duplicates(index, threshold=threshold, method=method.value, config=config.index if set_ else None)
+    if json_:
+        _echo_json(report.to_dict())
+    else:
+        sizes = ", ".join(f"{number} of {size}" for size, number in report.sizes.items())
+        typer.echo(
+            f"{len(report.groups)} groups of near-duplicates among {report.count} items ({report.pairs} pairs with "
+            f"cosine >= {report.threshold:g}, {report.method}, {report.seconds:.1f} s)" + (f"; sizes: {sizes}" if sizes else "")
+        )
+        for number, group in enumerate(report.groups[:SHOWN_GROUPS], start=1):
+            typer.echo(f"group {number}: {len(group)} images")
+            for item_id, path, score in zip(group.ids, group.paths, group.scores):
+                typer.echo(f"  {score:>7.4f}  {item_id:>8}  {path}")
+        if len(report.groups) > SHOWN_GROUPS:
+            typer.echo(f"… and {len(report.groups) - SHOWN_GROUPS} more groups (--json lists them all)")
+    if grid is not None:
+        written = write_groups_grid(report, grid, max_pixels=config.data.max_image_pixels) if report.groups else None
+        typer.echo(f"grid: {written}" if written else "grid: none written (no near-duplicates)", err=json_)
 
 
 @index_app.command("rebuild")
@@ -406,38 +511,131 @@ def index_rebuild(
 
 @app.command()
 def search(
-    query: List[str] = typer.Argument(
-        ..., metavar="QUERY", help="One or more queries, e.g. 'find images of a dog on a beach'."
+    query: Optional[List[str]] = typer.Argument(
+        None, metavar="[QUERY]...", help="Queries, e.g. 'find images of a dog on a beach' (one with --image/--like)."
     ),
     index: Path = typer.Option(..., help="An index folder."),
+    image: Optional[Path] = typer.Option(None, help="Search by this image (any format the index reads)."),
+    like: Optional[int] = typer.Option(None, min=0, help="More like this: search by the indexed item with this id."),
+    text_weight: float = typer.Option(1.0, min=0.0, help="Weight of the text in a mix with --image/--like."),
+    image_weight: float = typer.Option(1.0, min=0.0, help="Weight of --image in a mix."),
+    like_weight: float = typer.Option(1.0, min=0.0, help="Weight of --like in a mix."),
     k: Optional[int] = typer.Option(
         None, "-k", "--k", min=1, help="How many results per query [default: the preset's serve.default_k, 10]."
     ),
     json_: bool = _flag(
-        "--json", "Print JSON: a list with one {query, normalized_query, hits} per query, each hit "
-        "{rank, id, path, score, caption}, however many queries."
+        "--json", "Print JSON: a list with one {query, normalized_query, hits} per query (plus image, like and "
+        "weights where given), each hit {rank, id, path, score, caption}, however many queries."
     ),
     grid: Optional[Path] = typer.Option(None, help="Write a contact sheet PNG of the first query's results."),
     model: Optional[Path] = typer.Option(None, help="Model folder (default: the one the index records)."),
     preset: str = typer.Option("synthetic-small", help="Preset whose serve.default_k and data.max_image_pixels to use."),
     set_: List[str] = _overrides("default_k=20"),
 ):
-    """Search an index with natural-language queries."""
+    """Search an index with natural-language queries, an image, an indexed item (--like), or a weighted mix
+    (e.g. --image beach.jpg "at night")."""
     from dual_encoder.search import Searcher, write_grid
 
+    texts = list(query or [])
+    if image is None and like is None and not texts:
+        raise DualEncoderError("give a query, --image FILE or --like ID")
+    if (image is not None or like is not None) and len(texts) > 1:
+        raise DualEncoderError("with --image or --like, give at most one text query (it is mixed in)")
     config = _config(preset, set_)
-    searcher = Searcher.load(index, model_dir=model)
-    results = searcher.search(list(query), k=k or config.serve.default_k)
+    searcher = Searcher.load(index, model_dir=model, max_image_pixels=config.data.max_image_pixels)
+    k = k or config.serve.default_k
+    if image is None and like is None:
+        results = searcher.search(texts, k=k)
+    else:
+        weights = {"text_weight": text_weight, "image_weight": image_weight, "like_weight": like_weight}
+        results = [searcher.search(texts[0] if texts else None, k=k, image=image, like=like, **weights)]
     if json_:
         _echo_json([result.to_dict() for result in results])
     else:
         for result in results:
-            typer.echo(f'\n"{result.query}"  (searched as "{result.normalized_query}")')
+            if result.image is None and result.like is None:
+                typer.echo(f'\n"{result.query}"  (searched as "{result.normalized_query}")')
+            else:
+                typer.echo(f"\n{result.describe()}" + (f"  (weights {result.weights})" if result.weights else ""))
             typer.echo(f"{'rank':>4}  {'score':>7}  {'id':>8}  path")
             for hit in result.hits:
                 typer.echo(f"{hit.rank:>4}  {hit.score:>7.4f}  {hit.id:>8}  {hit.path}")
     if grid is not None:
         typer.echo(f"grid: {write_grid(results[0], grid, max_pixels=config.data.max_image_pixels)}")
+
+
+@model_app.command("create")
+def model_create(
+    output: Path = typer.Option(..., help="The model folder to write."),
+    preset: Optional[str] = typer.Option(
+        None, help="A product preset with a pretrained section, e.g. clip-vit-b32, siglip2-b16-224."
+    ),
+    from_keras_hub: Optional[str] = typer.Option(
+        None, "--from-keras-hub", help="A KerasHub CLIP / SigLIP preset name or a local preset folder."
+    ),
+    set_: List[str] = _overrides("model.pretrained.sequence_length=32"),
+    overwrite: bool = _overwrite_option("model folder"),
+):
+    """A zero-shot model folder from a CLIP / SigLIP preset (downloads it once; loads offline afterwards)."""
+    from dual_encoder.config import Config, ConfigError
+
+    if (preset is None) == (from_keras_hub is None):
+        raise ConfigError("give exactly one of --preset and --from-keras-hub")
+    if from_keras_hub is not None:
+        set_ = ["model.image_trainable=false", "model.text_trainable=false",
+                f"model.pretrained.preset={json.dumps(from_keras_hub)}", *set_]  # fmt: skip
+    config = (Config() if from_keras_hub is not None else Config.from_preset(preset)).with_overrides(set_)
+    from dual_encoder.models.pretrained import create_pretrained_model
+
+    path = create_pretrained_model(config.model, output, overwrite=overwrite)
+    typer.echo(f"model: {path}")
+
+
+@app.command()
+def classify(
+    model: Optional[Path] = typer.Option(None, help="Model folder (with --index: default the one it records)."),
+    labels: str = typer.Option(..., help='A file with one label a line, or "cat,dog,…".'),
+    images: Optional[Path] = typer.Option(None, help="An image folder to classify (searched recursively)."),
+    index: Optional[Path] = typer.Option(None, help="An index whose stored embeddings to classify."),
+    templates: str = typer.Option("simple", help="Prompt templates: simple, imagenet (7-prompt ensemble) or a file."),
+    top_k: int = typer.Option(5, "--top-k", min=1, help="Labels per image."),
+    truth: Optional[Path] = typer.Option(None, help="CSV of path,label: print accuracy, write a confusion PNG."),
+    confusion: Optional[Path] = typer.Option(None, help="Where to write the confusion PNG [default: beside --truth]."),
+    json_: bool = _flag("--json", "Print JSON: {predictions, accuracy}."),
+    csv_: Optional[Path] = typer.Option(None, "--csv", help="Write predictions as CSV (path,rank,label,score)."),
+):
+    """Zero-shot classification: each image gets the labels whose prompts it matches best."""
+    from dual_encoder.classify import (
+        ZeroShotClassifier, accuracy_report, embed_for_classification, read_truth, write_confusion_png,
+    )  # fmt: skip
+
+    loaded, paths, embeddings = embed_for_classification(model, images, index)
+    classifier = ZeroShotClassifier(loaded, labels, templates)
+    predictions = classifier.classify_embeddings(embeddings, paths, k=top_k)
+    report = None
+    if truth is not None:
+        report = accuracy_report(predictions, read_truth(truth), classifier.labels)
+        report["confusion_png"] = str(write_confusion_png(report, confusion or truth.with_suffix(".confusion.png")))
+    if csv_ is not None:
+        import csv as csv_module
+
+        with open(csv_, "w", newline="", encoding="utf-8") as handle:
+            writer = csv_module.writer(handle)
+            writer.writerow(["path", "rank", "label", "score"])
+            for p in predictions:
+                writer.writerows([p.path, r + 1, l, f"{s:.6f}"] for r, (l, s) in enumerate(zip(p.labels, p.scores)))
+    if json_:
+        _echo_json({"predictions": [p.to_dict() for p in predictions], "accuracy": report})
+        return
+    if csv_ is None:
+        for p in predictions:
+            typer.echo(p.path + "  " + ", ".join(f"{l} {s:.3f}" for l, s in zip(p.labels, p.scores)))
+    if report is not None:
+        typer.echo(f"top-1 {report['top1_accuracy']:.4f}  top-5 {report['top5_accuracy']:.4f}  "
+                   f"(chance {report['chance_top1']:.4f}, {report['images']} images)")  # fmt: skip
+        for label, value in report["per_class_accuracy"].items():
+            typer.echo(f"  {label:<20} {'-' if value is None else f'{value:.3f}'}")
+        typer.echo(f"confusion: {report['confusion_png']}")
 
 
 @app.command()

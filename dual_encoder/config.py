@@ -32,6 +32,23 @@ class DataConfig:
     max_image_pixels: int = 64_000_000
 
 
+PRETRAINED_HEADS = ("none", "trained")
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainedConfig:
+    """A paired pretrained family (KerasHub CLIP / SigLIP / SigLIP 2): one preset supplies both towers.
+
+    With it set, the model's image/text backbone fields (`image_backbone`, `text_backbone`, `text_preset`,
+    `image_size`, `sequence_length`, …) are not used: the preset brings its own image converter, tokenizer and
+    projections.
+    """
+
+    preset: str = ""  # KerasHub preset name ("clip_vit_base_patch32") or a local preset folder
+    heads: str = "none"  # none: the model's own joint space (zero-shot) | trained: projection heads on top
+    sequence_length: Optional[int] = None  # tokens per text; None keeps the preset's
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """The two towers, their heads and the contrastive objective (the `DualEncoder` arguments)."""
@@ -57,6 +74,14 @@ class ModelConfig:
     loss: str = "clip"  # clip | soft_target | siglip
     temperature: float = 0.07
     max_logit_scale: float = 100.0
+    pretrained: Optional[PretrainedConfig] = None  # set: both towers come from one CLIP / SigLIP preset
+
+    def __post_init__(self):
+        if isinstance(self.pretrained, dict):  # from JSON (a saved model, a preset, an override)
+            unknown = set(self.pretrained) - {f.name for f in dataclasses.fields(PretrainedConfig)}
+            if unknown:
+                raise ConfigError(f"unknown keys in model.pretrained: {sorted(unknown)}")
+            object.__setattr__(self, "pretrained", PretrainedConfig(**self.pretrained))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +96,9 @@ class TrainConfig:
     warmup_fraction: float = 0.05
     min_learning_rate_ratio: float = 0.0
     gather_negatives: bool = True
-    mixed_precision: bool = False
+    mixed_precision: bool = False  # compute in 16 bits, keep float32 variables, embeddings and loss
+    # float16: GPUs (with loss scaling); bfloat16: TPUs and CPUs with AVX512-BF16 / AMX (no scaling needed)
+    mixed_precision_dtype: str = "float16"
     feature_cache: bool = True  # embed frozen backbones once and train the heads on features
     seed: int = 0
     early_stopping_patience: int = 0  # epochs without better validation recall; 0 = off
@@ -112,6 +139,7 @@ class ServeConfig:
     max_k: int = 100
     thumbnail_size: int = 256
     max_request_bytes: int = 1 << 20  # larger request bodies get a 413 before they are read
+    max_upload_bytes: int = 20 << 20  # an image uploaded to search with (a phone photo is ~2-12 MB)
 
 
 _SECTIONS = {
@@ -203,7 +231,13 @@ class Config:
             key, sep, raw = item.partition("=")
             if not sep:
                 raise ConfigError(f"override '{item}' is not of the form key=value")
-            section, field = _resolve_key(key.strip())
+            key = key.strip()
+            if key.startswith("model.pretrained."):  # a field of the nested pretrained section
+                nested = dict(values["model"].get("pretrained") or {})
+                nested[key.split(".", 2)[2]] = _parse_value(raw.strip())
+                values["model"]["pretrained"] = nested
+                continue
+            section, field = _resolve_key(key)
             values[section][field] = _parse_value(raw.strip())
         return Config.from_dict(values)
 
@@ -289,6 +323,7 @@ ALLOWED: dict[str, Allowed] = {
     "model.max_logit_scale": Allowed(low=0, low_open=True),
     "train.batch_size": _POSITIVE,
     "train.captions_per_image": _POSITIVE,
+    "train.mixed_precision_dtype": Allowed(choices=("float16", "bfloat16")),
     "train.epochs": _POSITIVE,
     "train.learning_rate": Allowed(low=0, low_open=True),
     "train.weight_decay": _NON_NEGATIVE,
@@ -317,6 +352,7 @@ ALLOWED: dict[str, Allowed] = {
     "serve.max_k": _POSITIVE,
     "serve.thumbnail_size": Allowed(low=16),
     "serve.max_request_bytes": Allowed(low=1024),
+    "serve.max_upload_bytes": Allowed(low=1024),
 }
 
 
@@ -324,6 +360,9 @@ def check_value(section: str, field: str, value: Any) -> None:
     """Raise a one-line `ConfigError` naming `section.field` and what it allows, unless `value` fits the
     field's annotated type and its entry in `ALLOWED`."""
     key = f"{section}.{field}"
+    if key == "model.pretrained":
+        _check_pretrained(value)
+        return
     annotation = typing.get_type_hints(_SECTIONS[section])[field]
     optional = type(None) in typing.get_args(annotation)
     base = next((a for a in typing.get_args(annotation) if a is not type(None)), annotation)
@@ -337,6 +376,24 @@ def check_value(section: str, field: str, value: Any) -> None:
         elif allowed.describe():
             wanted += " " + allowed.describe()
         raise ConfigError(f"{key}={json.dumps(value)} is not allowed: expected {wanted}{' or null' if optional else ''}")
+
+
+def _check_pretrained(value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise ConfigError(f"model.pretrained={json.dumps(value)} is not allowed: expected an object or null")
+    fields = {f.name: f for f in dataclasses.fields(PretrainedConfig)}
+    unknown = set(value) - set(fields)
+    if unknown:
+        raise ConfigError(f"unknown keys in model.pretrained: {sorted(unknown)}")
+    if not isinstance(value.get("preset", ""), str) or not value.get("preset"):
+        raise ConfigError("model.pretrained.preset must be a KerasHub preset name or a local preset folder")
+    if value.get("heads", "none") not in PRETRAINED_HEADS:
+        raise ConfigError(f"model.pretrained.heads={json.dumps(value.get('heads'))} is not allowed: expected one of {', '.join(PRETRAINED_HEADS)}")
+    length = value.get("sequence_length")
+    if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 2):
+        raise ConfigError(f"model.pretrained.sequence_length={json.dumps(length)} is not allowed: expected an integer >= 2 or null")
 
 
 def _has_type(value: Any, base: type) -> bool:

@@ -50,6 +50,33 @@ SCALES = {
     ),
 }
 STAGES = 9
+METRIC_MEANINGS = {  # one line each, as the summary prints them
+    "t2i_recall@1": "share of full captions whose own image ranks first among all held-out images",
+    "t2i_recall@5": "... whose own image is in the top 5",
+    "t2i_recall@10": "... whose own image is in the top 10",
+    "i2t_recall@1": "share of images whose first-ranked caption is one of their own",
+    "i2t_recall@5": "... with one of their own captions in the top 5",
+    "i2t_recall@10": "... with one of their own captions in the top 10",
+    "t2i_median_rank": "median rank of a caption's own image (1 = first)",
+    "i2t_median_rank": "median rank of an image's first own caption",
+    "top100_accuracy": "share of captions whose image is in the top 100 (the Keras example's figure)",
+    "mean_recall": "mean of the six recalls: what training keeps the best epoch by",
+    "captions": "full captions used as queries",
+    "num_captions": "captions in the held-out split",
+}
+PATH_MEANINGS = {
+    "images": "the generated images, captions.csv and scenes.jsonl",
+    "dataset": "the prepared dataset (TFRecord shards, train and validation splits)",
+    "fresh": "the fresh gallery's images and scenes",
+    "run": "the training run: config.json, history.json, curves.png (loss and recall per epoch), logs/",
+    "index": "the held-out images' search index",
+    "fresh_index": "the fresh gallery's index",
+    "queries": "the judged query sets (queries.tsv + qrels.txt per gallery)",
+    "exported": "SavedModels for TF Serving",
+    "grid": "the first example query's top results as a picture",
+    "model": "the trained model (the best epoch)",
+    "summary": "these figures as JSON",
+}
 
 
 @dataclasses.dataclass
@@ -65,7 +92,12 @@ class DemoResult:
 
     def summary(self) -> str:
         lines = ["", "Demo summary", "============", "  full-caption retrieval on the held-out gallery:"]
-        lines += [f"    {name:<22} {value:.4f}" for name, value in self.metrics.items() if isinstance(value, float)]
+        lines += [
+            f"    {name:<22} {value:.4f}  {METRIC_MEANINGS.get(name, '')}".rstrip()
+            if isinstance(value, float)
+            else f"    {name:<22} {value}  {METRIC_MEANINGS.get(name, '')}".rstrip()
+            for name, value in self.metrics.items()
+        ]
         for gallery, result in self.query_metrics.items():
             lines.append(f"  short queries, precision@10 on the {gallery} ({result['gallery']} images; chance in brackets):")
             lines += [
@@ -76,8 +108,9 @@ class DemoResult:
         if self.targets_met is not None:
             lines.append(f"  quality targets: {'met' if self.targets_met else 'MISSED: ' + '; '.join(self.missed)}")
         lines.append("  wrote:")
-        lines += [f"    {name:<12} {path}" for name, path in self.paths.items()]
+        lines += [f"    {name:<12} {path}  {PATH_MEANINGS.get(name, '')}".rstrip() for name, path in self.paths.items()]
         lines.append("  time: " + ", ".join(f"{k} {v:.0f} s" for k, v in self.seconds.items()))
+        lines += ["", "Next: search the held-out images from a web page:", f"  dual-encoder serve --index {self.paths['index']}"]
         return "\n".join(lines)
 
 
@@ -228,7 +261,7 @@ def run_demo(
         query_metrics=query_metrics,
         targets_met=not missed if plan.check_targets else None,
         missed=missed,
-        paths={name: str(path) for name, path in paths.items()},
+        paths={name: str(path) for name, path in {**paths, "summary": output / "summary.json"}.items()},
         seconds=seconds,
         queries=[r.to_dict() for r in results],
     )

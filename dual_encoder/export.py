@@ -215,8 +215,8 @@ def apply_orientation(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
     return tf.switch_case(orientation, branches)
 
 
-def export_image_encoder(model, path: Path, max_pixels: int = DataConfig.max_image_pixels) -> list[str]:
-    """Encoded image bytes (JPEG/PNG/GIF/BMP) -> embeddings, decoding and resizing in the graph.
+def image_bytes_encoder(model, max_pixels: int = DataConfig.max_image_pixels):
+    """A graph function: encoded image bytes (JPEG/PNG/GIF/BMP, string [N]) -> float32 embeddings [N, D].
 
     Each image's header is checked before it is decoded: another format, or more than `max_pixels` pixels,
     fails the call with an InvalidArgument error naming the limit. An empty batch gives `[0, D]` embeddings.
@@ -243,21 +243,34 @@ def export_image_encoder(model, path: Path, max_pixels: int = DataConfig.max_ima
         images = tf.map_fn(decode, image_bytes, fn_output_signature=tf.TensorSpec([size, size, 3], tf.uint8))
         return tf.cast(model.encode_image(images), tf.float32)
 
-    def serve(image_bytes):
+    def encode_any(image_bytes):
         empty = lambda: tf.zeros([0, dim], tf.float32)  # noqa: E731 - the model cannot run on zero images
-        return {"embeddings": tf.cond(tf.size(image_bytes) > 0, lambda: encode(image_bytes), empty)}
+        return tf.cond(tf.size(image_bytes) > 0, lambda: encode(image_bytes), empty)
 
+    return encode_any
+
+
+def export_image_encoder(model, path: Path, max_pixels: int = DataConfig.max_image_pixels) -> list[str]:
+    """Encoded image bytes (JPEG/PNG/GIF/BMP) -> embeddings, decoding and resizing in the graph
+    (`image_bytes_encoder`: header checks, EXIF orientation of JPEGs, `[0, D]` for an empty batch)."""
+    encode = image_bytes_encoder(model, max_pixels)
     archive = keras.export.ExportArchive()
     archive.track(model)
-    archive.add_endpoint("serve", serve, input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    archive.add_endpoint(
+        "serve",
+        lambda image_bytes: {"embeddings": encode(image_bytes)},
+        input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")],
+    )
     _write(archive, path)
     return ["serving_default", "serve"]
 
 
-def export_searcher(searcher: Searcher, path: Path) -> list[str]:
+def export_searcher(searcher: Searcher, path: Path, max_pixels: int = DataConfig.max_image_pixels) -> list[str]:
     """Query strings and k -> ids, scores, paths of the top k (`serving_default`); `search_token_ids` takes
-    token ids instead of strings and needs only core TF ops."""
+    token ids instead of strings and needs only core TF ops; `search_by_image` takes encoded image bytes
+    (JPEG/PNG/GIF/BMP, as the image encoder) and finds the images most like each."""
     model, tables = searcher.model, _IndexTables(searcher)
+    encode_images = image_bytes_encoder(model, max_pixels)
 
     def search(queries, k):
         normalized = _normalize_queries(queries)
@@ -266,14 +279,20 @@ def export_searcher(searcher: Searcher, path: Path) -> list[str]:
     def search_token_ids(ids, mask, k):
         return _top_k(tables, tf.cast(model.encode_token_ids(ids, tf.cast(mask, tf.bool)), tf.float32), k)
 
+    def search_by_image(image_bytes, k):
+        return _top_k(tables, encode_images(image_bytes), k)
+
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.track(tables)
     k_spec = tf.TensorSpec([], tf.int32, name="k")
     archive.add_endpoint("search", search, input_signature=[tf.TensorSpec([None], tf.string, name="queries"), k_spec])
     archive.add_endpoint("search_token_ids", search_token_ids, input_signature=[*_token_spec(model), k_spec])
+    archive.add_endpoint(
+        "search_by_image", search_by_image, input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes"), k_spec]
+    )
     _write(archive, path)
-    return ["serving_default", "search", "search_token_ids"]
+    return ["serving_default", "search", "search_token_ids", "search_by_image"]
 
 
 def export_saved_models(
@@ -302,9 +321,9 @@ def _export(searcher: Searcher, output: Path, overwrite: bool, max_image_pixels:
         signatures = {
             TEXT_ENCODER: export_text_encoder(searcher.model, staging / TEXT_ENCODER),
             IMAGE_ENCODER: export_image_encoder(searcher.model, staging / IMAGE_ENCODER, max_image_pixels),
-            SEARCHER: export_searcher(searcher, staging / SEARCHER),
+            SEARCHER: export_searcher(searcher, staging / SEARCHER, max_image_pixels),
         }
-        needs_text = searcher.model.text_backbone != "small_transformer"
+        needs_text = searcher.model.text_encoder.needs_tensorflow_text
         (staging / "export.json").write_text(
             json.dumps(
                 {

@@ -20,7 +20,7 @@ TEXT_BATCH_FACTOR = 4  # caption batch = 4 x image batch during extraction
 _BACKBONE_FIELDS = (
     "image_backbone", "image_weights", "image_size", "image_width",
     "text_backbone", "text_preset", "text_preprocessor", "text_pooling", "sequence_length",
-    "vocabulary_size", "text_width", "text_layers", "text_heads",
+    "vocabulary_size", "text_width", "text_layers", "text_heads", "pretrained",
 )  # fmt: skip
 
 

@@ -22,6 +22,8 @@ from dual_encoder import files
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".heic", ".heif"}
 )
+# The formats `decode` reads, in words (for messages).
+READABLE_FORMATS = "JPEG, PNG, GIF, BMP, WebP, TIFF" + (", HEIC" if files.HEIF_SUPPORTED else "")
 EXIF_ORIENTATION = 0x0112
 _PNG_BIT_DEPTH, _PNG_COLOUR_TYPE = 24, 25  # byte offsets in the IHDR chunk, which always comes first
 _PNG_GREY, _PNG_RGB = 0, 2

@@ -21,10 +21,11 @@ of the identity:
 They are gathered across replicas with the embeddings, so the mask of the global batch is the same on every
 replica and the distributed contract above holds.
 
-Hard negatives (NegCLIP, Yuksekgonul et al. 2023): `negative_embeddings` [B, D] holds, for each image, a caption
-that is false of it (its own caption with one colour, shape, size or place changed); `negative_mask` [B] is 0
-for rows that have none. The clip and siglip losses score each image against its own negative too, as one more
-wrong caption; soft_target (the recipe's) ignores them.
+Hard negatives (NegCLIP, Yuksekgonul et al. 2023): `negative_embeddings` [B, D] holds, for each row, a caption
+that is false of its image (its own caption with one colour, shape, size or place changed); `negative_mask` [B] is
+0 for rows that have none. The clip and siglip losses score each image against the hard negatives of every row of
+that image — its own, and with several captions per image (`image_ids`) those of its other captions too, free
+since they are embedded anyway — as more wrong captions; soft_target (the recipe's) ignores them.
 """
 
 from __future__ import annotations
@@ -96,12 +97,17 @@ class ContrastiveLoss(keras.layers.Layer):
             global_size = ops.cast(ops.shape(image_embeddings)[0], "float32")
         else:
             global_size = ops.sum(gather_across_replicas(ops.reshape(local_size, (1,))))
-        positives = positives_mask(ops.shape(image_embeddings)[0], *fit_inputs)
+        size = ops.shape(image_embeddings)[0]
+        positives = positives_mask(size, *fit_inputs)
+        if negatives is not None:  # which rows' negatives are false of each row's image: those of the same image
+            same_image = positives_mask(size, image_ids=fit_inputs[3])
+            negatives = (negatives[0], same_image * negatives[1][None, :])
         return self.batch_loss(image_embeddings, text_embeddings, positives, negatives) * local_size / global_size
 
     def batch_loss(self, image_embeddings, text_embeddings, positives, negatives=None):
         """The loss over one whole batch; `positives` [B, B] float32 is 1 where caption j fits image i;
-        `negatives` is None or (negative embeddings [B, D], mask [B]) (module doc)."""
+        `negatives` is None or (negative embeddings [B, D], valid [B images, B negatives]: 1 where negative j is
+        false of image i) (module doc)."""
         raise NotImplementedError
 
     def get_config(self):
@@ -142,7 +148,8 @@ class ClipLoss(ContrastiveLoss):
         logits_per_image = s * I @ T^T,     logits_per_text = logits_per_image^T
         loss = (CE(P / rowsum(P), logits_per_image) + CE(P^T / rowsum(P^T), logits_per_text)) / 2
 
-    With hard negatives, logits_per_image gets one more column, s * I_i . N_i (image i's own negative, target 0).
+    With hard negatives, logits_per_image gets more columns, s * I_i . N_j for the negatives N_j false of image i
+    (its own; with several captions per image, those of its other rows too), target 0.
 
     where CE(y, z) = mean_i -sum_j y_ij log_softmax(z)_ij and P is the positives mask (module doc): each image's
     targets are spread evenly over the captions that fit it, each caption's over the images it fits.
@@ -170,12 +177,12 @@ class ClipLoss(ContrastiveLoss):
         logits_per_image = self.logit_scale * ops.matmul(image_embeddings, ops.transpose(text_embeddings))
         text_loss = _cross_entropy(_row_normalised(ops.transpose(positives)), ops.transpose(logits_per_image))
         image_targets = _row_normalised(positives)
-        if negatives is not None:  # one more column per image: its own hard negative, never a target
-            embeddings, mask = negatives
-            own = self.logit_scale * ops.sum(image_embeddings * embeddings, axis=-1)
-            own = ops.where(mask > 0, own, -1e9)
-            logits_per_image = ops.concatenate([logits_per_image, own[:, None]], axis=1)
-            image_targets = ops.pad(image_targets, [[0, 0], [0, 1]])
+        if negatives is not None:  # more columns per image: its hard negatives, never targets
+            embeddings, valid = negatives
+            own = self.logit_scale * ops.matmul(image_embeddings, ops.transpose(embeddings))
+            own = ops.where(valid > 0, own, -1e9)
+            logits_per_image = ops.concatenate([logits_per_image, own], axis=1)
+            image_targets = ops.pad(image_targets, [[0, 0], [0, ops.shape(own)[1]]])
         image_loss = _cross_entropy(image_targets, logits_per_image)
         return (image_loss + text_loss) / 2.0
 
@@ -228,7 +235,7 @@ class SigLipLoss(ContrastiveLoss):
         s = min(exp(t'), max_logit_scale),  t' initialised to log 10;  b initialised to -10
         logits_ij = s * I_i . T_j + b,      z_ij = 1 if caption j fits image i (P_ij, module doc) else -1
         loss = -(1 / B) sum_i sum_j log sigmoid(z_ij * logits_ij)
-        (with hard negatives, plus -(1 / B) sum_i log sigmoid(-(s * I_i . N_i + b)))
+        (with hard negatives, plus -(1 / B) sum over the negatives N_j false of image i of log sigmoid(-(s * I_i . N_j + b)))
 
     Args:
         max_logit_scale: cap on the scale.
@@ -251,10 +258,10 @@ class SigLipLoss(ContrastiveLoss):
         logits = self.logit_scale * ops.matmul(image_embeddings, ops.transpose(text_embeddings)) + self.logit_bias
         signs = 2.0 * positives - 1.0
         total = ops.sum(ops.log_sigmoid(signs * logits))
-        if negatives is not None:  # each image against its own hard negative: one more wrong pair
-            embeddings, mask = negatives
-            own = self.logit_scale * ops.sum(image_embeddings * embeddings, axis=-1) + self.logit_bias
-            total = total + ops.sum(mask * ops.log_sigmoid(-own))
+        if negatives is not None:  # each image against its hard negatives: more wrong pairs
+            embeddings, valid = negatives
+            own = self.logit_scale * ops.matmul(image_embeddings, ops.transpose(embeddings)) + self.logit_bias
+            total = total + ops.sum(valid * ops.log_sigmoid(-own))
         return -total / ops.cast(ops.shape(logits)[0], "float32")
 
     def get_config(self):

@@ -515,10 +515,10 @@ class SyntheticOptions:
     """
 
     image_size: int = 64
-    partial_captions: float = 0.5
+    partial_captions: float = 0.6
     object_counts: tuple[float, ...] = OBJECT_COUNT_PROBABILITIES
-    min_captions: int = 3
-    max_captions: int = 5
+    min_captions: int = 6
+    max_captions: int = 10
 
     def __post_init__(self):
         if not 0.0 <= self.partial_captions <= 1.0:

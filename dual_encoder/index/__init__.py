@@ -12,8 +12,10 @@ from dual_encoder.index.errors import (
     IndexNotFoundError,
     ModelMismatchError,
     QueryError,
+    QueryImageError,
     UnknownItemError,
 )
+from dual_encoder.index.dedup import DedupReport, DuplicateGroup, find_duplicates
 from dual_encoder.index.items import ImageRecord, Item, ItemTable
 from dual_encoder.index.store import ImageIndex, ModelRecord
 from dual_encoder.index.topk import exact_search
@@ -26,6 +28,7 @@ _LAZY = {
     "build_index": "dual_encoder.index.build",
     "rebuild_index": "dual_encoder.index.build",
     "remove_from_index": "dual_encoder.index.build",
+    "sync_index": "dual_encoder.index.build",
     "DatasetSplit": "dual_encoder.index.embed",
     "ImageFolder": "dual_encoder.index.embed",
     "ImageList": "dual_encoder.index.embed",
@@ -41,6 +44,8 @@ def __getattr__(name: str):
 
 __all__ = [
     "AnnUnavailableError",
+    "DedupReport",
+    "DuplicateGroup",
     "GallerySourceError",
     "ImageIndex",
     "ImageIndexError",
@@ -54,7 +59,9 @@ __all__ = [
     "ModelMismatchError",
     "ModelRecord",
     "QueryError",
+    "QueryImageError",
     "UnknownItemError",
     "exact_search",
+    "find_duplicates",
     *_LAZY,
 ]

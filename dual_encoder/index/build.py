@@ -1,4 +1,5 @@
-"""Build an index from a gallery source, add new or changed images to it, remove images from it."""
+"""Build an index from a gallery source, add new or changed images to it, remove images from it, sync it with a
+folder."""
 
 from __future__ import annotations
 
@@ -13,7 +14,14 @@ import numpy as np
 
 from dual_encoder.atomic import readable_path, writer_lock
 from dual_encoder.config import DataConfig, IndexConfig
-from dual_encoder.index.embed import GallerySource, SkippedFile, embed_contents, load_checked_model, open_gallery
+from dual_encoder.index.embed import (
+    GallerySource,
+    ImageFolder,
+    SkippedFile,
+    embed_contents,
+    load_checked_model,
+    open_gallery,
+)
 from dual_encoder.index.errors import GallerySourceError, IndexConfigError
 from dual_encoder.index.store import ImageIndex, check_replaceable, read_manifest
 
@@ -36,6 +44,9 @@ class IndexSummary:
         skipped: files not indexed (or paths not found for removal), with reasons (`skipped_counts` counts them).
         written: whether the index on disk was (re)written.
         seconds: wall time.
+        added_paths: the paths that came in new (not replacing an indexed path), in order.
+        replaced_paths: the indexed paths whose content changed.
+        removed_paths: the paths whose items were removed (not counting replaced ones).
         rebuild_due: the approximate structure was trained on a gallery of a very different size
             (`dual-encoder index rebuild` retrains it from the stored embeddings).
     """
@@ -53,6 +64,9 @@ class IndexSummary:
     skipped: list[SkippedFile] = dataclasses.field(default_factory=list)
     written: bool = True
     seconds: float = 0.0
+    added_paths: list[str] = dataclasses.field(default_factory=list)
+    replaced_paths: list[str] = dataclasses.field(default_factory=list)
+    removed_paths: list[str] = dataclasses.field(default_factory=list)
     rebuild_due: bool = False
 
     @property
@@ -144,36 +158,104 @@ def add_to_index(
 def _add(index_dir, images, model_dir, progress: bool, started: float, max_image_pixels: int) -> IndexSummary:
     index = ImageIndex.load(index_dir)
     gallery = open_gallery(images, progress, max_image_pixels)
+    return _update(index, index_dir, gallery, [], model_dir, progress, started)
+
+
+@dataclasses.dataclass
+class _Plan:
+    """How the records of a gallery change an index: which rows they replace, which records are new to it."""
+
+    unchanged: int = 0
+    replaced: list[int] = dataclasses.field(default_factory=list)  # index rows whose path has new content
+    reuse: list[int] = dataclasses.field(default_factory=list)  # gallery rows whose content is already indexed
+    to_embed: list[int] = dataclasses.field(default_factory=list)  # gallery rows to run through the image tower
+
+
+def _plan(index: ImageIndex, gallery) -> _Plan:
+    """Compare each gallery record with the index by path and content hash (`ImageRecord.sha256`)."""
     row_of_path = {path: row for row, path in enumerate(index.items.paths)}
-    row_of_hash = {digest.decode("ascii"): row for row, digest in enumerate(index.items.sha256)}
-    unchanged, replaced, reuse, to_embed = 0, [], [], []
+    indexed_hashes = {digest.decode("ascii") for digest in index.items.sha256}
+    plan = _Plan()
     for new_row, record in enumerate(gallery.records):
         old_row = row_of_path.get(record.path)
         if old_row is not None and index.items.sha256[old_row].decode("ascii") == record.sha256:
-            unchanged += 1
+            plan.unchanged += 1
             continue
         if old_row is not None:
-            replaced.append(old_row)
-        (reuse if record.sha256 in row_of_hash else to_embed).append(new_row)
+            plan.replaced.append(old_row)
+        (plan.reuse if record.sha256 in indexed_hashes else plan.to_embed).append(new_row)
+    return plan
+
+
+def _update(
+    index: ImageIndex, index_dir, gallery, doomed: list[int], model_dir, progress: bool, started: float
+) -> IndexSummary:
+    """Add a gallery's new and changed images to `index` and remove the rows `doomed`; save it once, atomically."""
+    plan = _plan(index, gallery)
+    row_of_hash = {digest.decode("ascii"): row for row, digest in enumerate(index.items.sha256)}
     # Every new path takes the embedding of its content: from the index, or freshly computed.
-    vectors = {gallery.records[r].sha256: index.embeddings[row_of_hash[gallery.records[r].sha256]] for r in reuse}
+    vectors = {gallery.records[r].sha256: index.embeddings[row_of_hash[gallery.records[r].sha256]] for r in plan.reuse}
     embedded, skipped = 0, list(gallery.skipped)
-    if to_embed:
+    if plan.to_embed:
         model, _ = load_checked_model(model_dir or index.model.directory, expected=index.model)
-        fresh, failed = embed_contents(model, gallery, to_embed, index.config.embed_batch_size, progress)
+        fresh, failed = embed_contents(model, gallery, plan.to_embed, index.config.embed_batch_size, progress)
         vectors.update(fresh)
         embedded, skipped = len(fresh), skipped + failed
-    added = [gallery.records[r] for r in sorted(reuse + to_embed) if gallery.records[r].sha256 in vectors]
-    if not added and not replaced:
-        return _summary(index, index_dir, started, unchanged=unchanged, skipped=skipped, written=False)
-    index.remove(replaced)
+    added = [gallery.records[r] for r in sorted(plan.reuse + plan.to_embed) if gallery.records[r].sha256 in vectors]
+    replaced_paths = [index.items.paths[row] for row in plan.replaced]
+    # A changed file that can no longer be embedded still loses its stale item: it is replaced by nothing.
+    doomed = sorted(set(doomed) - set(plan.replaced))
+    removed_paths = [index.items.paths[row] for row in doomed]
+    if not added and not plan.replaced and not doomed:
+        return _summary(index, index_dir, started, unchanged=plan.unchanged, skipped=skipped, written=False)
+    index.remove(sorted(plan.replaced + doomed))
     if added:
         index.add(added, np.stack([vectors[record.sha256] for record in added]))
     path = index.save(index_dir, overwrite=True)
+    replaced = set(replaced_paths)
     return _summary(
-        index, path, started, embedded=embedded, reused=len(reuse), replaced=len(replaced),
-        unchanged=unchanged, skipped=skipped,
-    )
+        index, path, started, embedded=embedded, reused=len(plan.reuse), replaced=len(plan.replaced),
+        removed=len(doomed), unchanged=plan.unchanged, skipped=skipped,
+        added_paths=[record.path for record in added if record.path not in replaced],
+        replaced_paths=replaced_paths, removed_paths=removed_paths,
+    )  # fmt: skip
+
+
+def sync_index(
+    index_dir: Union[str, Path],
+    folder: Union[str, Path],
+    model_dir: Optional[Union[str, Path]] = None,
+    progress: bool = True,
+    max_image_pixels: int = DataConfig.max_image_pixels,
+) -> IndexSummary:
+    """Make the index's items under `folder` match the folder's images now, in one atomic update.
+
+    New files are added, files whose content changed (their sha256 differs from the indexed one) are re-embedded
+    (new ids), and items under `folder` whose file is gone — or can no longer be read as an image (it is then in
+    `skipped` too) — are removed. Items outside `folder` are left alone. The whole update holds the index's writer
+    lock and is saved once: a reader sees the index before the sync or after it, never a part. Nothing is written
+    when nothing changed.
+
+    Args:
+        index_dir: an existing index.
+        folder: the image folder to mirror (searched recursively, as `index build --images`).
+        model_dir, progress, max_image_pixels: see `add_to_index`.
+
+    Example:
+        >>> summary = sync_index("photos.index", "photos/")
+        >>> summary.added_paths, summary.replaced_paths, summary.removed_paths
+    """
+    started = time.perf_counter()
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise GallerySourceError(f"{folder} is not a folder: sync mirrors an image folder")
+    with _locked_index(index_dir):
+        index = ImageIndex.load(index_dir)
+        gallery = open_gallery(ImageFolder(folder), progress, max_image_pixels)
+        present = {record.path for record in gallery.records}
+        inside = os.path.abspath(folder).rstrip(os.sep) + os.sep
+        gone = [row for row, path in enumerate(index.items.paths) if path.startswith(inside) and path not in present]
+        return _update(index, index_dir, gallery, gone, model_dir, progress, started)
 
 
 def remove_from_index(
@@ -207,9 +289,10 @@ def _remove(index_dir, paths, missing: bool, started: float) -> IndexSummary:
         doomed |= {row for row, path in enumerate(item_paths) if not os.path.exists(path)}
     if not doomed:
         return _summary(index, index_dir, started, skipped=skipped, written=False)
+    removed_paths = [item_paths[row] for row in sorted(doomed)]
     index.remove(sorted(doomed))
     path = index.save(index_dir, overwrite=True)
-    return _summary(index, path, started, removed=len(doomed), skipped=skipped)
+    return _summary(index, path, started, removed=len(doomed), skipped=skipped, removed_paths=removed_paths)
 
 
 def rebuild_index(index_dir: Union[str, Path], config: Optional[IndexConfig] = None) -> IndexSummary:

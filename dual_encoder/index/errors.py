@@ -32,6 +32,23 @@ class QueryError(ImageIndexError, ValueError):
     """A search request is invalid: empty query text, bad `k`, wrong embedding dimension."""
 
 
+class QueryImageError(QueryError):
+    """A query image that cannot be used: `reason` is a `files.Refused` value (`not an image`, `too large` …)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+    @classmethod
+    def refused(cls, name: str, refused) -> "QueryImageError":
+        """From the `files.FileRefusedError` that reading or decoding the image named `name` raised."""
+        from dual_encoder import files, images
+
+        if refused.reason == files.Refused.NOT_IMAGE and not refused.detail:
+            return cls(refused.reason, f"query image {name}: not an image (readable: {images.READABLE_FORMATS})")
+        return cls(refused.reason, f"query image {name}: {refused}")
+
+
 class AnnUnavailableError(ImageIndexError, ImportError):
     """The `faiss` package (extra `ann`) is needed for an approximate index but is not installed."""
 

@@ -12,7 +12,7 @@ from dual_encoder.config import ModelConfig
 from dual_encoder.errors import DualEncoderError
 from dual_encoder.losses import build_loss
 from dual_encoder.models.image_encoder import ImageEncoder
-from dual_encoder.models.layers import ModelConfigError, ProjectionHead
+from dual_encoder.models.layers import L2Normalize, ModelConfigError, ProjectionHead
 from dual_encoder.models.text_encoder import build_text_encoder, build_vocabulary, text_encoder_class
 
 MODEL_CONFIG_FIELDS = tuple(field.name for field in dataclasses.fields(ModelConfig))
@@ -55,21 +55,37 @@ class DualEncoder(keras.Model):
             setattr(self, name, getattr(config, name))
 
         # === Layers ===
-        self.image_encoder = ImageEncoder(
-            config.image_backbone,
-            image_size=config.image_size,
-            weights=config.image_weights,
-            width=config.image_width,
-            trainable=config.image_trainable,
-            name="image_encoder",
-        )
-        self.text_encoder = build_text_encoder(config, self.vocabulary)
-        self.image_projection = ProjectionHead(
-            config.embed_dim, config.num_projection_layers, config.dropout, name="image_projection"
-        )
-        self.text_projection = ProjectionHead(
-            config.embed_dim, config.num_projection_layers, config.dropout, name="text_projection"
-        )
+        pretrained = config.pretrained
+        if pretrained is not None:  # one CLIP / SigLIP preset supplies both towers and their projections
+            from dual_encoder.models.pretrained import build_pretrained_towers  # loads KerasHub's model zoo
+
+            self.image_encoder, self.text_encoder = build_pretrained_towers(
+                pretrained, config.image_trainable, config.text_trainable
+            )
+            self.image_size = self.image_encoder.image_size  # what the preset's image converter resizes to
+            self.sequence_length = self.text_encoder.sequence_length
+        else:
+            self.image_encoder = ImageEncoder(
+                config.image_backbone,
+                image_size=config.image_size,
+                weights=config.image_weights,
+                width=config.image_width,
+                trainable=config.image_trainable,
+                name="image_encoder",
+            )
+            self.text_encoder = build_text_encoder(config, self.vocabulary)
+        if pretrained is not None and pretrained.heads == "none":
+            # Zero-shot: the model's own joint space, only L2-normalised.
+            self.embed_dim = self.image_encoder.output_dim
+            self.image_projection = L2Normalize(name="image_projection")
+            self.text_projection = L2Normalize(name="text_projection")
+        else:
+            self.image_projection = ProjectionHead(
+                config.embed_dim, config.num_projection_layers, config.dropout, name="image_projection"
+            )
+            self.text_projection = ProjectionHead(
+                config.embed_dim, config.num_projection_layers, config.dropout, name="text_projection"
+            )
         # Owned by the model so its learnable temperature/bias are saved, loaded and optimised with it.
         self.contrastive_loss = build_loss(config.loss, config.temperature, config.max_logit_scale)
 
@@ -193,7 +209,7 @@ def _as_strings(texts):
 def build_dual_encoder(config: ModelConfig, captions: Optional[Iterable[str]] = None) -> DualEncoder:
     """Build a `DualEncoder` from a `ModelConfig`; `captions` build the `small_transformer` vocabulary."""
     vocabulary = None
-    if text_encoder_class(config.text_backbone).needs_vocabulary:
+    if config.pretrained is None and text_encoder_class(config.text_backbone).needs_vocabulary:
         if captions is None:
             raise ModelConfigError(
                 f"text_backbone '{config.text_backbone}' builds its vocabulary from captions: pass captions="

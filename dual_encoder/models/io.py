@@ -29,14 +29,15 @@ class ModelDirectoryError(DualEncoderError):
     """A model directory is missing, incomplete, modified since it was saved, or in the way of a save."""
 
 
-def save_model(model: DualEncoder, directory: str | Path) -> Path:
+def save_model(model: DualEncoder, directory: str | Path, overwrite: bool = True) -> Path:
     """Write `model` to `directory` (built in a temporary sibling, then renamed into place).
 
-    An existing model directory there is replaced; any other non-empty directory is left alone (error).
+    With `overwrite`, an existing model directory there is replaced; any other non-empty directory is left
+    alone (error).
     """
     directory = Path(directory)
-    # A model folder is replaced without asking: only `train` writes one, inside its locked run folder.
-    with atomic_directory(directory, MODEL, overwrite=True, error=ModelDirectoryError) as staging:
+    # `train` replaces its model folder without asking (inside its locked run folder); `model create` asks.
+    with atomic_directory(directory, MODEL, overwrite=overwrite, error=ModelDirectoryError) as staging:
         assets = model.text_encoder.save_assets(staging / ASSETS_DIR)
         config = {
             "format_version": FORMAT_VERSION,
@@ -76,6 +77,9 @@ def load_model(directory: str | Path) -> DualEncoder:
         raise ModelDirectoryError(f"{directory}/{CONFIG_FILE} does not match this version's ModelConfig: {error}") from None
     # The weights file holds every weight, so nothing is fetched: no ImageNet download, local assets only.
     local_assets = {field: str(directory / path) for field, path in saved["assets"].items()}
+    if "pretrained.preset" in local_assets:  # a field of the nested pretrained section
+        pretrained = dataclasses.replace(config.pretrained, preset=local_assets.pop("pretrained.preset"))
+        config = dataclasses.replace(config, pretrained=pretrained)
     config = dataclasses.replace(config, image_weights=None, **local_assets)
     vocabulary_path = directory / VOCABULARY_FILE
     vocabulary = json.loads(vocabulary_path.read_text(encoding="utf-8")) if vocabulary_path.is_file() else None

@@ -31,6 +31,9 @@ class TextEncoder(keras.layers.Layer):
 
     # True where the vocabulary is built from the training captions (the others bring their own tokenizer).
     needs_vocabulary = False
+    # True where the tokenizer's graph uses TF Text ops (WordPiece, BPE, SentencePiece): loading an export
+    # then needs `import tensorflow_text`.
+    needs_tensorflow_text = True
 
     def __init__(self, pooling: str = "mean", sequence_length: int = 32, trainable: bool = True, **kwargs):
         super().__init__(trainable=trainable, **kwargs)
@@ -86,6 +89,7 @@ class SmallTransformerTextEncoder(TextEncoder):
     """
 
     needs_vocabulary = True
+    needs_tensorflow_text = False  # Keras TextVectorization: core TF string ops only
 
     def __init__(
         self,

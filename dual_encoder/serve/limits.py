@@ -7,6 +7,8 @@ a chunked (length-less) body as soon as it passes the limit.
 
 from __future__ import annotations
 
+from typing import Collection, Optional
+
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -24,24 +26,42 @@ def too_large_message(max_bytes: int) -> str:
 
 
 class BodyLimitMiddleware:
-    """Refuse request bodies over `max_bytes` with a JSON 413.
+    """Refuse request bodies over `max_bytes` with a JSON 413; file uploads to `upload_paths` may reach `upload_bytes`.
 
     Args:
         app: the ASGI app to protect.
         max_bytes: the largest body accepted.
+        upload_bytes: the largest `multipart/form-data` POST body accepted on `upload_paths` (default `max_bytes`).
+        upload_paths: the routes that take an uploaded file.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        upload_bytes: Optional[int] = None,
+        upload_paths: Collection[str] = (),
+    ):
         self.app = app
         self.max_bytes = max_bytes
+        self.upload_bytes = max_bytes if upload_bytes is None else upload_bytes
+        self.upload_paths = frozenset(upload_paths)
+
+    def limit(self, scope: Scope) -> int:
+        """The body limit of this request."""
+        upload = scope.get("method") == "POST" and scope.get("path") in self.upload_paths
+        if upload and _header(scope, b"content-type").lower().startswith(b"multipart/form-data"):
+            return self.upload_bytes
+        return self.max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.limit(scope)
         declared = _content_length(scope)
-        if declared is not None and declared > self.max_bytes:
-            await self._refuse(scope, receive, send)
+        if declared is not None and declared > limit:
+            await self._refuse(scope, receive, send, limit)
             return
         received = 0
         started = False
@@ -51,8 +71,8 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise BodyTooLarge(self.max_bytes)
+                if received > limit:
+                    raise BodyTooLarge(limit)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -65,14 +85,16 @@ class BodyLimitMiddleware:
         except BodyTooLarge:
             if started:
                 raise
-            await self._refuse(scope, receive, send)
+            await self._refuse(scope, receive, send, limit)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
         # "Connection: close": the unread rest of the body must not be parsed as the next request.
-        response = JSONResponse(
-            {"detail": too_large_message(self.max_bytes)}, status_code=413, headers={"Connection": "close"}
-        )
+        response = JSONResponse({"detail": too_large_message(limit)}, status_code=413, headers={"Connection": "close"})
         await response(scope, receive, send)
+
+
+def _header(scope: Scope, name: bytes) -> bytes:
+    return next((value for key, value in scope.get("headers", ()) if key == name), b"")
 
 
 def _content_length(scope: Scope) -> int | None:

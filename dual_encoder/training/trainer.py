@@ -219,7 +219,7 @@ def train(
         strategy = get_strategy(strategy)
     chief = is_chief(strategy)
     with claim_run_folder(run_dir, config, data_dir, restart=restart, chief=chief):
-        with _precision_policy(config.train.mixed_precision):
+        with _precision_policy(config.train):
             return _Run(config, data_dir, run_dir, strategy, chief, progress).fit()
 
 
@@ -274,7 +274,7 @@ class _Run:
         )
         self.best = tf.train.Checkpoint(variables=changing)
         self._backup_dir().mkdir(parents=True, exist_ok=True)
-        self.train_step = make_train_step(self.model, self.optimizer, strategy, config.train.mixed_precision)
+        self.train_step = make_train_step(self.model, self.optimizer, strategy, _scales_loss(config.train))
 
     def _backup_dir(self) -> Path:
         if self.chief:
@@ -403,16 +403,22 @@ def _build_optimizer(config: Config, schedule, model) -> keras.optimizers.Optimi
     optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=config.train.weight_decay)
     # As in CLIP: no weight decay on gains, biases and scalars (temperature, bias of the loss).
     optimizer.exclude_from_weight_decay(var_list=[v for v in model.trainable_variables if len(v.shape) <= 1])
-    if config.train.mixed_precision:
+    if _scales_loss(config.train):
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     optimizer.build(model.trainable_variables)
     return optimizer
 
 
+def _scales_loss(train: TrainConfig) -> bool:
+    """float16 gradients underflow without loss scaling; bfloat16 has float32's range and needs none."""
+    return train.mixed_precision and train.mixed_precision_dtype == "float16"
+
+
 @contextlib.contextmanager
-def _precision_policy(mixed: bool):
+def _precision_policy(train: TrainConfig):
     previous = keras.mixed_precision.global_policy().name
-    keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
+    policy = f"mixed_{train.mixed_precision_dtype}" if train.mixed_precision else "float32"
+    keras.mixed_precision.set_global_policy(policy)
     try:
         yield
     finally:

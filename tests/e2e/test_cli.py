@@ -120,6 +120,8 @@ def test_judged_query_sets_from_the_generator_score_a_split_and_an_index(workspa
         (["train", "--data", ".", "--output", "/tmp/x", "--set", "no_such_key=1"], "unknown config key"),
         (["train", "--data", ".", "--output", "/tmp/x", "--preset", "no-such-preset"], "unknown preset"),
         (["index", "remove", "--index", "/tmp/x"], "--missing"),
+        (["synthetic", "--output", "/tmp/x", "--captions", "5,2"], "min_captions <= max_captions"),
+        (["synthetic", "--output", "/tmp/x", "--captions", "many"], "--captions"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(args, message, capsys):
@@ -127,6 +129,12 @@ def test_bad_input_is_one_line_and_exit_code_2(args, message, capsys):
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert err.strip().count("\n") == 0
+
+
+def test_synthetic_writes_as_many_captions_per_image_as_asked(tmp_path):
+    assert main(["synthetic", "--output", str(tmp_path), "--num-images", "4", "--image-size", "32", "--captions", "2,2"]) == 0
+    rows = (tmp_path / "captions.csv").read_text().strip().splitlines()[1:]
+    assert len(rows) == 8
 
 
 def test_annotation_file_that_is_not_json_exits_2(tmp_path, capsys):
@@ -156,8 +164,8 @@ def _help(capsys, *command: str) -> str:
 def test_help_lists_the_commands_in_workflow_order(capsys):
     lines = _help(capsys).split("Commands:")[1].splitlines()
     names = [line.split()[0] for line in lines if line.startswith("  ") and not line.startswith("   ")]
-    assert names == ["synthetic", "synthetic-queries", "prepare", "train", "evaluate", "index", "search", "serve",
-                     "export", "demo"]
+    assert names == ["synthetic", "synthetic-queries", "prepare", "model", "train", "evaluate", "index", "search",
+                     "classify", "serve", "export", "demo"]
 
 
 def _commands():
@@ -178,6 +186,7 @@ def test_flags_take_no_value_and_choices_are_listed_in_help(command, capsys):
         ("train",): "<auto|default|mirrored|multi_worker|tpu>",
         ("evaluate",): "<train|validation>",
         ("index", "build"): "<exact|hnsw|ivf|auto>",
+        ("index", "dedup"): "<auto|exact|faiss>",
     }
     if command in choices:
         assert choices[command] in " ".join(text.split())
@@ -192,7 +201,8 @@ def test_json_is_a_flag_that_consumes_no_query():
 
 
 def test_choices_are_the_library_registries():
-    from dual_encoder.cli import IndexKind, Split, Strategy
+    from dual_encoder.cli import DedupMethod, IndexKind, Split, Strategy
+    from dual_encoder.index.dedup import DedupMethod as Methods
     from dual_encoder.data.prepare import SPLITS
     from dual_encoder.index.ann import IndexKind as Kinds
     from dual_encoder.training.distribute import STRATEGY_NAMES
@@ -200,6 +210,7 @@ def test_choices_are_the_library_registries():
     assert [s.value for s in Split] == list(SPLITS)
     assert [s.value for s in Strategy] == list(STRATEGY_NAMES)
     assert {k.value for k in IndexKind} == {k.value for k in Kinds} | {"auto"}
+    assert [m.value for m in DedupMethod] == [m.value for m in Methods]
 
 
 def test_version_comes_from_the_package_metadata(capsys):

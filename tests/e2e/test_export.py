@@ -29,6 +29,8 @@ STANDALONE = textwrap.dedent(
     image = tf.saved_model.load(export + "/image_encoder").signatures["serving_default"]
     searcher = tf.saved_model.load(export + "/searcher").signatures["serving_default"]
     found = searcher(queries=tf.constant(queries), k=tf.constant(5))
+    by_image = tf.saved_model.load(export + "/searcher").signatures["search_by_image"](
+        image_bytes=tf.constant([open(p, "rb").read() for p in images]), k=tf.constant(5))
     print(json.dumps({
         "modules": sorted(m for m in sys.modules if m.split(".")[0] == "dual_encoder"),
         "text": text(texts=tf.constant(queries))["embeddings"].numpy().tolist(),
@@ -37,6 +39,11 @@ STANDALONE = textwrap.dedent(
         "scores": found["scores"].numpy().tolist(),
         "paths": [[p.decode() for p in row] for row in found["paths"].numpy()],
         "normalized": [q.decode() for q in found["normalized_queries"].numpy()],
+        "by_image": {
+            "ids": by_image["ids"].numpy().tolist(),
+            "scores": by_image["scores"].numpy().tolist(),
+            "paths": [[p.decode() for p in row] for row in by_image["paths"].numpy()],
+        },
     }))
     """
 )
@@ -68,6 +75,14 @@ def test_saved_models_load_without_the_package_and_match_the_python_api(exported
     for result, ids, scores, paths in zip(results, got["ids"], got["scores"], got["paths"]):
         assert ids == [hit.id for hit in result.hits]
         assert paths == [hit.path for hit in result.hits]
+        np.testing.assert_allclose(scores, [hit.score for hit in result.hits], atol=1e-5)
+
+    # search_by_image: the Python API's search by image, in a process without this package.
+    assert any(path in searcher.index.items.paths for path in images)
+    for path, ids, scores, paths in zip(images, *(got["by_image"][key] for key in ("ids", "scores", "paths"))):
+        result = searcher.search(image=path, k=5)
+        assert ids == [hit.id for hit in result.hits] and paths == [hit.path for hit in result.hits]
+        assert (paths[0] == path) == (path in searcher.index.items.paths)  # an indexed image finds itself first
         np.testing.assert_allclose(scores, [hit.score for hit in result.hits], atol=1e-5)
 
     from dual_encoder.data.pipeline import decode_and_resize
@@ -147,3 +162,27 @@ def test_exported_image_encoder_turns_exif_rotated_jpegs_upright(exported, tmp_p
         embeddings[orientation] = photo
     for orientation in (3, 6, 8):
         assert np.abs(embeddings[orientation] - embeddings[1]).max() > 1e-2
+
+
+def test_search_by_image_turns_phone_photos_upright_and_refuses_what_it_cannot_read(exported, tmp_path):
+    from tests.unit.index.helpers import write_phone_photo
+
+    summary, searcher, _ = exported
+    search = tf.saved_model.load(str(summary.artifacts["searcher"])).signatures["search_by_image"]
+    assert "search_by_image" in summary.signatures["searcher"]
+    phone = write_phone_photo(tmp_path / "phone.jpg", 6).read_bytes()
+    # The graph's own JPEG decoding, turned upright outside it, as a lossless PNG.
+    import io
+
+    from PIL import Image
+
+    decoded = Image.fromarray(tf.io.decode_jpeg(phone).numpy()).transpose(Image.Transpose.ROTATE_270)
+    buffer = io.BytesIO()
+    decoded.save(buffer, format="PNG")
+    found = search(image_bytes=tf.constant([phone, buffer.getvalue()]), k=tf.constant(4))
+    assert found["ids"].numpy()[0].tolist() == found["ids"].numpy()[1].tolist()
+    np.testing.assert_allclose(found["scores"].numpy()[0], found["scores"].numpy()[1], atol=1e-4)
+    empty = search(image_bytes=tf.constant([], tf.string), k=tf.constant(3))
+    assert empty["ids"].shape == (0, 3)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="not a JPEG, PNG, GIF or BMP image"):
+        search(image_bytes=tf.constant([b"%PDF-1.4 not an image"]), k=tf.constant(3))

@@ -217,6 +217,28 @@ def test_clip_scores_each_image_against_its_own_hard_negative():
     assert value > float(loss(IMAGES, TEXTS))  # a negative close to the image costs something
 
 
+def test_rows_of_one_image_are_scored_against_all_of_that_images_hard_negatives():
+    # Rows 0, 1 are one image (two captions), rows 2, 3 another; row 2's caption has no negative.
+    image_ids = tf.constant([7, 7, 8, 8], tf.int64)
+    same = np.array([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]], dtype=bool)
+    valid = same & (NEGATIVE_MASK > 0)[None, :]
+    clip = ClipLoss(temperature=0.5)
+    value = float(clip(IMAGES, TEXTS, negative_embeddings=NEGATIVES, negative_mask=NEGATIVE_MASK, image_ids=image_ids))
+    logits = 2.0 * IMAGES @ TEXTS.T
+    extended = np.concatenate([logits, np.where(valid, 2.0 * IMAGES @ NEGATIVES.T, -1e9)], axis=1)
+    targets = np.pad(same / same.sum(1, keepdims=True), [(0, 0), (0, 4)])
+    image_side = -np.sum(targets * _log_softmax(extended), axis=1).mean()
+    text_side = -np.sum(same / same.sum(1, keepdims=True) * _log_softmax(logits.T), axis=1).mean()
+    assert value == pytest.approx((image_side + text_side) / 2, rel=1e-5)
+    siglip = SigLipLoss()
+    value = float(siglip(IMAGES, TEXTS, negative_embeddings=NEGATIVES, negative_mask=NEGATIVE_MASK, image_ids=image_ids))
+    pairs = 10.0 * IMAGES @ TEXTS.T - 10.0
+    signs = np.where(same, 1.0, -1.0)
+    expected = -np.sum(np.log(1 / (1 + np.exp(-signs * pairs))))
+    expected -= np.sum(valid * np.log(1 / (1 + np.exp(10.0 * IMAGES @ NEGATIVES.T - 10.0))))
+    assert value == pytest.approx(expected / 4, rel=1e-5)
+
+
 def test_siglip_counts_each_hard_negative_as_one_more_wrong_pair():
     loss = SigLipLoss()
     value = float(loss(IMAGES, TEXTS, negative_embeddings=NEGATIVES, negative_mask=NEGATIVE_MASK))

@@ -145,3 +145,118 @@ def test_one_json_shape_for_results_with_or_without_paths_and_links():
     served = result.to_dict(1, paths=False, links=lambda hit: {"image_url": f"/i/{hit.id}"})
     assert served["hits"] == [{"rank": 1, "id": 7, "score": 0.5, "caption": "a dog", "image_url": "/i/7"}]
     assert json.loads(json.dumps(result.to_dict())) == result.to_dict()
+
+
+# -- image queries, "more like this" and weighted mixes -----------------------------------------------------------
+
+
+def _row_of_path(searcher, path):
+    return searcher.index.items.paths.index(str(path))
+
+
+def test_the_file_of_an_indexed_image_finds_itself_first_with_its_stored_embedding(searcher, gallery):
+    photo = gallery / "photos" / "003.png"
+    result = searcher.search(image=photo, k=3)
+    assert result[0].path == str(photo) and result[0].score == pytest.approx(1.0, abs=1e-4)
+    assert result.query is None and result.normalized_query is None and result.image == str(photo)
+    stored = searcher.index.embeddings[_row_of_path(searcher, photo)]
+    np.testing.assert_allclose(searcher.encode_images([photo])[0], stored, atol=1e-5)
+
+
+def test_paths_bytes_pillow_images_and_arrays_embed_alike(searcher, gallery):
+    photo = gallery / "photos" / "001.png"
+    with Image.open(photo) as opened:
+        pil = opened.convert("RGB")
+    by_path, by_bytes, by_pil, by_array = searcher.encode_images([photo, photo.read_bytes(), pil, np.asarray(pil)])
+    for other in (by_bytes, by_pil, by_array):
+        np.testing.assert_allclose(other, by_path, atol=1e-6)
+
+
+def test_an_exif_rotated_photo_is_searched_upright(searcher, tmp_path):
+    from tests.unit.index.helpers import write_phone_photo
+
+    phone = write_phone_photo(tmp_path / "phone.jpg", 6)
+    with Image.open(phone) as opened:
+        from PIL import ImageOps
+
+        upright = np.asarray(ImageOps.exif_transpose(opened).convert("RGB"))
+    stored_sideways = np.asarray(Image.open(phone).convert("RGB"))
+    by_file, by_upright, by_sideways = searcher.encode_images([phone, upright, stored_sideways])
+    np.testing.assert_allclose(by_file, by_upright, atol=1e-5)
+    assert np.abs(by_file - by_sideways).max() > 1e-3
+
+
+def test_more_like_this_ranks_the_item_itself_first(searcher):
+    item = searcher.index.items[2]
+    result = searcher.search(like=item.id, k=6)
+    assert result[0].id == item.id and result[0].score == pytest.approx(1.0, abs=1e-5)
+    assert result.like == item.id and result.query is None and result.weights is None
+    expected = np.sort(searcher.index.embeddings @ searcher.index.embeddings[2])[::-1]
+    np.testing.assert_allclose([hit.score for hit in result], expected, atol=1e-5)
+
+
+def test_a_mix_searches_the_normalised_weighted_sum(searcher, gallery):
+    photo = gallery / "photos" / "004.png"
+    result = searcher.search("find images of at night", image=photo, like=0, image_weight=2.0, like_weight=0.5, k=6)
+    text = searcher.encode_queries(["at night"])[0]
+    image = searcher.encode_images([photo])[0]
+    like = searcher.index.embeddings[searcher.index.items.row_of(0)]
+    mixed = 1.0 * text + 2.0 * image + 0.5 * like
+    mixed /= np.linalg.norm(mixed)
+    np.testing.assert_allclose([hit.score for hit in result], np.sort(searcher.index.embeddings @ mixed)[::-1], atol=1e-5)
+    assert result.normalized_query == "at night" and result.like == 0
+    assert result.weights == {"text": 1.0, "image": 2.0, "like": 0.5}
+    assert result.describe() == 'image 004.png + like #0 + "at night"'
+    # A part with weight 0 counts for nothing: the mix is then the image alone.
+    only_image = searcher.search("at night", image=photo, text_weight=0, k=6)
+    assert [h.id for h in only_image] == [h.id for h in searcher.search(image=photo, k=6)]
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"image": b"not an image"}, "not an image"),
+        ({"image": "/nonexistent/photo.jpg"}, "missing"),
+        ({"image": np.zeros((4, 4, 3), np.float32)}, "uint8"),
+        ({"image": 3.5}, "a path, bytes"),
+        ({"like": 999}, "no item with id 999"),
+        ({"like": "3"}, "an item id must be an integer"),
+        ({"query": ["a", "b"], "like": 0}, "one text, not a list"),
+        ({"query": "a red circle", "like": 0, "text_weight": 0, "like_weight": 0}, "weighted query is zero"),
+        ({"like": 0, "like_weight": -1}, "like_weight must be at least 0"),
+        ({"like": 0, "like_weight": float("nan")}, "like_weight must be a number"),
+        ({}, "give a text query, an image or an item id"),
+    ],
+)
+def test_bad_image_item_and_mix_queries_are_clear_errors(searcher, kwargs, error):
+    with pytest.raises((QueryError, UnknownItemError), match=error):
+        searcher.search(k=3, **kwargs)
+
+
+def test_a_query_image_over_the_pixel_limit_is_refused_from_its_header(gallery, tmp_path):
+    from dual_encoder.search import QueryImageError
+
+    small = Searcher.load(gallery / "ix", max_image_pixels=30 * 30)
+    with pytest.raises(QueryImageError, match="too large") as refused:
+        small.search(image=gallery / "photos" / "000.png")  # 40 x 40
+    assert refused.value.reason == "too large"
+
+
+def test_image_item_and_mix_results_keep_one_json_shape():
+    hits = [Hit(1, 7, "/p/a.jpg", 0.5)]
+    by_image = SearchResult(None, None, hits, image="/home/me/beach.jpg")
+    assert by_image.to_dict()["image"] == "/home/me/beach.jpg" and by_image.to_dict()["query"] is None
+    assert by_image.to_dict(paths=False)["image"] == "beach.jpg"  # the API keeps server paths to itself
+    mix = SearchResult("at night", "at night", hits, like=7, weights={"text": 1.0, "like": 2.0})
+    assert list(mix.to_dict()) == ["query", "normalized_query", "like", "weights", "hits"]
+    assert mix.describe() == 'like #7 + "at night"'
+    assert set(SearchResult("q", "q", hits).to_dict()) == {"query", "normalized_query", "hits"}
+
+
+def test_an_image_pillow_reads_but_tensorflow_cannot_decode_is_a_query_error(searcher, gallery, monkeypatch):
+    from dual_encoder import images
+    from dual_encoder.search import QueryImageError
+
+    monkeypatch.setattr(images, "tf_readable", lambda data, max_pixels, compress_level=6: (b"\xff\xd8 garbage", "jpeg"))
+    with pytest.raises(QueryImageError, match="corrupt \\(TensorFlow could not decode it\\)"):
+        searcher.search(image=gallery / "photos" / "000.png")

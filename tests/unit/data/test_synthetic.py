@@ -47,13 +47,13 @@ def test_same_seed_gives_identical_bytes_and_another_seed_does_not(tmp_path):
     assert all(first[name] != other[name] for name in first)
 
 
-def test_output_is_a_csv_source_with_at_least_three_distinct_captions_per_image(tmp_path):
+def test_output_is_a_csv_source_with_the_asked_number_of_distinct_captions_per_image(tmp_path):
     captions = generate_synthetic(tmp_path, 30, seed=0, image_size=32)
     result = read_source("csv", captions, captions.parent / "images")
     assert len(result.records) == 30 and not result.skipped
     for record in result.records:
         assert record.path.is_file()
-        assert 3 <= len(record.captions) == len(set(record.captions)) <= 5
+        assert 6 <= len(record.captions) == len(set(record.captions)) <= 10  # the defaults: 6-10 per image
 
 
 def _mentions(caption, words):

@@ -21,6 +21,7 @@ from dual_encoder.index import (
     add_to_index,
     build_index,
     remove_from_index,
+    sync_index,
 )
 from dual_encoder.index.store import MANIFEST
 from dual_encoder.models import load_model
@@ -165,6 +166,71 @@ def test_remove_by_path_by_folder_and_missing(tmp_path, model_dir, photos):
     remaining = [os.path.basename(item.path) for item in ImageIndex.load(tmp_path / "ix").items]
     assert remaining == ["001.png", "003.png"]
     assert remove_from_index(tmp_path / "ix", missing=True).written is False
+
+
+# -- sync: one atomic update that mirrors a folder ------------------------------------------------------------------
+
+
+def test_sync_adds_new_re_embeds_changed_and_removes_missing_files_in_one_write(tmp_path, model_dir, photos):
+    build_index(model_dir, photos, tmp_path / "ix", **QUIET)
+    other = write_image(tmp_path / "elsewhere" / "kept.png", seed=50)  # indexed, but outside the synced folder
+    add_to_index(tmp_path / "ix", tmp_path / "elsewhere", **QUIET)
+    before = ImageIndex.load(tmp_path / "ix")
+    ids_before = {item.path: item.id for item in before.items}
+
+    write_image(photos / "new.png", seed=21)
+    write_image(photos / "001.png", seed=31)  # same path, new content
+    (photos / "002.png").unlink()
+    (photos / "nested" / "deep.jpg").unlink()
+    (photos / "003.png").write_bytes(b"\x89PNG now truncated")  # indexed, now unreadable: its stale item goes
+    saves = []
+    original_save = ImageIndex.save
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ImageIndex, "save", lambda self, *a, **kw: saves.append(1) or original_save(self, *a, **kw))
+        summary = sync_index(tmp_path / "ix", photos, **QUIET)
+
+    assert saves == [1]  # one atomic update
+    assert summary.added_paths == [str(photos / "new.png")]
+    assert summary.replaced_paths == [str(photos / "001.png")]
+    assert summary.removed_paths == [str(photos / "002.png"), str(photos / "003.png"), str(photos / "nested" / "deep.jpg")]
+    assert (summary.embedded, summary.replaced, summary.removed, summary.unchanged) == (2, 1, 3, 1)
+    assert ("003.png", files.Refused.NOT_IMAGE) in {(os.path.basename(s.path), s.reason) for s in summary.skipped}
+    after = ImageIndex.load(tmp_path / "ix")
+    by_path = {item.path: item.id for item in after.items}
+    assert sorted(by_path) == sorted([str(photos / "000.png"), str(photos / "001.png"), str(photos / "new.png"), str(other)])
+    assert by_path[str(photos / "000.png")] == ids_before[str(photos / "000.png")]
+    assert by_path[str(photos / "001.png")] not in ids_before.values()
+    assert by_path[str(other)] == ids_before[str(other)]  # outside the folder: left alone
+
+
+def test_sync_of_an_unchanged_folder_writes_nothing(tmp_path, model_dir, photos):
+    (photos / "broken.jpg").unlink()
+    build_index(model_dir, photos, tmp_path / "ix", **QUIET)
+    manifest = (tmp_path / "ix" / MANIFEST).read_bytes()
+    summary = sync_index(tmp_path / "ix", photos, **QUIET)
+    assert (summary.written, summary.unchanged, summary.added_paths, summary.removed_paths) == (False, 5, [], [])
+    assert (tmp_path / "ix" / MANIFEST).read_bytes() == manifest
+
+
+def test_sync_needs_a_folder_and_an_index(tmp_path, model_dir, photos):
+    build_index(model_dir, photos, tmp_path / "ix", **QUIET)
+    with pytest.raises(GallerySourceError, match="is not a folder"):
+        sync_index(tmp_path / "ix", photos / "000.png", **QUIET)
+    with pytest.raises(ImageIndexError, match="no index at"):
+        sync_index(tmp_path / "nothing", photos, **QUIET)
+
+
+def test_sync_holds_the_writer_lock_so_a_concurrent_add_is_not_lost(tmp_path, model_dir, photos):
+    from dual_encoder.atomic import writer_lock
+
+    build_index(model_dir, photos, tmp_path / "ix", **QUIET)
+    write_image(photos / "new.png", seed=22)
+    with writer_lock(tmp_path / "ix"):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("DUAL_ENCODER_LOCK_TIMEOUT", "0")
+            with pytest.raises(Exception, match="being written by another process"):
+                sync_index(tmp_path / "ix", photos, **QUIET)
+    assert len(ImageIndex.load(tmp_path / "ix")) == 5
 
 
 # -- photos as people see them: EXIF orientation, WebP / TIFF / HEIC, the pixel limit ------------------------------

@@ -265,7 +265,9 @@ def test_info_describes_the_index_and_the_limits(client, searcher):
     body = client.get("/api/info").json()
     assert body["index"]["count"] == len(searcher.index) == 36
     assert body["index"]["dim"] == 16
-    assert body["limits"] == {"default_k": 10, "max_k": 100, "max_query_chars": 512}
+    assert body["limits"] == {
+        "default_k": 10, "max_k": 100, "max_query_chars": 512, "max_upload_bytes": 20 << 20, "max_image_pixels": 64_000_000,
+    }
 
 
 def test_healthz(client):

@@ -160,9 +160,15 @@ def test_feature_cache_is_reused_and_keyed_by_the_backbone(tiny_data, monkeypatc
         feature_cache.load_or_compute_features(other, tiny_data, "validation", progress=False)
 
 
-def test_mixed_precision_training_runs_and_restores_the_policy(tiny_data, tmp_path):
-    result = train(tiny_config(epochs=1, mixed_precision=True), tiny_data, tmp_path / "run", strategy="default", progress=False)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_mixed_precision_training_runs_and_restores_the_policy(tiny_data, tmp_path, dtype, monkeypatch):
+    policies = []
+    set_policy = keras.mixed_precision.set_global_policy
+    monkeypatch.setattr(keras.mixed_precision, "set_global_policy", lambda p: policies.append(p) or set_policy(p))
+    config = tiny_config(epochs=1, mixed_precision=True, mixed_precision_dtype=dtype)
+    result = train(config, tiny_data, tmp_path / "run", strategy="default", progress=False)
     assert np.isfinite(result.history[0]["loss"])
+    assert policies[0] == f"mixed_{dtype}"
     assert keras.mixed_precision.global_policy().name == "float32"
     embeddings = load_model(result.model_dir).encode_text(tf.constant(CAPTIONS))
     assert embeddings.dtype == tf.float32
