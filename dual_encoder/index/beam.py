@@ -281,7 +281,7 @@ def build_index_on_beam(
 
     Args:
         model_dir: the model folder (read here for its fingerprint and image size).
-        source: an image folder or a list file (whose lines may also be `gs://…` paths Beam reads).
+        source: an image folder or a list file, at the same path for the launcher and every worker.
         output: the index directory to write (atomically; an existing index only with `overwrite`).
         config: index settings; `embed_batch_size` is RunInference's largest batch.
         runner: `direct`, `dataflow`, `flink` or `spark`.
