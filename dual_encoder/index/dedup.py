@@ -1,9 +1,13 @@
-"""Near-duplicate images in an index: pairs whose embeddings' cosine reaches a threshold, grouped into connected
-components (re-encoded, resized, cropped or rotated copies of one photo end up in one group).
+"""Near-duplicate images in an index: candidate pairs whose embeddings' cosine reaches a threshold, confirmed by
+their pixels (`pixels`), grouped into connected components (re-encoded, resized, cropped or rotated copies of one
+photo end up in one group).
 
-Up to `EXACT_LIMIT` items the pairs come from an exact, chunked self-join (blocks of matrix products over the upper
-triangle, never an N x N matrix); beyond it from a FAISS IVF range search, which is approximate (a pair whose two
-vectors fall in lists that are not probed is missed). NumPy, SciPy and FAISS only: no TensorFlow.
+Two signals because neither suffices alone (BENCHMARKS.md): an embedding trained on captions sees meaning, so two
+different pictures of one scene can score higher than a photo and its 6% crop; pixels tell them apart, but comparing
+every pair's pixels is out of reach. Up to `EXACT_LIMIT` items the candidates come from an exact, chunked self-join
+(blocks of matrix products over the upper triangle, never an N x N matrix); beyond it from a FAISS IVF range search,
+which is approximate (a pair whose two vectors fall in lists that are not probed is missed). The pixel check reads
+each image in a candidate pair once. NumPy, SciPy, Pillow and FAISS only: no TensorFlow.
 """
 
 from __future__ import annotations
@@ -19,12 +23,17 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from dual_encoder.config import IndexConfig
+from dual_encoder.config import DataConfig, IndexConfig
+from dual_encoder.index import pixels
 from dual_encoder.index.ann import AnnIndex, IndexKind
 from dual_encoder.index.errors import ImageIndexError, QueryError
 from dual_encoder.index.store import ImageIndex
 
-DEFAULT_THRESHOLD = 0.95
+# The embedding cosine that makes a pair a candidate: low, because the pixel check decides. Measured on planted
+# copies (BENCHMARKS.md): 0.8 keeps 99.8% of true pairs as candidates with the demo model, 99.1% with a random one;
+# 0.95 kept 83% (it lost most 6% crops). Without the pixel check, use a higher threshold (0.95).
+DEFAULT_THRESHOLD = 0.8
+DEFAULT_PIXEL_THRESHOLD = pixels.DEFAULT_PIXEL_THRESHOLD
 # The exact self-join costs N^2 * D / 2 multiply-adds: ~45 min for 1M x 256 on 2 idle cores, ~1.5 h on busy ones
 # (BENCHMARKS.md); above this the FAISS range search takes over.
 EXACT_LIMIT = 1_000_000
@@ -71,20 +80,26 @@ class DedupReport:
     """What `find_duplicates` found.
 
     Args:
-        threshold: the cosine a pair reached to count.
+        threshold: the embedding cosine a pair reached to be a candidate.
+        pixel_threshold: the pixel score a candidate reached to count (None: no pixel check, candidates count).
         count: items searched.
         method: `exact` or `faiss`.
-        pairs: pairs at or above the threshold.
+        candidates: pairs at or above `threshold`.
+        pairs: the candidates that passed the pixel check (all of them without one).
         groups: groups of two or more, largest first (ties: lowest first id).
-        seconds: wall time of the pair search and grouping.
+        seconds: wall time of the pair search, the pixel check and grouping.
+        unreadable: image files the pixel check could not read (their pairs do not count).
     """
 
     threshold: float
+    pixel_threshold: Optional[float]
     count: int
     method: str
+    candidates: int
     pairs: int
     groups: list[DuplicateGroup]
     seconds: float
+    unreadable: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def sizes(self) -> dict[int, int]:
@@ -99,14 +114,17 @@ class DedupReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "threshold": self.threshold,
+            "pixel_threshold": self.pixel_threshold,
             "count": self.count,
             "method": self.method,
+            "candidates": self.candidates,
             "pairs": self.pairs,
             "groups_total": len(self.groups),
             "items_in_groups": sum(len(group) for group in self.groups),
             "duplicates": self.duplicates,
             "sizes": {str(size): number for size, number in self.sizes.items()},
             "seconds": round(self.seconds, 3),
+            "unreadable": self.unreadable,
             "groups": [group.to_dict() for group in self.groups],
         }
 
@@ -118,25 +136,34 @@ def find_duplicates(
     block_rows: int = DEFAULT_BLOCK_ROWS,
     max_pairs: int = MAX_PAIRS,
     config: Optional[IndexConfig] = None,
+    pixel_threshold: Optional[float] = DEFAULT_PIXEL_THRESHOLD,
+    max_image_pixels: int = DataConfig.max_image_pixels,
+    progress: bool = False,
 ) -> DedupReport:
     """Groups of near-duplicate images in an index.
 
     Args:
         index: an `ImageIndex` or its directory (read only: no lock is taken).
-        threshold: pairs whose cosine is at least this are near-duplicates (in (0, 1]).
+        threshold: pairs whose embeddings' cosine is at least this are candidates (in (0, 1]).
         method: `exact` (chunked self-join), `faiss` (IVF range search, approximate) or `auto`.
         block_rows: rows per block of the exact self-join.
         max_pairs: refuse (`QueryError`) a threshold that passes more pairs than this.
         config: the FAISS parameters (`ivf_nlist`, `ivf_nprobe`) of the `faiss` method; default the index's own.
+        pixel_threshold: a candidate counts when its pixel score (`pixels.pixel_scores`: one image, possibly
+            cropped, correlated with the other) reaches this; None counts every candidate (then raise `threshold`).
+        max_image_pixels: the pixel check refuses larger images (decompression bombs).
+        progress: a progress bar while the pixel check reads images.
 
     Example:
-        >>> report = find_duplicates("photos.index", threshold=0.95)
+        >>> report = find_duplicates("photos.index")
         >>> report.sizes, [group.paths for group in report.groups[:3]]
     """
     started = time.perf_counter()
     if not isinstance(index, ImageIndex):
         index = ImageIndex.load(index)
     threshold = check_threshold(threshold)
+    if pixel_threshold is not None:
+        pixel_threshold = check_threshold(pixel_threshold, "pixel threshold")
     method = DedupMethod(method)
     if method == DedupMethod.AUTO:
         method = DedupMethod.EXACT if len(index) <= EXACT_LIMIT else DedupMethod.FAISS
@@ -144,14 +171,22 @@ def find_duplicates(
         rows_a, rows_b, _ = similar_pairs(index.embeddings, threshold, block_rows, max_pairs)
     else:
         rows_a, rows_b, _ = similar_pairs_faiss(index.embeddings, threshold, config or index.config, max_pairs)
+    candidates, unreadable = len(rows_a), []
+    if pixel_threshold is not None:
+        check = pixels.pixel_scores(index.items.paths, rows_a, rows_b, max_image_pixels, progress)
+        keep = pixels.confirmed(check.scores, pixel_threshold)
+        rows_a, rows_b, unreadable = rows_a[keep], rows_b[keep], check.unreadable
     groups = [_group(index, members) for members in pair_components(len(index), rows_a, rows_b)]
     groups.sort(key=lambda group: (-len(group), group.ids[0]))
-    return DedupReport(threshold, len(index), method.value, len(rows_a), groups, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return DedupReport(
+        threshold, pixel_threshold, len(index), method.value, candidates, len(rows_a), groups, seconds, unreadable
+    )
 
 
-def check_threshold(threshold: Any) -> float:
+def check_threshold(threshold: Any, name: str = "threshold") -> float:
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.number)) or not 0 < threshold <= 1:
-        raise QueryError(f"the threshold must be a cosine in (0, 1], got {threshold!r}")
+        raise QueryError(f"the {name} must be a cosine in (0, 1], got {threshold!r}")
     return float(threshold)
 
 
@@ -288,6 +323,10 @@ def write_groups_grid(report: DedupReport, path: Union[str, Path], max_groups: i
         for number, group in enumerate(report.groups[:max_groups], start=1)
     ]
     shown = "" if len(report.groups) <= max_groups else f", the largest {max_groups} shown"
-    title = f"{len(report.groups)} groups of near-duplicates (cosine >= {report.threshold:g}){shown}"
+    title = f"{len(report.groups)} groups of near-duplicates (cosine >= {report.threshold:g}{_confirmed(report)}){shown}"
     return write_sheet(title, sections, path, **{"columns": 8, "thumb": 96, **sheet_options})
 
+
+
+def _confirmed(report: DedupReport) -> str:
+    return "" if report.pixel_threshold is None else f", pixels >= {report.pixel_threshold:g}"

@@ -213,6 +213,13 @@ def test_choices_are_the_library_registries():
     assert [m.value for m in DedupMethod] == [m.value for m in Methods]
 
 
+def test_dedup_defaults_are_the_library_defaults():
+    from dual_encoder.cli import DEDUP_PIXEL_THRESHOLD, DEDUP_THRESHOLD
+    from dual_encoder.index import dedup
+
+    assert (DEDUP_THRESHOLD, DEDUP_PIXEL_THRESHOLD) == (dedup.DEFAULT_THRESHOLD, dedup.DEFAULT_PIXEL_THRESHOLD)
+
+
 def test_version_comes_from_the_package_metadata(capsys):
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"dual-encoder {importlib.metadata.version('dual_encoder')}"

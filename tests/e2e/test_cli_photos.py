@@ -105,6 +105,7 @@ def test_dedup_finds_copies_of_one_photo_and_writes_a_grid(tmp_path, photos, cap
     out = capsys.readouterr()
     report = json.loads(out.out)
     assert report["method"] == "exact" and report["threshold"] == 0.99999 and report["count"] == 8
+    assert report["candidates"] == report["pairs"] == 3 and report["pixel_threshold"] == 0.97
     assert report["sizes"] == {"3": 1} and report["duplicates"] == 2
     paths = sorted(item["path"] for item in report["groups"][0]["items"])
     assert paths == sorted(str(photos / name) for name in ("000.png", "copy.png", "re-encoded.bmp"))
@@ -112,8 +113,14 @@ def test_dedup_finds_copies_of_one_photo_and_writes_a_grid(tmp_path, photos, cap
 
     assert main(["index", "dedup", "--index", str(tmp_path / "ix"), "--threshold", "0.99999"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("1 groups of near-duplicates among 8 items (3 pairs with cosine >= 0.99999, exact")
+    assert lines[0].startswith("1 groups of near-duplicates among 8 items (3 candidates with cosine >= 0.99999, "
+                               "3 confirmed by pixels (>= 0.97), exact")
     assert lines[0].endswith("sizes: 1 of 3") and lines[1] == "group 1: 3 images"
 
+    # Without the pixel check every candidate counts.
+    assert main(["index", "dedup", "--index", str(tmp_path / "ix"), "--threshold", "0.99999", "--embeddings-only"]) == 0
+    assert capsys.readouterr().out.startswith("1 groups of near-duplicates among 8 items (3 pairs with cosine >= 0.99999, exact")
+
     assert main(["index", "dedup", "--index", str(tmp_path / "ix"), "--threshold", "1.5"]) == 2
+    assert main(["index", "dedup", "--index", str(tmp_path / "ix"), "--pixel-threshold", "0"]) == 2
     assert main(["index", "dedup", "--index", str(tmp_path / "nowhere")]) == 2

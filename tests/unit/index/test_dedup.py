@@ -1,5 +1,5 @@
 """Near-duplicates: the exact chunked self-join and the FAISS range search against brute force, grouping by connected
-components, the report and its contact sheet."""
+components, the report and its contact sheet (the pixel check of candidates: test_pixels.py)."""
 
 import json
 
@@ -85,7 +85,7 @@ def test_find_duplicates_reports_groups_largest_first_with_scores_to_the_first_m
     vectors = _planted()
     index = _index(vectors)
     index.remove([5])  # ids survive removal: groups name ids, not rows
-    report = find_duplicates(index, threshold=0.95, method="exact")
+    report = find_duplicates(index, threshold=0.95, method="exact", pixel_threshold=None)
 
     assert report.method == "exact" and report.count == len(vectors) - 1
     assert [group.ids for group in report.groups[:2]] == [[0, 600, 601, 602], [20, 21, 22]]
@@ -102,13 +102,15 @@ def test_find_duplicates_reports_groups_largest_first_with_scores_to_the_first_m
     assert shape["sizes"] == {"2": 8, "3": 1, "4": 1} and shape["groups_total"] == 10
     assert shape["groups"][0]["items"][1] == {"id": 600, "path": "/photos/0600.jpg", "score": report.groups[0].scores[1]}
 
-    faiss_report = find_duplicates(index, threshold=0.95, method="faiss", config=IndexConfig(ivf_nlist=4, ivf_nprobe=4))
+    faiss_report = find_duplicates(
+        index, threshold=0.95, method="faiss", config=IndexConfig(ivf_nlist=4, ivf_nprobe=4), pixel_threshold=None
+    )
     assert faiss_report.method == "faiss" and [g.ids for g in faiss_report.groups] == [g.ids for g in report.groups]
 
 
 def test_find_duplicates_reads_a_saved_float16_index(tmp_path):
     _index(_planted(), dtype="float16").save(tmp_path / "ix")
-    report = find_duplicates(tmp_path / "ix")
+    report = find_duplicates(tmp_path / "ix", threshold=0.95, pixel_threshold=None)
     assert report.method == "exact" and report.groups[0].ids == [0, 600, 601, 602]
 
 
@@ -129,7 +131,7 @@ def test_the_grid_has_one_row_of_thumbnails_per_group(tmp_path):
     vectors = np.array([[1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 1, 0], [0, 0, 1]], np.float32)
     records = [ImageRecord(path=str(p), sha256=f"{i:064x}") for i, p in enumerate(paths)]
     index = ImageIndex.create(vectors, records, IndexConfig(), ModelRecord("/m", "f" * 64))
-    report = find_duplicates(index)
+    report = find_duplicates(index, pixel_threshold=None)  # the tiles differ: only the embeddings say alike
     assert [g.ids for g in report.groups] == [[0, 1], [2, 3]]
     sheet = write_groups_grid(report, tmp_path / "dups.png", thumb=40, columns=4)
     with Image.open(sheet) as image:
