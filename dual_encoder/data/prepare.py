@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
-from tqdm import tqdm
+from tqdm.auto import tqdm  # widgets in Jupyter, text in a terminal
 
 from dual_encoder import files, images
 from dual_encoder.atomic import PREPARED_DATASET, atomic_directory, check_replaceable, writer_lock
