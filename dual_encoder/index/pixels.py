@@ -10,8 +10,10 @@ contrast are removed first, so re-encoding and brightness changes cost little. N
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
+import os
 from typing import Optional, Sequence
 
 import numpy as np
@@ -99,11 +101,14 @@ def pixel_scores(
         return PixelCheck(scores, [])
     involved = np.unique(np.concatenate([rows_a, rows_b]))
     thumbnails, unreadable = {}, []
-    for row in tqdm(involved, desc="read images", unit="img", disable=not progress):
-        try:
-            thumbnails[int(row)] = read_thumbnail(paths[row], max_pixels)
-        except OSError:  # files.FileRefusedError included: missing, not an image, corrupt, too large
-            unreadable.append(paths[row])
+    # Pillow decodes without the GIL: one reader per core.
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        read = pool.map(lambda row: _try_read(paths[row], max_pixels), involved)
+        for row, thumbnail in zip(tqdm(involved, desc="read images", unit="img", disable=not progress), read):
+            if thumbnail is None:
+                unreadable.append(paths[row])
+            else:
+                thumbnails[int(row)] = thumbnail
     readable = np.flatnonzero([int(a) in thumbnails and int(b) in thumbnails for a, b in zip(rows_a, rows_b)])
     wholes = {row: _whole_signature(thumbnail) for row, thumbnail in thumbnails.items()}
     # Both sides of every pair, grouped by the image whose crops are compared: each image's crops are made once.
@@ -119,6 +124,13 @@ def pixel_scores(
         np.maximum.at(best, pair[part], found)
     scores[readable] = best[readable]
     return PixelCheck(scores, unreadable)
+
+
+def _try_read(path: str, max_pixels: int) -> Optional[np.ndarray]:
+    try:
+        return read_thumbnail(path, max_pixels)
+    except OSError:  # files.FileRefusedError included: missing, not an image, corrupt, too large
+        return None
 
 
 def _whole_signature(thumbnail: np.ndarray) -> np.ndarray:
