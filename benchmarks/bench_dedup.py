@@ -1,7 +1,7 @@
 """Near-duplicate benchmark, side by side in one run: pair precision and recall on a gallery with planted copies,
 and the time of the pair search on vectors alone.
 
-    python benchmarks/bench_dedup.py --model demo_output/run/model     # a trained model folder (recommended)
+    python benchmarks/bench_dedup.py --model random --model demo_output/run/model --skip-speed   # quality only
     python benchmarks/bench_dedup.py                                   # a randomly initialised model only
     python benchmarks/bench_dedup.py --skip-quality --sizes 100000 1000000 --exact-sample 200000
     python benchmarks/bench_dedup.py --quick                           # small sizes, seconds
@@ -9,9 +9,11 @@ and the time of the pair search on vectors alone.
 Quality: `--originals` synthetic images (`dual_encoder.data.synthetic`, drawn at `--image-size`) of which
 `--planted` each get four near-duplicates — re-encoded as JPEG (quality 70), resized to 3/4, cropped by 6% on
 every side, and stored sideways with an EXIF orientation tag (upright as viewed) — indexed with `index build`
-(the real path) and paired with `find_duplicates`' exact self-join. Pairs within one original's group are true;
-any other pair is false. `--model DIR` (repeatable) embeds with a model folder; `random` is a randomly initialised
-`synthetic-small`-sized model.
+(the real path). Pairs within one original's group are true; any other pair is false. Pairs are counted two ways:
+by the embeddings' cosine alone, and as `find_duplicates` counts them by default — candidates by cosine, confirmed
+by the pixel check (`dual_encoder.index.pixels`); `find_duplicates` itself then runs at its defaults and the pairs
+its groups imply are scored too. `--model DIR` (repeatable) embeds with a model folder; `random` is a randomly
+initialised `synthetic-small`-sized model.
 
 Speed: `--sizes` random unit vectors and clustered ones with 1% near copies (D=256), each searched by the exact
 chunked self-join and by the FAISS IVF range search. Above `--exact-sample` items the exact time is estimated from
@@ -34,12 +36,21 @@ from PIL import Image
 
 from dual_encoder.config import IndexConfig, ModelConfig
 from dual_encoder.index import build_index, find_duplicates
-from dual_encoder.index.dedup import DEFAULT_BLOCK_ROWS, DEFAULT_THRESHOLD, join_block, similar_pairs_faiss
+from dual_encoder.index.dedup import (
+    DEFAULT_BLOCK_ROWS,
+    DEFAULT_PIXEL_THRESHOLD,
+    DEFAULT_THRESHOLD,
+    join_block,
+    similar_pairs_faiss,
+)
+from dual_encoder.index.pixels import pixel_scores
 
 DIM = 256
 CLUSTERS = 1000
 VARIANTS = ("jpeg q70", "resized 3/4", "cropped 6%", "EXIF-rotated")
-THRESHOLDS = (0.80, 0.90, 0.95, 0.98, 0.99)
+THRESHOLDS = (0.80, 0.90, 0.95, 0.98, 0.99)  # embeddings alone
+CANDIDATE_THRESHOLDS = (0.70, 0.80, 0.90)  # embeddings, then pixels
+PIXEL_THRESHOLDS = (0.90, 0.95, 0.97, 0.98)
 
 
 # -- quality ------------------------------------------------------------------------------------------------------
@@ -104,33 +115,58 @@ def quality(model_dir: Path, root: Path, group_of: dict[str, int]) -> dict:
     a, b = np.triu_indices(len(embeddings), 1)
     pair_scores, same = scores[a, b], groups[a] == groups[b]
     variant_of = np.array([_variant(path) for path in index.items.paths])
-    rows = {}
-    for threshold in THRESHOLDS:
-        predicted = pair_scores >= threshold
+
+    def row(predicted: np.ndarray) -> dict:
         true_positive = int(np.sum(predicted & same))
-        rows[threshold] = {
-            "pairs": int(predicted.sum()),
-            "precision": true_positive / max(1, int(predicted.sum())),
-            "recall": true_positive / max(1, int(same.sum())),
-        }
-    report = find_duplicates(index, threshold=DEFAULT_THRESHOLD)
-    # Recall of each kind of copy against its original at the default threshold.
+        return {"pairs": int(predicted.sum()), "precision": true_positive / max(1, int(predicted.sum())),
+                "recall": true_positive / max(1, int(same.sum()))}  # fmt: skip
+
+    # Embeddings alone, and candidates from embeddings confirmed by pixels (what find_duplicates does), from one
+    # pixel check of the loosest candidates.
+    rows = {("cosine", t, None): row(pair_scores >= t) for t in THRESHOLDS}
+    loosest = pair_scores >= min(CANDIDATE_THRESHOLDS)
+    started = time.perf_counter()
+    check = pixel_scores(index.items.paths, a[loosest], b[loosest])
+    pixel_seconds = time.perf_counter() - started
+    pixel_of = np.full(len(pair_scores), -1.0, np.float32)
+    pixel_of[loosest] = np.nan_to_num(check.scores, nan=-1.0)
+    for t in CANDIDATE_THRESHOLDS:
+        for p in PIXEL_THRESHOLDS:
+            rows[("pixels", t, p)] = row((pair_scores >= t) & (pixel_of >= p))
+    default = (pair_scores >= DEFAULT_THRESHOLD) & (pixel_of >= DEFAULT_PIXEL_THRESHOLD)
+
+    # The real path, end to end: its groups, and the pairs they imply (every two members of a group).
+    report = find_duplicates(index)
+    group_id = np.full(len(index), -1)
+    for number, group in enumerate(report.groups):
+        group_id[[index.items.row_of(item) for item in group.ids]] = number
+    in_one_group = (group_id[a] >= 0) & (group_id[a] == group_id[b])
+
+    # Recall of each kind of copy against its original at the defaults.
     original_pairs = same & ((variant_of[a] == "original") | (variant_of[b] == "original"))
     per_variant = {}
     for variant in VARIANTS:
         chosen = original_pairs & ((variant_of[a] == variant) | (variant_of[b] == variant))
-        per_variant[variant] = float(np.mean(pair_scores[chosen] >= DEFAULT_THRESHOLD)) if chosen.any() else None
+        per_variant[variant] = (
+            float(np.mean(pair_scores[chosen] >= 0.95)), float(np.mean(default[chosen]))
+        ) if chosen.any() else None  # fmt: skip
+    false_default = default & ~same
     return {
         "model": str(model_dir),
         "images": summary.count,
         "true_pairs": int(same.sum()),
-        "thresholds": rows,
-        "groups": len(report.groups),
-        "group_sizes": report.sizes,
+        "rows": rows,
+        "report": report,
+        "group_pairs": row(in_one_group),
         "per_variant_recall": per_variant,
         "median_true_pair": float(np.median(pair_scores[same])),
         "p999_other_pair": float(np.quantile(pair_scores[~same], 0.999)),
         "max_other_pair": float(pair_scores[~same].max()),
+        "lowest_true_pixels": float(pixel_of[same & loosest].min()),
+        "highest_other_pixels": float(pixel_of[~same & loosest].max()),
+        "false_pairs_default": [(index.items.paths[i], index.items.paths[j]) for i, j in
+                                zip(a[false_default][:5], b[false_default][:5])],  # fmt: skip
+        "pixel_check": (int(loosest.sum()), len(np.unique(np.concatenate([a[loosest], b[loosest]]))), pixel_seconds),
     }
 
 
@@ -251,24 +287,36 @@ def main() -> None:
             group_of = make_gallery(root, args.originals, args.planted, args.image_size, args.seed)
             print(f"\ngallery: {args.originals} synthetic images ({args.image_size} px), {args.planted} of them with "
                   f"4 near-duplicates ({len(group_of)} images, {time.perf_counter() - started:.0f} s to make)\n")
-            print("| model | threshold | pairs found | precision | recall |")
-            print("| --- | ---: | ---: | ---: | ---: |")
             results = []
             for name in models:
                 model_dir = random_model(root / "random-model") if name == "random" else Path(name)
-                result = quality(model_dir, root, group_of)
-                results.append((name, result))
-                for threshold, row in result["thresholds"].items():
-                    marker = " (default)" if threshold == DEFAULT_THRESHOLD else ""
-                    print(f"| {name} | {threshold:.2f}{marker} | {row['pairs']} | {row['precision']:.3f} | "
-                          f"{row['recall']:.3f} |")
+                results.append((name, quality(model_dir, root, group_of)))
+            print("| model | pairs counted | embedding cosine >= | pixel score >= | pairs found | precision | recall |")
+            print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+            for name, result in results:
+                for (kind, threshold, pixels), row in result["rows"].items():
+                    default = threshold == DEFAULT_THRESHOLD and pixels == DEFAULT_PIXEL_THRESHOLD
+                    counted = "candidates confirmed by pixels" if pixels else "embeddings alone"
+                    mark = " (default)" if default else ""
+                    print(f"| {name} | {counted}{mark} | {threshold:.2f} | {f'{pixels:.2f}' if pixels else '—'} | {row['pairs']:,} | "
+                          f"{row['precision']:.3f} | {row['recall']:.3f} |")
             print()
             for name, result in results:
-                variants = ", ".join(f"{v} {r:.2f}" for v, r in result["per_variant_recall"].items() if r is not None)
+                report, group_pairs = result["report"], result["group_pairs"]
+                candidates, images, seconds = result["pixel_check"]
+                variants = ", ".join(f"{v} {r[0]:.2f} -> {r[1]:.2f}" for v, r in result["per_variant_recall"].items() if r)
                 print(f"{name}: {result['true_pairs']} true pairs; median cosine of a true pair "
                       f"{result['median_true_pair']:.3f}, 99.9th percentile of other pairs {result['p999_other_pair']:.3f} "
-                      f"(max {result['max_other_pair']:.3f}); at {DEFAULT_THRESHOLD}: {result['groups']} groups "
-                      f"{result['group_sizes']}; recall of copy vs original by kind: {variants}")
+                      f"(max {result['max_other_pair']:.3f}); pixel score: lowest true pair "
+                      f"{result['lowest_true_pixels']:.3f}, highest other pair {result['highest_other_pixels']:.3f}.\n"
+                      f"  find_duplicates at the defaults: {report.candidates} candidates, {report.pairs} confirmed, "
+                      f"{len(report.groups)} groups {report.sizes}, {report.seconds:.1f} s; pairs within its groups: "
+                      f"{group_pairs['pairs']} (precision {group_pairs['precision']:.3f}, recall "
+                      f"{group_pairs['recall']:.3f}).\n"
+                      f"  pixel check of the {candidates} candidates at cosine >= {min(CANDIDATE_THRESHOLDS)}: "
+                      f"{images} images read in {seconds:.1f} s.\n"
+                      f"  recall of copy vs original by kind (cosine >= 0.95 alone -> defaults): {variants}.\n"
+                      f"  false pairs at the defaults (first 5): {result['false_pairs_default']}")
 
     if not args.skip_speed:
         print(f"\nspeed: D={DIM}, threshold {DEFAULT_THRESHOLD}, FAISS IVF nlist 4*sqrt(N), nprobe {args.nprobe}, "

@@ -1,12 +1,12 @@
-"""A second look at candidate near-duplicate pairs, by their pixels: does one image, possibly cropped by up to a
-fifth of its width, look like the other? Catches re-encoded, resized, rotated and cropped copies that a
+"""A second look at candidate near-duplicate pairs, by their pixels: does one image, possibly with up to a fifth of
+each side cut off, look like the other? Catches re-encoded, resized, rotated and cropped copies that a
 caption-trained embedding cannot tell from another picture of the same scene.
 
 Each image becomes a small upright thumbnail (EXIF orientation applied, squeezed to a square); a pair's score is the
-largest correlation between one image's full thumbnail and any of the other's crops (`CROP_FRACTIONS` of the side
-removed, anchored at either edge or the centre), both resampled to `COMPARE_SIZE` by area averaging. Mean and
-contrast are removed first, so re-encoding and brightness changes cost little. NumPy and Pillow only.
-"""
+largest correlation between one image's full thumbnail and any of the other's crops (`CROP_FRACTIONS` of each
+side's length cut off, the kept part anchored at either edge or the centre), both resampled to `COMPARE_SIZE` by
+area averaging. Mean and contrast are removed first, so re-encoding and brightness changes cost little. NumPy and
+Pillow only."""
 
 from __future__ import annotations
 
@@ -24,11 +24,11 @@ from dual_encoder import files, images
 from dual_encoder.config import DataConfig
 
 # Chosen on the planted-copies benchmark (BENCHMARKS.md), between the lowest true pair (0.984, a 6% crop) and the
-# most similar two different images (0.950, the same shapes in the same places).
+# most alike two different images (0.950).
 DEFAULT_PIXEL_THRESHOLD = 0.97
-THUMBNAIL_SIZE = 48  # the stored thumbnail: 6.9 KB per image
+THUMBNAIL_SIZE = 48  # the thumbnail kept while scoring: 6.9 KB per image
 COMPARE_SIZE = 24  # what is compared: 24 x 24 x 3 numbers
-# Crops of 0-20% of each side's length, in steps of 2.5% (a crop between two steps still scores high).
+# Crops that cut 2.5-20% of each side's length, in steps of 2.5% (a crop between two steps still scores high).
 CROP_FRACTIONS = tuple(step / 40 for step in range(1, 9))
 CROP_ANCHORS = (0.0, 0.5, 1.0)  # left/top edge, centre, right/bottom edge
 
