@@ -11,7 +11,7 @@ import tensorflow as tf
 from dual_encoder.model_config import ApplicationConfig
 from dual_encoder.config import ConfigError
 from dual_encoder.losses import ClipLoss, SigLipLoss, UnknownLossError, build_loss
-from dual_encoder.models import BatchKeysError, DualEncoder, ModelConfigError, build_dual_encoder
+from dual_encoder.models import BatchKeysError, DualEncoder, build_dual_encoder
 
 from .conftest import CAPTIONS
 

@@ -1,6 +1,5 @@
 """The training loop: artifacts, best checkpoint, resume, feature cache, replicas, mixed precision."""
 
-import dataclasses
 import json
 import os
 import signal
