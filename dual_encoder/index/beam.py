@@ -127,13 +127,10 @@ def _model_handler_class():
             self.model_dir = str(model_dir)
 
         def load_model(self):
-            import tensorflow as tf
-
             from dual_encoder.models import load_model
+            from dual_encoder.models.compiled import compiled
 
-            model = load_model(_local_copy(self.model_dir))
-            size = int(model.image_size)
-            return tf.function(model.encode_image, input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)])
+            return compiled(load_model(_local_copy(self.model_dir)), "encode_image")
 
         def run_inference(self, batch: Sequence[np.ndarray], model, inference_args=None) -> Iterable[np.ndarray]:
             return list(np.asarray(model(np.stack(batch))))

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
+from typing import Optional
 
 from dual_encoder.atomic import MODEL, atomic_directory
 from dual_encoder.config_values import ConfigError
 from dual_encoder.errors import DualEncoderError
+from dual_encoder.index.errors import ModelMismatchError  # TF-free leaves of the index package
+from dual_encoder.index.store import ModelRecord
 from dual_encoder.model_config import FLAT_DEFAULTS, ModelConfig, flat_targets
 from dual_encoder.models.dual_encoder import DualEncoder
 
@@ -80,6 +84,18 @@ def load_model(directory: str | Path) -> DualEncoder:
     model = DualEncoder(vocabulary=vocabulary, **config.to_dict())
     model.load_weights(directory / WEIGHTS_FILE)
     return model
+
+
+def load_checked_model(directory: str | Path, expected: Optional[ModelRecord] = None) -> tuple[DualEncoder, ModelRecord]:
+    """`(model, ModelRecord)` for `directory`; refuses, before building anything, a model whose fingerprint
+    differs from `expected`'s (the model an index was built with)."""
+    fingerprint = model_fingerprint(directory)
+    if expected is not None and fingerprint != expected.fingerprint:
+        raise ModelMismatchError(
+            f"model {directory} (fingerprint {fingerprint[:12]}) is not the model the index was built with "
+            f"({expected.directory}, fingerprint {expected.fingerprint[:12]}): fingerprint mismatch"
+        )
+    return load_model(directory), ModelRecord(os.path.abspath(directory), fingerprint)
 
 
 def read_model_config(directory: str | Path) -> tuple[ModelConfig, dict[str, str]]:
