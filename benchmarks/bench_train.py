@@ -53,7 +53,9 @@ def main() -> None:
     prepare_dataset("csv", captions, captions.parent / "images", data, DataConfig(validation_fraction=0.1), progress=False)
 
     model = ModelConfig(
-        image=family_of("image", args.image_backbone)(backbone=args.image_backbone, size=args.image_size, weights=None, trainable=False),
+        image=family_of("image", args.image_backbone)(
+            backbone=args.image_backbone, size=args.image_size, weights=None, trainable=False
+        ),
         text=KerasHubBertConfig(preset=_minilm_folder(), pooling="mean", trainable=False, sequence_length=32),
         heads=HeadsConfig(embed_dim=256, dropout=0.1),
     )

@@ -17,7 +17,7 @@ from dual_encoder.config_values import (
 )  # fmt: skip
 from dual_encoder.model_config import (
     FLAT_DEFAULTS, SECTIONS as MODEL_SECTIONS, HeadsConfig, LossConfig, ModelConfig, PairedConfig, family_of,
-    flat_targets, is_flat, migrate_flat,
+    flat_targets, is_flat, migrate_flat, section_class,
 )  # fmt: skip
 
 __all__ = ["Allowed", "ALLOWED", "Config", "ConfigError", "DataConfig", "HeadsConfig", "IndexConfig", "LossConfig",
@@ -240,8 +240,9 @@ def resolve_key(values: dict[str, Any], key: str) -> list[tuple[str, ...]]:
 
 def _resolve_name(values: dict[str, Any], name: str, key: str) -> list[tuple[str, ...]]:
     if name in FLAT_DEFAULTS or name == "gather_negatives":  # format 1's flat model names
-        model = ModelConfig.from_dict(values["model"])
-        targets = [("model", "loss", "gather_negatives")] if name == "gather_negatives" else [("model", *t) for t in flat_targets(model, name)]
+        if name == "gather_negatives":  # a train setting in format 1
+            return [("model", "loss", "gather_negatives")]
+        targets = [("model", *target) for target in flat_targets(values["model"], name)]
         if not targets:
             raise ConfigError(f"config key '{key}' (a flat name of format 1) fits none of this model's sections; "
                               f"give section.key: {', '.join(MODEL_SECTIONS)}")  # fmt: skip
@@ -272,7 +273,7 @@ def _assign(values: dict[str, Any], path: tuple[str, ...], value: Any, key: str)
     if name == "paired" and model.get("paired") is None:  # the preset supplies both towers
         model.update(paired={}, image=None, text=None)
     section = dict(model.get(name) or {})
-    section_cls = _model_section_class(name, section)
+    section_cls = section_class(name, section)
     if field == "backbone" and name in ("image", "text"):
         if family_of(name, value) is not section_cls:
             section = {}  # another family: its own section, at its defaults
@@ -281,13 +282,6 @@ def _assign(values: dict[str, Any], path: tuple[str, ...], value: Any, key: str)
         raise ConfigError(unknown_keys_message(f"model.{name}", [field], field_names(section_cls), what))
     section[field] = value
     model[name] = section
-
-
-def _model_section_class(name: str, section: dict[str, Any]) -> type:
-    if name in ("image", "text"):
-        default = ModelConfig().tower(name)
-        return family_of(name, section.get("backbone", default.backbone))
-    return {"paired": PairedConfig, "heads": HeadsConfig, "loss": LossConfig}[name]
 
 
 def _parse_value(raw: str) -> Any:

@@ -53,8 +53,13 @@ class TowerFamily:
         return {"family": self.family, **dataclasses.asdict(self)}
 
 
-_IMAGE_FLAT = {"image_backbone": "backbone", "image_size": "size", "image_weights": "weights", "image_trainable": "trainable"}
-_TEXT_FLAT = {"text_backbone": "backbone", "text_pooling": "pooling", "sequence_length": "sequence_length", "text_trainable": "trainable"}
+_IMAGE_FLAT = {
+    "image_backbone": "backbone", "image_size": "size", "image_weights": "weights", "image_trainable": "trainable",
+}  # fmt: skip
+_TEXT_FLAT = {
+    "text_backbone": "backbone", "text_pooling": "pooling", "sequence_length": "sequence_length",
+    "text_trainable": "trainable",
+}  # fmt: skip
 _POOLINGS = Allowed(choices=("cls", "mean"))  # models.layers.TEXT_POOLINGS
 _SEQUENCE_LENGTH = Allowed(low=2)
 
@@ -311,13 +316,15 @@ class ModelConfig:
             if value is None or dataclasses.is_dataclass(value):
                 sections[name] = value
                 continue
-            section_cls = _section_class(name, value, where)
+            section_cls = section_class(name, value, where)
             what = section_cls.describe() if issubclass(section_cls, TowerFamily) else ""
             sections[name] = build_section(section_cls, value, f"{where}.{name}", section_cls.allowed, what)
         return cls(**sections)
 
 
-def _section_class(name: str, value: Any, where: str) -> type:
+def section_class(name: str, value: Any, where: str = "model") -> type:
+    """The class of model section `name` whose JSON is `value`: for a tower, the family its `backbone` names
+    (the first family's when it names none)."""
     if name in _FAMILIES:
         default = _FAMILIES[name][0]
         backbone = value.get("backbone", default.backbone) if isinstance(value, dict) else default.backbone
@@ -375,13 +382,15 @@ def _take(section_cls: type, flat: dict[str, Any]) -> dict[str, Any]:
     return {field: flat[name] for name, field in section_cls.flat_names.items()}
 
 
-def flat_targets(config: "ModelConfig", flat_name: str) -> list[tuple[str, str]]:
-    """(section, field) pairs that the flat name `flat_name` (format 1) stands for in `config`: `dropout` was
-    both the heads' and the small transformer's."""
+def flat_targets(model: dict[str, Any], flat_name: str) -> list[tuple[str, str]]:
+    """(section, field) pairs that the flat name `flat_name` (format 1) stands for in a model section's JSON
+    form: `dropout` was both the heads' and the small transformer's."""
     targets = []
     for name in SECTIONS:
-        section = getattr(config, name)
-        flat_names = type(section).flat_names if section is not None else {}
+        value = model.get(name)
+        if value is None and name in ("image", "text", "paired"):
+            continue  # absent: the towers come from the other kind of section
+        flat_names = section_class(name, value or {}).flat_names
         if flat_name in flat_names:
             targets.append((name, flat_names[flat_name]))
     return targets

@@ -132,7 +132,7 @@ def _read_config_file(directory: Path) -> dict:
 def _section_key(config: ModelConfig, flat_key: str) -> str:
     if flat_key == "pretrained.preset":
         return "paired.preset"
-    (section, field), = flat_targets(config, flat_key)
+    ((section, field),) = flat_targets(config.to_dict(), flat_key)
     return f"{section}.{field}"
 
 
