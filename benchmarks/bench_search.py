@@ -215,7 +215,7 @@ def bench_end_to_end(size: int, queries_count: int = 200) -> dict:
     texts = example_queries(queries_count, seed=0)
     model = build_dual_encoder(model_config, captions=example_queries(2000, seed=1))
     records = [ImageRecord(path=f"/gallery/{i:06d}.png", sha256=f"{i:064x}") for i in range(size)]
-    gallery = unit_vectors(size, seed=5, dim=model_config.embed_dim)
+    gallery = unit_vectors(size, seed=5, dim=model_config.heads.embed_dim)
     index = ImageIndex.create(gallery, records, IndexConfig(), ModelRecord("/m", "0" * 64))
     searcher = Searcher(index, model)
     searcher.search(texts[0], k=K)  # trace the text tower once
@@ -231,7 +231,7 @@ def bench_end_to_end(size: int, queries_count: int = 200) -> dict:
         search_only.append(time.perf_counter() - started)
     milliseconds = np.array(latencies) * 1000
     return {
-        "N": size, "dim": model_config.embed_dim, "text_backbone": model_config.text_backbone,
+        "N": size, "dim": model_config.heads.embed_dim, "text_backbone": model_config.text.backbone,
         "p50_ms": float(np.percentile(milliseconds, 50)), "p99_ms": float(np.percentile(milliseconds, 99)),
         "search_only_p50_ms": float(np.percentile(np.array(search_only) * 1000, 50)),
     }  # fmt: skip

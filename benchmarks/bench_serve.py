@@ -77,7 +77,7 @@ def make_queries(count: int, seed: int = 0) -> list[str]:
 def build_model_and_index(root: Path, items: int, queries: list[str]) -> Path:
     model_config = Config.from_preset("synthetic-small").model
     model_dir = save_model(build_dual_encoder(model_config, captions=queries), root / "model")
-    vectors = np.random.default_rng(1).standard_normal((items, model_config.embed_dim), dtype=np.float32)
+    vectors = np.random.default_rng(1).standard_normal((items, model_config.heads.embed_dim), dtype=np.float32)
     records = [
         ImageRecord(path=f"/gallery/{i:07d}.jpg", sha256=hashlib.sha256(str(i).encode()).hexdigest())
         for i in range(items)
@@ -203,7 +203,7 @@ def main() -> None:
 
     print(
         f"\n{args.requests} GET /api/search (k={K}) at concurrency {args.concurrency}, {args.items:,}-item exact "
-        f"index (dim {Config.from_preset('synthetic-small').model.embed_dim}), {CORES} CPU cores, "
+        f"index (dim {Config.from_preset('synthetic-small').model.heads.embed_dim}), {CORES} CPU cores, "
         f"load generator in its own process, load average before the run {load_before}\n"
     )
     print("| mode | requests | errors | requests/s | p50 ms | p99 ms | max ms |")

@@ -19,7 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from dual_encoder.config import Config, DataConfig, ModelConfig, TrainConfig
+from dual_encoder.config import Config, DataConfig, TrainConfig
+from dual_encoder.model_config import HeadsConfig, KerasHubBertConfig, ModelConfig, family_of
 from dual_encoder.data.prepare import prepare_dataset
 from dual_encoder.data.synthetic import generate_synthetic
 from dual_encoder.training.trainer import train
@@ -52,16 +53,11 @@ def main() -> None:
     prepare_dataset("csv", captions, captions.parent / "images", data, DataConfig(validation_fraction=0.1), progress=False)
 
     model = ModelConfig(
-        image_backbone=args.image_backbone,
-        image_size=args.image_size,
-        image_trainable=False,
-        text_backbone="keras_hub",
-        text_preset=_minilm_folder(),
-        text_pooling="mean",
-        text_trainable=False,
-        sequence_length=32,
-        embed_dim=256,
-        dropout=0.1,
+        image=family_of("image", args.image_backbone)(
+            backbone=args.image_backbone, size=args.image_size, weights=None, trainable=False
+        ),
+        text=KerasHubBertConfig(preset=_minilm_folder(), pooling="mean", trainable=False, sequence_length=32),
+        heads=HeadsConfig(embed_dim=256, dropout=0.1),
     )
     epochs = max(args.epochs)
     ours_config = Config(model=model, train=TrainConfig(batch_size=args.batch_size, epochs=epochs, tensorboard=False))

@@ -205,7 +205,8 @@ def write_confusion_png(report: dict, path: Union[str, Path]) -> Path:
 
 def embed_for_classification(model_dir=None, images=None, index=None, batch_size: int = 64, progress: bool = False):
     """(model, paths, L2-normalised image embeddings) of an image folder (embedded now) or an index (stored)."""
-    from dual_encoder.index.embed import ImageFolder, embed_contents, load_checked_model, open_gallery
+    from dual_encoder.index.embed import ImageFolder, embed_contents, open_gallery
+    from dual_encoder.models import load_checked_model
     from dual_encoder.index.store import ImageIndex
 
     if (images is None) == (index is None):

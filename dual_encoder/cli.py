@@ -219,7 +219,7 @@ def train(
     data: Path = typer.Option(..., help="A prepared dataset folder."),
     output: Path = typer.Option(..., help="Run folder (model/, history.json, curves.png, backup/, logs/)."),
     preset: str = typer.Option("synthetic-small", help="Named recipe or a JSON config file."),
-    set_: List[str] = _overrides("loss=siglip"),
+    set_: List[str] = _overrides("loss.name=siglip or text.width=128"),
     epochs: Optional[int] = typer.Option(None, min=1, help="Shorthand for --set epochs=N."),
     strategy: Strategy = typer.Option(Strategy.auto, help="How to distribute: auto picks TPU, multi-worker, "
                                       "mirrored (several GPUs) or default."),
@@ -593,12 +593,12 @@ def search(
 def model_create(
     output: Path = typer.Option(..., help="The model folder to write."),
     preset: Optional[str] = typer.Option(
-        None, help="A product preset with a pretrained section, e.g. clip-vit-b32, siglip2-b16-224."
+        None, help="A product preset with a paired section, e.g. clip-vit-b32, siglip2-b16-224."
     ),
     from_keras_hub: Optional[str] = typer.Option(
         None, "--from-keras-hub", help="A KerasHub CLIP / SigLIP preset name or a local preset folder."
     ),
-    set_: List[str] = _overrides("model.pretrained.sequence_length=32"),
+    set_: List[str] = _overrides("paired.sequence_length=32"),
     overwrite: bool = _overwrite_option("model folder"),
 ):
     """A zero-shot model folder from a CLIP / SigLIP preset (downloads it once; loads offline afterwards)."""
@@ -607,8 +607,7 @@ def model_create(
     if (preset is None) == (from_keras_hub is None):
         raise ConfigError("give exactly one of --preset and --from-keras-hub")
     if from_keras_hub is not None:
-        set_ = ["model.image_trainable=false", "model.text_trainable=false",
-                f"model.pretrained.preset={json.dumps(from_keras_hub)}", *set_]  # fmt: skip
+        set_ = [f"paired.preset={json.dumps(from_keras_hub)}", "heads.kind=none", *set_]
     config = (Config() if from_keras_hub is not None else Config.from_preset(preset)).with_overrides(set_)
     from dual_encoder.models.pretrained import create_pretrained_model
 

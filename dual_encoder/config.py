@@ -1,25 +1,30 @@
 """Typed, frozen configuration sections, presets as JSON, and `key=value` overrides.
 
-The `ModelConfig` fields are the `DualEncoder` constructor arguments, so a training run and the
-model directory it writes share one schema.
+The `model` section is a `ModelConfig` (`dual_encoder.model_config`): a section per tower family, the heads and
+the loss, whose fields are the `DualEncoder` constructor arguments, so a training run and the model directory it
+writes share one schema. Configs written before the model had sections (format 1) are migrated on read.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import typing
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable
 
-from dual_encoder.errors import DualEncoderError
+from dual_encoder.config_values import (
+    FRACTION, NON_NEGATIVE, POSITIVE, Allowed, ConfigError, build_section, field_names, unknown_keys_message,
+)  # fmt: skip
+from dual_encoder.model_config import (
+    FLAT_DEFAULTS, SECTIONS as MODEL_SECTIONS, HeadsConfig, LossConfig, ModelConfig, PairedConfig, family_of,
+    flat_targets, is_flat, migrate_flat, section_class,
+)  # fmt: skip
+
+__all__ = ["Allowed", "ALLOWED", "Config", "ConfigError", "DataConfig", "HeadsConfig", "IndexConfig", "LossConfig",
+           "ModelConfig", "PairedConfig", "ServeConfig", "TrainConfig", "list_presets"]  # fmt: skip
 
 PRESETS_DIR = Path(__file__).parent / "presets"
-
-
-class ConfigError(DualEncoderError, ValueError):
-    """An unknown preset, section or key, or a malformed override."""
+CONFIG_FORMAT = 2  # 1: the model section was flat (every tower's fields in one); 2: tower, heads and loss sections
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,58 +35,6 @@ class DataConfig:
     split_seed: int = 0
     shard_size: int = 1000
     max_image_pixels: int = 64_000_000
-
-
-PRETRAINED_HEADS = ("none", "trained")
-
-
-@dataclasses.dataclass(frozen=True)
-class PretrainedConfig:
-    """A paired pretrained family (KerasHub CLIP / SigLIP / SigLIP 2): one preset supplies both towers.
-
-    With it set, the model's image/text backbone fields (`image_backbone`, `text_backbone`, `text_preset`,
-    `image_size`, `sequence_length`, …) are not used: the preset brings its own image converter, tokenizer and
-    projections.
-    """
-
-    preset: str = ""  # KerasHub preset name ("clip_vit_base_patch32") or a local preset folder
-    heads: str = "none"  # none: the model's own joint space (zero-shot) | trained: projection heads on top
-    sequence_length: Optional[int] = None  # tokens per text; None keeps the preset's
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """The two towers, their heads and the contrastive objective (the `DualEncoder` arguments)."""
-
-    image_backbone: str = "small_cnn"
-    image_weights: Optional[str] = None  # "imagenet", a local weights file, or None
-    image_size: int = 64
-    image_trainable: bool = True
-    image_width: int = 32  # base width of `small_cnn`
-    text_backbone: str = "small_transformer"  # small_transformer | keras_hub | tf_hub
-    text_preset: Optional[str] = None  # KerasHub preset / local HF folder / TF-Hub encoder handle
-    text_preprocessor: Optional[str] = None  # TF-Hub preprocess handle (tf_hub only)
-    text_pooling: str = "mean"  # cls | mean
-    text_trainable: bool = True
-    sequence_length: int = 32
-    vocabulary_size: int = 2000  # `small_transformer` vocabulary, built from training captions
-    text_width: int = 64
-    text_layers: int = 1
-    text_heads: int = 2
-    embed_dim: int = 256
-    num_projection_layers: int = 1
-    dropout: float = 0.1
-    loss: str = "clip"  # clip | soft_target | siglip
-    temperature: float = 0.07
-    max_logit_scale: float = 100.0
-    pretrained: Optional[PretrainedConfig] = None  # set: both towers come from one CLIP / SigLIP preset
-
-    def __post_init__(self):
-        if isinstance(self.pretrained, dict):  # from JSON (a saved model, a preset, an override)
-            unknown = set(self.pretrained) - {f.name for f in dataclasses.fields(PretrainedConfig)}
-            if unknown:
-                raise ConfigError(f"unknown keys in model.pretrained: {sorted(unknown)}")
-            object.__setattr__(self, "pretrained", PretrainedConfig(**self.pretrained))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +48,6 @@ class TrainConfig:
     weight_decay: float = 1e-3
     warmup_fraction: float = 0.05
     min_learning_rate_ratio: float = 0.0
-    gather_negatives: bool = True
     mixed_precision: bool = False  # compute in 16 bits, keep float32 variables, embeddings and loss
     # float16: GPUs (with loss scaling); bfloat16: TPUs and CPUs with AVX512-BF16 / AMX (no scaling needed)
     mixed_precision_dtype: str = "float16"
@@ -142,13 +94,8 @@ class ServeConfig:
     max_upload_bytes: int = 20 << 20  # an image uploaded to search with (a phone photo is ~2-12 MB)
 
 
-_SECTIONS = {
-    "data": DataConfig,
-    "model": ModelConfig,
-    "train": TrainConfig,
-    "index": IndexConfig,
-    "serve": ServeConfig,
-}
+_SECTIONS = {"data": DataConfig, "train": TrainConfig, "index": IndexConfig, "serve": ServeConfig}  # besides `model`
+_ORDER = ("data", "model", "train", "index", "serve")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,31 +109,31 @@ class Config:
     serve: ServeConfig = ServeConfig()
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {"format_version": CONFIG_FORMAT, **dataclasses.asdict(self)}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "Config":
+        """A config from its JSON form; one of format 1 (a flat model section, `train.gather_negatives`) is
+        migrated."""
         if not isinstance(values, dict):
             raise ConfigError(f"a config must be a JSON object of sections, got {type(values).__name__}")
-        unknown = set(values) - set(_SECTIONS)
+        values = dict(values)
+        version = values.pop("format_version", 1)
+        if version not in (1, CONFIG_FORMAT):
+            raise ConfigError(f"unsupported config format_version {version!r}: this version reads 1 and {CONFIG_FORMAT}")
+        unknown = set(values) - set(_ORDER)
         if unknown:
-            raise ConfigError(f"unknown config sections: {sorted(unknown)}")
-        sections = {}
-        for name, section_cls in _SECTIONS.items():
-            section_values = values.get(name, {})
-            if not isinstance(section_values, dict):
-                raise ConfigError(f"config section '{name}' must be a JSON object, got {type(section_values).__name__}")
-            known = {f.name for f in dataclasses.fields(section_cls)}
-            bad = set(section_values) - known
-            if bad:
-                raise ConfigError(f"unknown keys in config section '{name}': {sorted(bad)}")
-            for field, value in section_values.items():
-                check_value(name, field, value)
-            sections[name] = section_cls(**section_values)
-        return cls(**sections)
+            raise ConfigError(f"unknown config sections: {sorted(unknown)}; a config has {', '.join(_ORDER)}")
+        for name in _ORDER:
+            if not isinstance(values.get(name, {}), dict):
+                raise ConfigError(f"config section '{name}' must be a JSON object, got {type(values[name]).__name__}")
+        values = _migrate(values)
+        sections = {name: build_section(section_cls, values.get(name, {}), name, _allowed(name))
+                    for name, section_cls in _SECTIONS.items()}  # fmt: skip
+        return cls(model=ModelConfig.from_dict(values.get("model", {})), **sections)
 
     @classmethod
     def from_json(cls, text: str) -> "Config":
@@ -222,38 +169,119 @@ class Config:
         return cls.load(path)
 
     def with_overrides(self, overrides: Iterable[str]) -> "Config":
-        """Apply `key=value` strings; `key` is `section.field` or a field name unique across sections.
+        """Apply `key=value` strings (see `resolve_key` for the keys).
 
-        Values are parsed as JSON where they parse (numbers, true/false, null), else kept as strings.
+        Values are parsed as JSON where they parse (numbers, true/false, null), else kept as strings. A
+        `backbone` naming another family gives its tower that family's section, at its defaults: backbones are
+        applied first, so the other keys of the same call address the new family.
         """
-        values = self.to_dict()
+        parsed = []
         for item in overrides:
             key, sep, raw = item.partition("=")
             if not sep:
                 raise ConfigError(f"override '{item}' is not of the form key=value")
-            key = key.strip()
-            if key.startswith("model.pretrained."):  # a field of the nested pretrained section
-                nested = dict(values["model"].get("pretrained") or {})
-                nested[key.split(".", 2)[2]] = _parse_value(raw.strip())
-                values["model"]["pretrained"] = nested
-                continue
-            section, field = _resolve_key(key)
-            values[section][field] = _parse_value(raw.strip())
+            parsed.append((key.strip(), _parse_value(raw.strip())))
+        parsed.sort(key=lambda pair: not pair[0].endswith("backbone"))
+        values = self.to_dict()
+        for key, value in parsed:
+            for path in resolve_key(values, key):
+                _assign(values, path, value, key)
         return Config.from_dict(values)
 
 
-def _resolve_key(key: str) -> tuple[str, str]:
-    if "." in key:
-        section, field = key.split(".", 1)
-        if section not in _SECTIONS or field not in {f.name for f in dataclasses.fields(_SECTIONS[section])}:
-            raise ConfigError(f"unknown config key '{key}'")
-        return section, field
-    owners = [s for s, c in _SECTIONS.items() if key in {f.name for f in dataclasses.fields(c)}]
+def _allowed(section: str) -> dict[str, Allowed]:
+    return {key.split(".", 1)[1]: allowed for key, allowed in ALLOWED.items() if key.startswith(section + ".")}
+
+
+def _migrate(values: dict[str, Any]) -> dict[str, Any]:
+    """Format 1 -> 2: the flat model section into sections, `train.gather_negatives` into the loss's."""
+    model, train = values.get("model", {}), values.get("train", {})
+    if is_flat(model):
+        model = migrate_flat(model)
+    if "gather_negatives" in train:
+        train = {k: v for k, v in train.items() if k != "gather_negatives"}
+        model = {**model, "loss": {**(model.get("loss") or {}), "gather_negatives": values["train"]["gather_negatives"]}}
+    return {**values, "model": model, "train": train}
+
+
+def resolve_key(values: dict[str, Any], key: str) -> list[tuple[str, ...]]:
+    """Where an override key points in a config's dict form: paths like ("train", "epochs") or
+    ("model", "text", "width").
+
+    Keys: `section.field` (`train.epochs`, `index.kind`); a model section's field, with or without `model.`
+    (`text.width`, `model.image.size`, `heads.embed_dim`, `loss.name`, `paired.preset`); a field name unique among
+    data, train, index and serve (`epochs`); and the flat model names of format 1 as aliases (`image_size` ->
+    `image.size`, `embed_dim` -> `heads.embed_dim`, `loss` -> `loss.name`, `dropout` -> `heads.dropout` and the
+    small transformer's, `model.pretrained.preset` -> `paired.preset`, `gather_negatives` -> `loss.gather_negatives`).
+    """
+    parts = key.split(".")
+    prefixed = parts[0] == "model" and len(parts) > 1
+    if prefixed:
+        parts = parts[1:]
+    if parts[0] == "pretrained":  # format 1's nested section
+        if parts[1:] == ["heads"]:
+            raise ConfigError(f"'{key}' is now heads.kind (projection | none)")
+        parts = ["paired", *parts[1:]]
+    if len(parts) == 2 and parts[0] in MODEL_SECTIONS:
+        return [("model", *parts)]
+    if parts == ["paired"]:
+        return [("model", "paired")]
+    if len(parts) == 2 and parts[0] in _SECTIONS and not prefixed:
+        if parts == ["train", "gather_negatives"]:
+            return [("model", "loss", "gather_negatives")]
+        if parts[1] not in field_names(_SECTIONS[parts[0]]):
+            raise ConfigError(unknown_keys_message(parts[0], [parts[1]], field_names(_SECTIONS[parts[0]])))
+        return [tuple(parts)]
+    if len(parts) == 1:
+        return _resolve_name(values, parts[0], key)
+    sections = [*_SECTIONS, *MODEL_SECTIONS]
+    raise ConfigError(f"unknown config key '{key}': give section.key, with a section of {', '.join(sections)}")
+
+
+def _resolve_name(values: dict[str, Any], name: str, key: str) -> list[tuple[str, ...]]:
+    if name in FLAT_DEFAULTS or name == "gather_negatives":  # format 1's flat model names
+        if name == "gather_negatives":  # a train setting in format 1
+            return [("model", "loss", "gather_negatives")]
+        targets = [("model", *target) for target in flat_targets(values["model"], name)]
+        if not targets:
+            raise ConfigError(f"config key '{key}' (a flat name of format 1) fits none of this model's sections; "
+                              f"give section.key: {', '.join(MODEL_SECTIONS)}")  # fmt: skip
+        return targets
+    owners = [s for s, c in _SECTIONS.items() if name in field_names(c)]
     if not owners:
-        raise ConfigError(f"unknown config key '{key}'")
+        raise ConfigError(f"unknown config key '{key}': give section.key, with a section of "
+                          f"{', '.join([*_SECTIONS, *MODEL_SECTIONS])}")  # fmt: skip
     if len(owners) > 1:
-        raise ConfigError(f"config key '{key}' is ambiguous: use one of {[f'{s}.{key}' for s in owners]}")
-    return owners[0], key
+        raise ConfigError(f"config key '{key}' is ambiguous: use one of {[f'{s}.{name}' for s in owners]}")
+    return [(owners[0], name)]
+
+
+def _assign(values: dict[str, Any], path: tuple[str, ...], value: Any, key: str) -> None:
+    if path[0] != "model":
+        values[path[0]][path[1]] = value
+        return
+    model = values["model"]
+    if len(path) == 2:  # paired=null: back to separate towers (at their defaults)
+        if value is not None:
+            raise ConfigError(f"'{key}' takes null (separate towers again) or a key: paired.preset=…")
+        model.update(paired=None, image=None, text=None)
+        return
+    _, name, field = path
+    if name in ("image", "text") and model.get("paired") is not None:
+        raise ConfigError(f"'{key}': this model's towers come from model.paired (paired.preset, paired.sequence_length, "
+                          f"paired.{name}_trainable); set paired=null to give it separate towers")  # fmt: skip
+    if name == "paired" and model.get("paired") is None:  # the preset supplies both towers
+        model.update(paired={}, image=None, text=None)
+    section = dict(model.get(name) or {})
+    section_cls = section_class(name, section)
+    if field == "backbone" and name in ("image", "text"):
+        if family_of(name, value) is not section_cls:
+            section = {}  # another family: its own section, at its defaults
+    elif field not in field_names(section_cls):
+        what = section_cls.describe() if hasattr(section_cls, "describe") else ""
+        raise ConfigError(unknown_keys_message(f"model.{name}", [field], field_names(section_cls), what))
+    section[field] = value
+    model[name] = section
 
 
 def _parse_value(raw: str) -> Any:
@@ -263,146 +291,46 @@ def _parse_value(raw: str) -> Any:
         return raw
 
 
-# --- value checks: each field's type comes from its annotation; ranges and choices from this table ------------
+# --- value ranges and choices of the data, train, index and serve sections (the model's own declare theirs) ---
 
-
-@dataclasses.dataclass(frozen=True)
-class Allowed:
-    """What a field accepts beyond its type: bounds (inclusive `low`/`high`, or exclusive) or a set of choices.
-
-    The choices mirror the registries of the model, loss and index code (a test keeps them equal), so a bad
-    name is caught when the config is read, not after a dataset is loaded.
-    """
-
-    low: Optional[float] = None
-    high: Optional[float] = None
-    low_open: bool = False  # `low` itself not allowed
-    high_open: bool = False
-    choices: tuple[str, ...] = ()
-
-    def describe(self) -> str:
-        if self.choices:
-            return "one of " + ", ".join(self.choices)
-        parts = []
-        if self.low is not None:
-            parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
-        if self.high is not None:
-            parts.append(f"{'<' if self.high_open else '<='} {self.high:g}")
-        return " and ".join(parts)
-
-    def admits(self, value: Any) -> bool:
-        if self.choices:
-            return value in self.choices
-        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
-            return False
-        return self.high is None or not (value > self.high or (self.high_open and value == self.high))
-
-
-_POSITIVE, _NON_NEGATIVE = Allowed(low=1), Allowed(low=0)
-_FRACTION = Allowed(low=0, high=1)
 ALLOWED: dict[str, Allowed] = {
     "data.validation_fraction": Allowed(low=0, high=1, high_open=True),
-    "data.split_seed": _NON_NEGATIVE,
-    "data.shard_size": _POSITIVE,
-    "data.max_image_pixels": _POSITIVE,
-    "model.image_backbone": Allowed(choices=("small_cnn", "small_cnn_pooled", "small_cnn_detectors", "xception", "efficientnetv2_b0", "mobilenetv3_small", "resnet50")),
-    "model.image_size": Allowed(low=16),
-    "model.image_width": _POSITIVE,
-    "model.text_backbone": Allowed(choices=("small_transformer", "keras_hub", "tf_hub")),
-    "model.text_pooling": Allowed(choices=("cls", "mean")),
-    "model.sequence_length": Allowed(low=2),
-    "model.vocabulary_size": Allowed(low=4),
-    "model.text_width": _POSITIVE,
-    "model.text_layers": _POSITIVE,
-    "model.text_heads": _POSITIVE,
-    "model.embed_dim": _POSITIVE,
-    "model.num_projection_layers": _NON_NEGATIVE,
-    "model.dropout": Allowed(low=0, high=1, high_open=True),
-    "model.loss": Allowed(choices=("clip", "soft_target", "siglip")),
-    "model.temperature": Allowed(low=0, low_open=True),
-    "model.max_logit_scale": Allowed(low=0, low_open=True),
-    "train.batch_size": _POSITIVE,
-    "train.captions_per_image": _POSITIVE,
+    "data.split_seed": NON_NEGATIVE,
+    "data.shard_size": POSITIVE,
+    "data.max_image_pixels": POSITIVE,
+    "train.batch_size": POSITIVE,
+    "train.captions_per_image": POSITIVE,
     "train.mixed_precision_dtype": Allowed(choices=("float16", "bfloat16")),
-    "train.epochs": _POSITIVE,
+    "train.epochs": POSITIVE,
     "train.learning_rate": Allowed(low=0, low_open=True),
-    "train.weight_decay": _NON_NEGATIVE,
-    "train.warmup_fraction": _FRACTION,
-    "train.min_learning_rate_ratio": _FRACTION,
-    "train.seed": _NON_NEGATIVE,
-    "train.early_stopping_patience": _NON_NEGATIVE,
-    "train.reduce_lr_patience": _NON_NEGATIVE,
+    "train.weight_decay": NON_NEGATIVE,
+    "train.warmup_fraction": FRACTION,
+    "train.min_learning_rate_ratio": FRACTION,
+    "train.seed": NON_NEGATIVE,
+    "train.early_stopping_patience": NON_NEGATIVE,
+    "train.reduce_lr_patience": NON_NEGATIVE,
     "train.reduce_lr_factor": Allowed(low=0, high=1, low_open=True, high_open=True),
     "index.dtype": Allowed(choices=("float32", "float16")),
     "index.kind": Allowed(choices=("exact", "hnsw", "ivf", "ivfpq", "auto")),
-    "index.ann_threshold": _NON_NEGATIVE,
-    "index.ivfpq_threshold": _NON_NEGATIVE,
-    "index.pq_m": _NON_NEGATIVE,
-    "index.ivfpq_nprobe": _POSITIVE,
-    "index.rerank": _NON_NEGATIVE,
-    "index.train_size": _NON_NEGATIVE,
-    "index.embed_batch_size": _POSITIVE,
+    "index.ann_threshold": NON_NEGATIVE,
+    "index.ivfpq_threshold": NON_NEGATIVE,
+    "index.pq_m": NON_NEGATIVE,
+    "index.ivfpq_nprobe": POSITIVE,
+    "index.rerank": NON_NEGATIVE,
+    "index.train_size": NON_NEGATIVE,
+    "index.embed_batch_size": POSITIVE,
     "index.hnsw_m": Allowed(low=2),
-    "index.hnsw_ef_search": _POSITIVE,
-    "index.ivf_nlist": _NON_NEGATIVE,
-    "index.ivf_nprobe": _POSITIVE,
+    "index.hnsw_ef_search": POSITIVE,
+    "index.ivf_nlist": NON_NEGATIVE,
+    "index.ivf_nprobe": POSITIVE,
     "serve.port": Allowed(low=1, high=65535),
-    "serve.default_k": _POSITIVE,
-    "serve.max_query_chars": _POSITIVE,
-    "serve.max_k": _POSITIVE,
+    "serve.default_k": POSITIVE,
+    "serve.max_query_chars": POSITIVE,
+    "serve.max_k": POSITIVE,
     "serve.thumbnail_size": Allowed(low=16),
     "serve.max_request_bytes": Allowed(low=1024),
     "serve.max_upload_bytes": Allowed(low=1024),
 }
-
-
-def check_value(section: str, field: str, value: Any) -> None:
-    """Raise a one-line `ConfigError` naming `section.field` and what it allows, unless `value` fits the
-    field's annotated type and its entry in `ALLOWED`."""
-    key = f"{section}.{field}"
-    if key == "model.pretrained":
-        _check_pretrained(value)
-        return
-    annotation = typing.get_type_hints(_SECTIONS[section])[field]
-    optional = type(None) in typing.get_args(annotation)
-    base = next((a for a in typing.get_args(annotation) if a is not type(None)), annotation)
-    allowed = ALLOWED.get(key, Allowed())
-    if value is None and optional:
-        return
-    if not _has_type(value, base) or not allowed.admits(value):
-        wanted = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[base]
-        if allowed.choices:
-            wanted = allowed.describe()
-        elif allowed.describe():
-            wanted += " " + allowed.describe()
-        raise ConfigError(f"{key}={json.dumps(value)} is not allowed: expected {wanted}{' or null' if optional else ''}")
-
-
-def _check_pretrained(value: Any) -> None:
-    if value is None:
-        return
-    if not isinstance(value, dict):
-        raise ConfigError(f"model.pretrained={json.dumps(value)} is not allowed: expected an object or null")
-    fields = {f.name: f for f in dataclasses.fields(PretrainedConfig)}
-    unknown = set(value) - set(fields)
-    if unknown:
-        raise ConfigError(f"unknown keys in model.pretrained: {sorted(unknown)}")
-    if not isinstance(value.get("preset", ""), str) or not value.get("preset"):
-        raise ConfigError("model.pretrained.preset must be a KerasHub preset name or a local preset folder")
-    if value.get("heads", "none") not in PRETRAINED_HEADS:
-        raise ConfigError(f"model.pretrained.heads={json.dumps(value.get('heads'))} is not allowed: expected one of {', '.join(PRETRAINED_HEADS)}")
-    length = value.get("sequence_length")
-    if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 2):
-        raise ConfigError(f"model.pretrained.sequence_length={json.dumps(length)} is not allowed: expected an integer >= 2 or null")
-
-
-def _has_type(value: Any, base: type) -> bool:
-    """JSON-parsed `value` fits `base` (bools are not numbers; an int is a fine float; no NaN or infinity)."""
-    if base is bool or isinstance(value, bool):
-        return base is bool and isinstance(value, bool)
-    if base is float:
-        return isinstance(value, (int, float)) and math.isfinite(value)
-    return isinstance(value, base)
 
 
 def list_presets() -> list[str]:

@@ -172,7 +172,7 @@ def run_demo(
 
     start = time.perf_counter()
     stage(1, f"Generating {plan.num_images} captioned-shapes images (full and partial captions)")
-    size = config.model.image_size
+    size = config.model.image.size
     captions = generate_synthetic(paths["images"], plan.num_images, seed=0, image_size=size, progress=progress)
     start = _lap(seconds, "generate", start)
 
@@ -185,7 +185,7 @@ def run_demo(
     echo(summary.summary_line())
     start = _lap(seconds, "prepare", start)
 
-    stage(3, f"Training {config.model.image_backbone} + {config.model.text_backbone} ({config.train.epochs} epochs)")
+    stage(3, f"Training {config.model.image.backbone} + {config.model.text.backbone} ({config.train.epochs} epochs)")
     result = train(config, paths["dataset"], paths["run"], progress=progress, restart=True)
     paths["model"] = result.model_dir
     start = _lap(seconds, "train", start)

@@ -323,7 +323,7 @@ def _export(searcher: Searcher, output: Path, overwrite: bool, max_image_pixels:
             IMAGE_ENCODER: export_image_encoder(searcher.model, staging / IMAGE_ENCODER, max_image_pixels),
             SEARCHER: export_searcher(searcher, staging / SEARCHER, max_image_pixels),
         }
-        needs_text = searcher.model.text_encoder.needs_tensorflow_text
+        needs_text = searcher.model.model_config.tower("text").needs_tensorflow_text
         (staging / "export.json").write_text(
             json.dumps(
                 {

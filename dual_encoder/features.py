@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -16,12 +17,6 @@ from dual_encoder.data.pipeline import make_image_dataset, read_split
 from dual_encoder.models.compiled import compiled
 
 TEXT_BATCH_FACTOR = 4  # caption batch = 4 x image batch during extraction
-
-_BACKBONE_FIELDS = (
-    "image_backbone", "image_weights", "image_size", "image_width",
-    "text_backbone", "text_preset", "text_preprocessor", "text_pooling", "sequence_length",
-    "vocabulary_size", "text_width", "text_layers", "text_heads", "pretrained",
-)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,22 +38,23 @@ class SplitFeatures:
         return np.repeat(np.arange(len(self.num_captions)), self.num_captions)
 
 
-def backbone_fingerprint(model) -> str:
-    """Hash of the backbone settings and of the backbones' outputs on a fixed probe input.
+def backbone_fingerprint(model, towers: Sequence[str] = ("image", "text")) -> str:
+    """Hash of the `towers`' own config sections and of their backbones' outputs on a fixed probe input.
 
-    Hashing outputs rather than weight files covers every way a backbone can change (weights, vocabulary,
-    preprocessing) without knowing how each tower stores itself.
+    Only the named towers count (each locked tower's section, `ModelConfig.tower(...).tower_settings`): the
+    heads, the loss or the other tower never change it. Hashing outputs as well covers what a section does not
+    say (weights, vocabulary, preprocessing) without knowing how each tower stores itself.
     """
     size = model.image_size
-    probe_images = np.random.default_rng(0).integers(0, 256, (2, size, size, 3)).astype("uint8")
-    probe_texts = tf.constant(["a red circle on the left", "two small blue squares"])
-    image_out = compiled(model, "image_features")(probe_images).numpy()
-    text_out = compiled(model, "text_features")(probe_texts).numpy()
+    probes = {
+        "image": np.random.default_rng(0).integers(0, 256, (2, size, size, 3)).astype("uint8"),
+        "text": tf.constant(["a red circle on the left", "two small blue squares"]),
+    }
     digest = hashlib.sha256()
-    settings = {k: getattr(model, k, None) for k in _BACKBONE_FIELDS}
-    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
-    for array in (image_out, text_out):
-        digest.update(np.round(array, 4).tobytes())
+    for tower in towers:
+        settings = model.model_config.tower(tower).tower_settings(tower)
+        digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+        digest.update(np.round(compiled(model, f"{tower}_features")(probes[tower]).numpy(), 4).tobytes())
     return digest.hexdigest()[:16]
 
 

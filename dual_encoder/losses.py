@@ -268,15 +268,17 @@ class SigLipLoss(ContrastiveLoss):
         return {**super().get_config(), "max_logit_scale": self.max_logit_scale}
 
 
-LOSSES = {
-    "clip": lambda temperature, max_logit_scale: ClipLoss(temperature, max_logit_scale, name="contrastive_loss"),
-    "soft_target": lambda temperature, max_logit_scale: SoftTargetLoss(temperature, name="contrastive_loss"),
-    "siglip": lambda temperature, max_logit_scale: SigLipLoss(max_logit_scale, name="contrastive_loss"),
+LOSSES = {  # name -> (temperature, max_logit_scale, **ContrastiveLoss kwargs) -> the loss
+    "clip": lambda temperature, max_logit_scale, **kw: ClipLoss(temperature, max_logit_scale, name="contrastive_loss", **kw),
+    "soft_target": lambda temperature, max_logit_scale, **kw: SoftTargetLoss(temperature, name="contrastive_loss", **kw),
+    "siglip": lambda temperature, max_logit_scale, **kw: SigLipLoss(max_logit_scale, name="contrastive_loss", **kw),
 }
 
 
-def build_loss(name: str, temperature: float = 0.07, max_logit_scale: float = 100.0) -> ContrastiveLoss:
+def build_loss(
+    name: str, temperature: float = 0.07, max_logit_scale: float = 100.0, gather_negatives: bool = True
+) -> ContrastiveLoss:
     """The loss registered as `name` ("clip", "soft_target", "siglip"); each takes the settings it uses."""
     if name not in LOSSES:
         raise UnknownLossError(f"unknown loss '{name}'; choose one of {sorted(LOSSES)}")
-    return LOSSES[name](temperature, max_logit_scale)
+    return LOSSES[name](temperature, max_logit_scale, gather_negatives=gather_negatives)

@@ -20,10 +20,10 @@ from dual_encoder import files, images
 from dual_encoder.config import DataConfig
 from dual_encoder.contact_sheet import Section, Tile, write_sheet
 from dual_encoder.data.pipeline import decode_and_resize
-from dual_encoder.index.embed import load_checked_model
 from dual_encoder.index.errors import QueryError, QueryImageError, UnknownItemError
 from dual_encoder.index.store import ImageIndex
 from dual_encoder.index.store import validate_k
+from dual_encoder.models import load_checked_model
 from dual_encoder.models.compiled import compiled
 
 # What an image query may be: a file path, the encoded bytes of an image file, a Pillow image, or an RGB array.
@@ -225,8 +225,9 @@ class Searcher:
         self.model = model
         self.normalize = normalize
         self.max_image_pixels = max_image_pixels
-        # One traced graph for every batch size: eager Keras calls cost more than the search itself.
-        self._encode_text = tf.function(model.encode_text, input_signature=[tf.TensorSpec([None], tf.string)])
+        # One traced graph for every batch size (the model's, shared with indexing and evaluation): eager Keras
+        # calls cost more than the search itself.
+        self._encode_text = compiled(model, "encode_text")
 
     @classmethod
     def load(

@@ -6,24 +6,24 @@ import csv
 import dataclasses
 from pathlib import Path
 
-from dual_encoder.config import Config, DataConfig, IndexConfig, ModelConfig, TrainConfig
+from dual_encoder.config import Config, DataConfig, IndexConfig, TrainConfig
+from dual_encoder.model_config import HeadsConfig, ModelConfig, SmallCnnConfig, SmallTransformerConfig
 from dual_encoder.data.prepare import prepare_dataset
 from dual_encoder.data.synthetic import generate_synthetic
 from dual_encoder.index import DatasetSplit, build_index
 from dual_encoder.models import build_dual_encoder, save_model
 
 TINY_MODEL = ModelConfig(
-    image_size=32,
-    image_width=8,
-    text_width=16,
-    text_layers=1,
-    text_heads=2,
-    embed_dim=16,
-    vocabulary_size=200,
-    sequence_length=12,
-    dropout=0.0,
+    image=SmallCnnConfig(size=32, width=8),
+    text=SmallTransformerConfig(width=16, layers=1, heads=2, vocabulary_size=200, sequence_length=12, dropout=0.0),
+    heads=HeadsConfig(embed_dim=16, dropout=0.0),
 )
 CAPTIONS = ["a red circle", "two blue squares", "a green triangle above a red square", "one large yellow star"]
+
+
+def locked(config: ModelConfig) -> ModelConfig:
+    """`config` with both backbones frozen (their features can be cached)."""
+    return config.replace({"image.trainable": False, "text.trainable": False})
 
 
 def tiny_config(**train_overrides) -> Config:

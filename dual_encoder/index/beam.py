@@ -127,13 +127,10 @@ def _model_handler_class():
             self.model_dir = str(model_dir)
 
         def load_model(self):
-            import tensorflow as tf
-
             from dual_encoder.models import load_model
+            from dual_encoder.models.compiled import compiled
 
-            model = load_model(_local_copy(self.model_dir))
-            size = int(model.image_size)
-            return tf.function(model.encode_image, input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)])
+            return compiled(load_model(_local_copy(self.model_dir)), "encode_image")
 
         def run_inference(self, batch: Sequence[np.ndarray], model, inference_args=None) -> Iterable[np.ndarray]:
             return list(np.asarray(model(np.stack(batch))))
@@ -298,7 +295,7 @@ def build_index_on_beam(
     from dual_encoder.index.build import _summary
     from dual_encoder.index.embed import SkippedFile, _list_file, _list_folder
     from dual_encoder.models import model_fingerprint
-    from dual_encoder.models.io import CONFIG_FILE, resolve_model_dir
+    from dual_encoder.models.io import model_image_size, resolve_model_dir
 
     started = time.perf_counter()
     output = Path(output).absolute()
@@ -313,7 +310,7 @@ def build_index_on_beam(
         listed = [GalleryFile(position, path) for position, path in enumerate(paths)]
         model_record = ModelRecord(os.path.abspath(model_dir), model_fingerprint(model_dir))
         resolved = resolve_model_dir(model_dir).absolute()
-        image_size = int(json.loads((resolved / CONFIG_FILE).read_text(encoding="utf-8"))["model"]["image_size"])
+        image_size = model_image_size(resolved)
         local_shards = shards_dir is None
         shards_dir = shards_dir or tempfile.mkdtemp(prefix=f".{output.name}.shards-", dir=output.parent)
         try:

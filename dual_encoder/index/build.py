@@ -19,11 +19,11 @@ from dual_encoder.index.embed import (
     ImageFolder,
     SkippedFile,
     embed_contents,
-    load_checked_model,
     open_gallery,
 )
 from dual_encoder.index.errors import GallerySourceError, IndexConfigError
 from dual_encoder.index.store import ImageIndex, check_replaceable, read_manifest
+from dual_encoder.models import load_checked_model
 
 
 @dataclasses.dataclass(frozen=True)

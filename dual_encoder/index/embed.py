@@ -7,7 +7,7 @@ import dataclasses
 import hashlib
 import os
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence, Union
+from typing import Iterable, Iterator, Sequence, Union
 
 import keras
 import numpy as np
@@ -18,10 +18,9 @@ from dual_encoder import files, images
 from dual_encoder.config import DataConfig
 from dual_encoder.data import tfrecords
 from dual_encoder.data.pipeline import decode_and_resize, make_image_dataset, read_split
-from dual_encoder.index.errors import GallerySourceError, ModelMismatchError
+from dual_encoder.index.errors import GallerySourceError
 from dual_encoder.index.items import ImageRecord
-from dual_encoder.index.store import ModelRecord
-from dual_encoder.models import load_model, model_fingerprint
+from dual_encoder.models.compiled import compiled
 
 # Files are converted for TensorFlow at embed time only when they need it (EXIF-rotated, WebP, TIFF, HEIC …):
 # fast zlib, as the PNG lives only until it is decoded.
@@ -262,9 +261,7 @@ def embed_contents(
         first_row_of_hash.setdefault(gallery.records[row].sha256, row)
     unique_rows = sorted(first_row_of_hash.values())
     image_size = int(model.image_size)
-    encode = tf.function(
-        model.encode_image, input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.uint8)]
-    )
+    encode = compiled(model, "encode_image")
     vectors: dict[str, np.ndarray] = {}
     with tqdm(total=len(unique_rows), desc="embedding", unit="img", disable=not progress) as bar:
         for batch in gallery.images(unique_rows, image_size, batch_size):
@@ -279,14 +276,3 @@ def embed_contents(
             why = gallery.failure(first_row_of_hash[digest])
             skipped.append(SkippedFile(gallery.records[row].path, why.reason, why.detail))
     return vectors, skipped
-
-
-def load_checked_model(model_dir: Union[str, Path], expected: Optional[ModelRecord] = None):
-    """`(model, ModelRecord)` for `model_dir`; refuses a model whose fingerprint differs from `expected`'s."""
-    fingerprint = model_fingerprint(model_dir)
-    if expected is not None and fingerprint != expected.fingerprint:
-        raise ModelMismatchError(
-            f"model {model_dir} (fingerprint {fingerprint[:12]}) is not the model the index was built with "
-            f"({expected.directory}, fingerprint {expected.fingerprint[:12]}): fingerprint mismatch"
-        )
-    return load_model(model_dir), ModelRecord(os.path.abspath(model_dir), fingerprint)

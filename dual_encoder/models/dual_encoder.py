@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Iterable, Optional, Sequence
 
 import keras
 from keras import ops
 
-from dual_encoder.config import ModelConfig
 from dual_encoder.errors import DualEncoderError
 from dual_encoder.losses import build_loss
-from dual_encoder.models.image_encoder import ImageEncoder
+from dual_encoder.model_config import FLAT_DEFAULTS, SECTIONS, ModelConfig
+from dual_encoder.models.image_encoder import build_image_encoder
 from dual_encoder.models.layers import L2Normalize, ModelConfigError, ProjectionHead
-from dual_encoder.models.text_encoder import build_text_encoder, build_vocabulary, text_encoder_class
+from dual_encoder.models.text_encoder import build_text_encoder, build_vocabulary
 
-MODEL_CONFIG_FIELDS = tuple(field.name for field in dataclasses.fields(ModelConfig))
+MODEL_CONFIG_FIELDS = SECTIONS
 LOSS_KEYS = ("caption_ids", "image_ids", "image_labels", "caption_labels", "negative_mask")  # only the loss reads
 _PER_IMAGE_KEYS = ("image_ids", "image_labels")  # rows of images: repeated when an image brings several captions
 
@@ -28,66 +27,57 @@ class BatchKeysError(DualEncoderError, ValueError):
 class DualEncoder(keras.Model):
     """A CLIP-style dual encoder: both towers map into one L2-normalised embedding space.
 
-    The constructor arguments are the `ModelConfig` fields (defaults from `ModelConfig`), plus the
-    `small_transformer` vocabulary; each is also an attribute of the model. Backbone preprocessing and
+    The constructor arguments are the `ModelConfig` sections (`image`, `text`, `paired`, `heads`, `loss`, as
+    section objects or their JSON dicts), plus the `small_transformer` vocabulary. Backbone preprocessing and
     tokenisation run inside the model: callers pass raw 0-255 RGB images and strings.
 
     Args:
-        vocabulary: tokens of the `small_transformer` text tower (see `build_dual_encoder`); unused by
-            the other text towers.
-        **kwargs: `ModelConfig` fields, and Keras `name`/`dtype`/`trainable`.
+        vocabulary: tokens of a text tower that builds its vocabulary from captions (see `build_dual_encoder`);
+            unused by the others.
+        **kwargs: `ModelConfig` sections (or the flat fields of format 1, migrated), and Keras
+            `name`/`dtype`/`trainable`.
 
     Example:
-        >>> model = build_dual_encoder(ModelConfig(image_size=32, embed_dim=16), captions=["a red circle"])
+        >>> config = ModelConfig(image=SmallCnnConfig(size=32), heads=HeadsConfig(embed_dim=16))
+        >>> model = build_dual_encoder(config, captions=["a red circle"])
         >>> model.encode_text(["a red circle"]).shape
         TensorShape([1, 16])
     """
 
     def __init__(self, vocabulary: Optional[Sequence[str]] = None, **kwargs):
-        fields = {name: kwargs.pop(name) for name in MODEL_CONFIG_FIELDS if name in kwargs}
+        fields = {name: kwargs.pop(name) for name in (*SECTIONS, *FLAT_DEFAULTS) if name in kwargs}
         super().__init__(**kwargs)
 
         # === Config ===
-        config = ModelConfig(**fields)
+        config = ModelConfig.from_dict(fields)
         self.model_config = config
         self.vocabulary = None if vocabulary is None else [str(token) for token in vocabulary]
-        for name in MODEL_CONFIG_FIELDS:
-            setattr(self, name, getattr(config, name))
 
         # === Layers ===
-        pretrained = config.pretrained
-        if pretrained is not None:  # one CLIP / SigLIP preset supplies both towers and their projections
+        if config.paired is not None:  # one CLIP / SigLIP preset supplies both towers and their projections
             from dual_encoder.models.pretrained import build_pretrained_towers  # loads KerasHub's model zoo
 
-            self.image_encoder, self.text_encoder = build_pretrained_towers(
-                pretrained, config.image_trainable, config.text_trainable
-            )
-            self.image_size = self.image_encoder.image_size  # what the preset's image converter resizes to
-            self.sequence_length = self.text_encoder.sequence_length
+            self.image_encoder, self.text_encoder = build_pretrained_towers(config.paired)
         else:
-            self.image_encoder = ImageEncoder(
-                config.image_backbone,
-                image_size=config.image_size,
-                weights=config.image_weights,
-                width=config.image_width,
-                trainable=config.image_trainable,
-                name="image_encoder",
-            )
-            self.text_encoder = build_text_encoder(config, self.vocabulary)
-        if pretrained is not None and pretrained.heads == "none":
-            # Zero-shot: the model's own joint space, only L2-normalised.
+            self.image_encoder = build_image_encoder(config.image)
+            self.text_encoder = build_text_encoder(config.text, self.vocabulary)
+        # What the towers resize to and pad to (a paired preset brings its own).
+        self.image_size = self.image_encoder.image_size
+        self.sequence_length = self.text_encoder.sequence_length
+        heads = config.heads
+        if heads.kind == "none":  # zero-shot: the towers' own joint space, only L2-normalised
             self.embed_dim = self.image_encoder.output_dim
             self.image_projection = L2Normalize(name="image_projection")
             self.text_projection = L2Normalize(name="text_projection")
         else:
-            self.image_projection = ProjectionHead(
-                config.embed_dim, config.num_projection_layers, config.dropout, name="image_projection"
-            )
-            self.text_projection = ProjectionHead(
-                config.embed_dim, config.num_projection_layers, config.dropout, name="text_projection"
-            )
+            self.embed_dim = heads.embed_dim
+            self.image_projection = ProjectionHead(heads.embed_dim, heads.layers, heads.dropout, name="image_projection")
+            self.text_projection = ProjectionHead(heads.embed_dim, heads.layers, heads.dropout, name="text_projection")
         # Owned by the model so its learnable temperature/bias are saved, loaded and optimised with it.
-        self.contrastive_loss = build_loss(config.loss, config.temperature, config.max_logit_scale)
+        loss = config.loss
+        self.contrastive_loss = build_loss(
+            loss.name, loss.temperature, loss.max_logit_scale, gather_negatives=loss.gather_negatives
+        )
 
         # === Build ===
         # Every weight exists after construction, so `load_weights` and optimizers work before any call.
@@ -95,10 +85,14 @@ class DualEncoder(keras.Model):
         self.text_projection.build((None, self.text_encoder.output_dim))
         self.built = True
 
+    def is_trainable(self, tower: str) -> bool:
+        """Whether the `tower` ("image" or "text") backbone trains (else it is locked)."""
+        return self.model_config.tower(tower).is_trainable(tower)
+
     @property
     def backbones_frozen(self) -> bool:
         """True when neither backbone trains: their features can be computed once and cached."""
-        return not (self.image_trainable or self.text_trainable)
+        return not (self.is_trainable("image") or self.is_trainable("text"))
 
     def image_features(self, images):
         """Raw 0-255 RGB images [B, S, S, 3] -> image backbone outputs [B, F_image] (no head)."""
@@ -190,7 +184,7 @@ class DualEncoder(keras.Model):
     def get_config(self):
         return {
             **super().get_config(),
-            **dataclasses.asdict(self.model_config),
+            **self.model_config.to_dict(),
             "vocabulary": self.vocabulary,
         }
 
@@ -207,12 +201,11 @@ def _as_strings(texts):
 
 
 def build_dual_encoder(config: ModelConfig, captions: Optional[Iterable[str]] = None) -> DualEncoder:
-    """Build a `DualEncoder` from a `ModelConfig`; `captions` build the `small_transformer` vocabulary."""
+    """Build a `DualEncoder` from a `ModelConfig`; `captions` build the vocabulary of a text tower that needs one."""
     vocabulary = None
-    if config.pretrained is None and text_encoder_class(config.text_backbone).needs_vocabulary:
+    text = config.tower("text")
+    if text.needs_vocabulary:
         if captions is None:
-            raise ModelConfigError(
-                f"text_backbone '{config.text_backbone}' builds its vocabulary from captions: pass captions="
-            )
-        vocabulary = build_vocabulary(captions, config.vocabulary_size)
-    return DualEncoder(vocabulary=vocabulary, **dataclasses.asdict(config))
+            raise ModelConfigError(f"{text.describe()} builds its vocabulary from captions: pass captions=")
+        vocabulary = build_vocabulary(captions, text.vocabulary_size)
+    return DualEncoder(vocabulary=vocabulary, **config.to_dict())

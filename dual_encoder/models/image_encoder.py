@@ -218,3 +218,15 @@ class ImageEncoder(keras.layers.Layer):
             "weights": self.weights_source,
             "width": self.width,
         }
+
+
+def build_image_encoder(section) -> ImageEncoder:
+    """The image tower of a `SmallCnnConfig` or `ApplicationConfig` section (`dual_encoder.model_config`)."""
+    return ImageEncoder(
+        section.backbone,
+        image_size=section.size,
+        weights=section.weights,
+        width=getattr(section, "width", 32),  # only the small_cnn family has a width
+        trainable=section.trainable,
+        name="image_encoder",
+    )

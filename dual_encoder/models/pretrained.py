@@ -3,7 +3,7 @@
 The image tower holds the preset's own image converter (resize, rescale, normalise) in front of the vision
 encoder and the model's vision projection; the text tower holds the preset's tokenizer (in the graph) in front
 of the text encoder and its projection. Both output the model's joint space, not L2-normalised: the
-`DualEncoder` heads (`none`: L2 normalisation only, zero-shot; `trained`: projection heads) come after.
+`DualEncoder` heads (`heads.kind` none: L2 normalisation only, zero-shot; projection: trained heads) come after.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import keras_hub
 import tensorflow as tf  # the preprocessors' text ops are TensorFlow string ops
 from keras import ops
 
-from dual_encoder.config import ModelConfig, PretrainedConfig
+from dual_encoder.model_config import ModelConfig, PairedConfig
 from dual_encoder.models.layers import ModelConfigError
 from dual_encoder.models.text_encoder import TextEncoder, _first_line
 
@@ -137,26 +137,26 @@ class PretrainedTextEncoder(TextEncoder):
     def save_assets(self, directory: Path) -> dict[str, str]:
         target = Path(directory) / PRESET_DIR
         self.paired.save(target)
-        return {"pretrained.preset": PRESET_DIR}
+        return {"preset": PRESET_DIR}
 
 
-def build_pretrained_towers(config: PretrainedConfig, image_trainable: bool, text_trainable: bool):
+def build_pretrained_towers(config: PairedConfig):
     """(image tower, text tower) sharing one backbone loaded from `config.preset`."""
     paired = PairedPreset(config.preset, config.sequence_length)
-    paired.backbone.trainable = image_trainable or text_trainable
-    image = PretrainedImageEncoder(paired, trainable=image_trainable, name="image_encoder")
-    text = PretrainedTextEncoder(paired, trainable=text_trainable, name="text_encoder")
+    paired.backbone.trainable = config.image_trainable or config.text_trainable
+    image = PretrainedImageEncoder(paired, trainable=config.image_trainable, name="image_encoder")
+    text = PretrainedTextEncoder(paired, trainable=config.text_trainable, name="text_encoder")
     return image, text
 
 
 def create_pretrained_model(config: ModelConfig, output: str | Path, overwrite: bool = False) -> Path:
     """Write a zero-shot model folder from a paired preset (no training): weights, tokenizer, image converter and
-    config inside, so it loads offline afterwards. Only `heads: none` makes sense untrained."""
+    config inside, so it loads offline afterwards. Only `heads.kind: none` makes sense untrained."""
     from dual_encoder.models.dual_encoder import build_dual_encoder
     from dual_encoder.models.io import save_model
 
-    if config.pretrained is None:
-        raise ModelConfigError("model create needs a model config with a 'pretrained' section (a CLIP / SigLIP preset)")
-    if config.pretrained.heads != "none":
-        raise ModelConfigError("an untrained model needs pretrained.heads='none'; trained heads come from `train`")
+    if config.paired is None:
+        raise ModelConfigError("model create needs a model config with a 'paired' section (a CLIP / SigLIP preset)")
+    if config.heads.kind != "none":
+        raise ModelConfigError("an untrained model needs heads.kind='none'; trained heads come from `train`")
     return save_model(build_dual_encoder(config), output, overwrite=overwrite)

@@ -14,7 +14,6 @@ import keras
 import keras_hub
 from keras import ops
 
-from dual_encoder.config import ModelConfig
 from dual_encoder.models.layers import TEXT_POOLINGS, ModelConfigError, masked_mean
 
 
@@ -29,11 +28,8 @@ class TextEncoder(keras.layers.Layer):
         trainable: False freezes the backbone (and runs its dropout in inference mode).
     """
 
-    # True where the vocabulary is built from the training captions (the others bring their own tokenizer).
-    needs_vocabulary = False
-    # True where the tokenizer's graph uses TF Text ops (WordPiece, BPE, SentencePiece): loading an export
-    # then needs `import tensorflow_text`.
-    needs_tensorflow_text = True
+    # What a tower needs (a vocabulary from captions, TF Text ops at export) its config section declares
+    # (`dual_encoder.model_config`).
 
     def __init__(self, pooling: str = "mean", sequence_length: int = 32, trainable: bool = True, **kwargs):
         super().__init__(trainable=trainable, **kwargs)
@@ -57,7 +53,7 @@ class TextEncoder(keras.layers.Layer):
     def save_assets(self, directory: Path) -> dict[str, str]:
         """Write the files this tower needs to load offline into `directory`.
 
-        Returns the `ModelConfig` fields to point at them, as paths relative to `directory`.
+        Returns the fields of the tower's config section to point at them, as paths relative to `directory`.
         """
         return {}
 
@@ -87,9 +83,6 @@ class SmallTransformerTextEncoder(TextEncoder):
         >>> tower(["a red circle"]).shape
         TensorShape([1, 16])
     """
-
-    needs_vocabulary = True
-    needs_tensorflow_text = False  # Keras TextVectorization: core TF string ops only
 
     def __init__(
         self,
@@ -132,16 +125,17 @@ class SmallTransformerTextEncoder(TextEncoder):
             layer.trainable = self.trainable
 
     @classmethod
-    def from_model_config(cls, config: ModelConfig, vocabulary: Optional[Sequence[str]]) -> "SmallTransformerTextEncoder":
+    def from_section(cls, section, vocabulary: Optional[Sequence[str]]) -> "SmallTransformerTextEncoder":
+        """The tower of a `SmallTransformerConfig`."""
         return cls(
             vocabulary,
-            width=config.text_width,
-            num_layers=config.text_layers,
-            num_heads=config.text_heads,
-            dropout=config.dropout,
-            pooling=config.text_pooling,
-            sequence_length=config.sequence_length,
-            trainable=config.text_trainable,
+            width=section.width,
+            num_layers=section.layers,
+            num_heads=section.heads,
+            dropout=section.dropout,
+            pooling=section.pooling,
+            sequence_length=section.sequence_length,
+            trainable=section.trainable,
             name="text_encoder",
         )
 
@@ -207,14 +201,15 @@ class KerasHubTextEncoder(TextEncoder):
         self.built = True
 
     @classmethod
-    def from_model_config(cls, config: ModelConfig, vocabulary=None) -> "KerasHubTextEncoder":
-        if not config.text_preset:
-            raise ModelConfigError("text_backbone 'keras_hub' needs text_preset (a preset name or a local folder)")
+    def from_section(cls, section, vocabulary=None) -> "KerasHubTextEncoder":
+        """The tower of a `KerasHubBertConfig`."""
+        if not section.preset:
+            raise ModelConfigError("text backbone 'keras_hub' needs text.preset (a preset name or a local folder)")
         return cls(
-            config.text_preset,
-            pooling=config.text_pooling,
-            sequence_length=config.sequence_length,
-            trainable=config.text_trainable,
+            section.preset,
+            pooling=section.pooling,
+            sequence_length=section.sequence_length,
+            trainable=section.trainable,
             name="text_encoder",
         )
 
@@ -235,7 +230,7 @@ class KerasHubTextEncoder(TextEncoder):
         target = Path(directory) / "text_preset"
         self.backbone.save_to_preset(str(target))
         self.preprocessor.tokenizer.save_to_preset(str(target))
-        return {"text_preset": target.name}
+        return {"preset": target.name}
 
     def get_config(self):
         return {**super().get_config(), "preset": self.preset}
@@ -282,15 +277,16 @@ class TFHubTextEncoder(TextEncoder):
         self.output_dim = int(self.call(["probe"]).shape[-1])
 
     @classmethod
-    def from_model_config(cls, config: ModelConfig, vocabulary=None) -> "TFHubTextEncoder":
-        if not config.text_preset or not config.text_preprocessor:
-            raise ModelConfigError("text_backbone 'tf_hub' needs text_preset (encoder) and text_preprocessor handles")
+    def from_section(cls, section, vocabulary=None) -> "TFHubTextEncoder":
+        """The tower of a `TFHubConfig`."""
+        if not section.encoder or not section.preprocessor:
+            raise ModelConfigError("text backbone 'tf_hub' needs text.encoder and text.preprocessor handles")
         return cls(
-            config.text_preset,
-            config.text_preprocessor,
-            pooling=config.text_pooling,
-            sequence_length=config.sequence_length,
-            trainable=config.text_trainable,
+            section.encoder,
+            section.preprocessor,
+            pooling=section.pooling,
+            sequence_length=section.sequence_length,
+            trainable=section.trainable,
             name="text_encoder",
         )
 
@@ -326,7 +322,7 @@ class TFHubTextEncoder(TextEncoder):
         # Copies of the resolved SavedModels (the download cache for URLs) make the model dir self-contained.
         shutil.copytree(hub.resolve(self.encoder_handle), Path(directory) / "text_encoder")
         shutil.copytree(hub.resolve(self.preprocessor_handle), Path(directory) / "text_preprocessor")
-        return {"text_preset": "text_encoder", "text_preprocessor": "text_preprocessor"}
+        return {"encoder": "text_encoder", "preprocessor": "text_preprocessor"}
 
     def get_config(self):
         return {**super().get_config(), "encoder": self.encoder_handle, "preprocessor": self.preprocessor_handle}
@@ -362,16 +358,11 @@ TEXT_ENCODERS: dict[str, type[TextEncoder]] = {
 }
 
 
-def text_encoder_class(name: str) -> type[TextEncoder]:
-    """The registered text tower class called `name`."""
-    if name not in TEXT_ENCODERS:
-        raise ModelConfigError(f"unknown text_backbone '{name}'; choose one of {sorted(TEXT_ENCODERS)}")
-    return TEXT_ENCODERS[name]
-
-
-def build_text_encoder(config: ModelConfig, vocabulary: Optional[Sequence[str]] = None) -> TextEncoder:
-    """The text tower named by `config.text_backbone`."""
-    return text_encoder_class(config.text_backbone).from_model_config(config, vocabulary)
+def build_text_encoder(section, vocabulary: Optional[Sequence[str]] = None) -> TextEncoder:
+    """The text tower of a text family's config section (`dual_encoder.model_config`), by its `backbone`."""
+    if section.backbone not in TEXT_ENCODERS:
+        raise ModelConfigError(f"unknown text backbone '{section.backbone}'; choose one of {sorted(TEXT_ENCODERS)}")
+    return TEXT_ENCODERS[section.backbone].from_section(section, vocabulary)
 
 
 def build_vocabulary(captions: Iterable[str], max_size: int) -> list[str]:

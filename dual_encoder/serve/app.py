@@ -378,6 +378,7 @@ def encode_uploaded_image(model, data_base64: str, max_pixels: int):
     import tensorflow as tf
 
     from dual_encoder.images import decode
+    from dual_encoder.models.compiled import compiled
 
     try:
         data = base64.b64decode(data_base64, validate=True)
@@ -392,7 +393,7 @@ def encode_uploaded_image(model, data_base64: str, max_pixels: int):
     size = int(model.image_size)
     resized = tf.image.resize(np.asarray(image.convert("RGB")), [size, size], antialias=True)
     pixels = tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)[None]
-    return np.asarray(model.encode_image(pixels))
+    return np.asarray(compiled(model, "encode_image")(pixels))
 
 
 def _links(hit) -> dict[str, str]:

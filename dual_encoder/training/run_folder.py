@@ -85,14 +85,26 @@ def check_run_folder(run_dir: Path, config: Config, fingerprint: str, *, restart
 
 
 def config_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """`section.key old -> new` for every model and train setting that differs."""
-    differences = []
-    for section in _COMPARED_SECTIONS:
-        old, new = recorded.get(section, {}), current.get(section, {})
-        for key in sorted(set(old) | set(new)):
-            if old.get(key) != new.get(key):
-                differences.append(f"{section}.{key} {json.dumps(old.get(key))} -> {json.dumps(new.get(key))}")
-    return differences
+    """`section.key old -> new` for every model and train setting that differs (`model.heads.embed_dim 128 -> 64`)."""
+    old = _flatten({section: recorded.get(section, {}) for section in _COMPARED_SECTIONS})
+    new = _flatten({section: current.get(section, {}) for section in _COMPARED_SECTIONS})
+    return [
+        f"{key} {json.dumps(old.get(key))} -> {json.dumps(new.get(key))}"
+        for key in sorted(set(old) | set(new), key=lambda k: (k.split(".")[0] != "model", k))
+        if old.get(key) != new.get(key)
+    ]
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested sections -> {"model.text.width": 64, …}; a section that is null (model.image with a paired preset)
+    stays one key."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _recorded(run_dir: Path) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:

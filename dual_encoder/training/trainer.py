@@ -77,7 +77,7 @@ def learning_warning(history: list[dict], config: Config, num_train: int, num_va
     chance = chance_recall(10, num_validation)
     best_recall = max(r.get("val_t2i_recall@10", 0.0) for r in history)
     # A softmax loss (clip, soft_target) of a model that knows nothing is ln(batch); siglip's is not.
-    softmax = config.model.loss != "siglip"
+    softmax = config.model.loss.name != "siglip"
     stuck_loss = softmax and min(r["loss"] for r in history) > LOSS_STUCK_FRACTION * math.log(config.train.batch_size)
     if best_recall >= CHANCE_FACTOR * chance and not stuck_loss:
         return None
@@ -146,15 +146,15 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
 class _ImageBatches:
     """Training batches of decoded images and caption strings (trainable backbones)."""
 
-    def __init__(self, data_dir: Path, config: Config):
-        self.data_dir, self.config = data_dir, config
+    def __init__(self, data_dir: Path, config: Config, image_size: int):
+        self.data_dir, self.config, self.image_size = data_dir, config, image_size
         self.num_images = len(read_split(data_dir, "train").image_ids)
 
     def dataset(self, epoch: int) -> tf.data.Dataset:
         return make_train_dataset(
             self.data_dir,
             "train",
-            image_size=self.config.model.image_size,
+            image_size=self.image_size,
             batch_size=self.config.train.batch_size,
             epoch=epoch,
             seed=self.config.train.seed,
@@ -235,7 +235,6 @@ class _Run:
         keras.utils.set_random_seed(config.train.seed)
         with strategy.scope():
             self.model = build_dual_encoder(config.model, captions=train_captions)
-            self.model.contrastive_loss.gather_negatives = config.train.gather_negatives
             self.use_features = config.train.feature_cache and self.model.backbones_frozen
             self.val_features = None
             if self.use_features:
@@ -249,7 +248,7 @@ class _Run:
                     self.model, data_dir, "validation", batch_size=batch, progress=progress
                 )
             else:
-                self.source = _ImageBatches(data_dir, config)
+                self.source = _ImageBatches(data_dir, config, self.model.image_size)
             self.steps_per_epoch = self.source.num_images // config.train.batch_size
             if self.steps_per_epoch == 0:
                 raise TrainingError(

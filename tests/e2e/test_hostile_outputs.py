@@ -158,17 +158,17 @@ def test_resuming_a_run_with_another_config_or_dataset_is_refused_and_restart_st
     before = tree_hash(tmp_path)
     capsys.readouterr()
 
-    assert main(train + ["--data", str(root / "prepared"), "--set", "embed_dim=8", "--set", "loss=siglip"]) == 2
-    one_line_error(capsys, "another config", "model.embed_dim 16 -> 8", "model.loss \"clip\" -> \"siglip\"", "--restart")
+    assert main(train + ["--data", str(root / "prepared"), "--set", "heads.embed_dim=8", "--set", "loss=siglip"]) == 2
+    one_line_error(capsys, "another config", "model.heads.embed_dim 16 -> 8", "model.loss.name \"clip\" -> \"siglip\"", "--restart")
     assert main(train + ["--data", str(tmp_path / "other-data")]) == 2
     one_line_error(capsys, "was trained on another dataset", str(root / "prepared"))
     assert tree_hash(tmp_path) == before
 
     assert main(train + ["--data", str(root / "prepared")]) == 0  # same config and data: resumes (already done)
     assert "Resuming" in capsys.readouterr().out
-    assert main(train + ["--data", str(tmp_path / "other-data"), "--set", "embed_dim=8", "--restart"]) == 0
+    assert main(train + ["--data", str(tmp_path / "other-data"), "--set", "heads.embed_dim=8", "--restart"]) == 0
     record = json.loads((run / "run.json").read_text())
-    assert record["config"]["model"]["embed_dim"] == 8 and record["dataset"]["dir"] == str(tmp_path / "other-data")
+    assert record["config"]["model"]["heads"]["embed_dim"] == 8 and record["dataset"]["dir"] == str(tmp_path / "other-data")
     assert len(json.loads((run / "history.json").read_text())) == 1  # a fresh run, not a continued one
 
 

@@ -12,7 +12,8 @@ from PIL import Image
 
 from dual_encoder.cli import main
 from dual_encoder.data.pipeline import decode_and_resize
-from dual_encoder.config import Config, ConfigError, ModelConfig, PretrainedConfig
+from dual_encoder.config import Config, ConfigError
+from dual_encoder.model_config import HeadsConfig, ModelConfig, PairedConfig
 from dual_encoder.models import ModelConfigError, build_dual_encoder, load_model
 from tests.pretrained_presets import IMAGE_SIZE, make_clip_preset, make_siglip_preset
 
@@ -46,7 +47,7 @@ def test_embeddings_equal_keras_hub_and_survive_a_model_folder(preset, tmp_path)
     images = np.random.default_rng(0).integers(0, 256, (3, 45, 70, 3), dtype=np.uint8)
     expected_image, expected_text = _reference(folder, preprocessor_class, images, TEXTS)
 
-    model = build_dual_encoder(ModelConfig(pretrained=PretrainedConfig(preset=str(folder))))
+    model = build_dual_encoder(ModelConfig(paired=PairedConfig(preset=str(folder)), heads=HeadsConfig(kind="none")))
     assert model.image_size == IMAGE_SIZE
     np.testing.assert_allclose(model.encode_image(images), expected_image, atol=1e-5)
     np.testing.assert_allclose(model.encode_text(TEXTS), expected_text, atol=1e-5)
@@ -62,8 +63,8 @@ def test_embeddings_equal_keras_hub_and_survive_a_model_folder(preset, tmp_path)
     output = tmp_path / "model"
     assert main(["model", "create", "--from-keras-hub", str(folder), "--output", str(output)]) == 0
     saved = json.loads((output / "config.json").read_text())
-    assert saved["model"]["pretrained"]["heads"] == "none"
-    assert saved["assets"] == {"pretrained.preset": "assets/pretrained_preset"}
+    assert saved["model"]["heads"]["kind"] == "none" and saved["model"]["image"] is None
+    assert saved["assets"] == {"paired.preset": "assets/pretrained_preset"}
     # Self-contained: the source preset may go away.
     for path in sorted(folder.rglob("*"), reverse=True):
         path.unlink() if path.is_file() else path.rmdir()
@@ -103,25 +104,27 @@ def test_model_create_index_build_search(preset, tmp_path, capsys):
     np.testing.assert_allclose([hit["score"] for hit in hits], np.sort(scores)[::-1][:3], atol=1e-4)
 
 
-def test_pretrained_config_section():
+def test_paired_config_section():
     config = Config.from_preset("clip-vit-b32")
-    assert config.model.pretrained == PretrainedConfig(preset="clip_vit_base_patch32", heads="none")
-    assert Config.from_preset("siglip2-b16-224").model.pretrained.preset == "siglip2_base_patch16_224"
+    assert config.model.paired == PairedConfig(preset="clip_vit_base_patch32")
+    assert config.model.heads.kind == "none"
+    assert Config.from_preset("siglip2-b16-224").model.paired.preset == "siglip2_base_patch16_224"
     assert Config.from_json(config.to_json()) == config
-    changed = config.with_overrides(["model.pretrained.heads=trained", "model.pretrained.sequence_length=32"])
-    assert changed.model.pretrained == PretrainedConfig("clip_vit_base_patch32", "trained", 32)
-    with pytest.raises(ConfigError, match="heads"):
-        config.with_overrides(["model.pretrained.heads=linear"])
+    changed = config.with_overrides(["heads.kind=projection", "paired.sequence_length=32"])
+    assert changed.model.paired == PairedConfig("clip_vit_base_patch32", 32)
+    assert changed.model.heads.kind == "projection"
+    with pytest.raises(ConfigError, match="heads.kind"):
+        config.with_overrides(["heads.kind=linear"])
     with pytest.raises(ConfigError, match="unknown keys"):
-        config.with_overrides(["model.pretrained.colour=red"])
-    assert Config().model.pretrained is None
+        config.with_overrides(["paired.colour=red"])
+    assert Config().model.paired is None
 
 
 def test_a_preset_of_another_family_is_refused(tmp_path):
     backbone = keras_hub.models.BertBackbone(20, 1, 2, 8, 16, max_sequence_length=8)
     backbone.save_to_preset(str(tmp_path / "bert"))
     with pytest.raises(ModelConfigError, match="BertBackbone"):
-        build_dual_encoder(ModelConfig(pretrained=PretrainedConfig(preset=str(tmp_path / "bert"))))
+        build_dual_encoder(ModelConfig(paired=PairedConfig(preset=str(tmp_path / "bert"))))
 
 
 def test_classify_from_folder_and_index(preset, tmp_path, capsys):
@@ -211,11 +214,10 @@ def test_model_create_from_a_product_preset_file_then_evaluate(preset, tmp_path,
 
     folder, preprocessor_class = preset
     recipe = tmp_path / "my-clip.json"  # what dual_encoder/presets/clip-vit-b32.json is, with a local preset folder
-    recipe.write_text(json.dumps({"model": {"image_trainable": False, "text_trainable": False,
-                                            "pretrained": {"preset": str(folder), "heads": "none"}}}))  # fmt: skip
+    recipe.write_text(json.dumps({"model": {"paired": {"preset": str(folder)}, "heads": {"kind": "none"}}}))
     model_dir = tmp_path / "model"
     shorter = ["model", "create", "--preset", str(recipe), "--output", str(model_dir),
-               "--set", "model.pretrained.sequence_length=10"]  # fmt: skip
+               "--set", "paired.sequence_length=10"]  # fmt: skip
     if preprocessor_class is keras_hub.models.SigLIPPreprocessor:
         assert main(shorter) == 2  # SigLIP's text encoder takes exactly its max_sequence_length (12)
         assert "sequence_length 10 does not fit" in capsys.readouterr().err
@@ -236,7 +238,8 @@ def test_model_create_from_a_product_preset_file_then_evaluate(preset, tmp_path,
 
 
 def test_trained_heads_on_a_frozen_pretrained_pair(tmp_path):
-    """LiT-style: `heads: trained` trains projection heads on the frozen preset's joint space."""
+    """LiT-style: projection heads trained on the frozen preset's joint space (a recipe in the flat form of
+    format 1, migrated on read)."""
     from dual_encoder.config import DataConfig
     from dual_encoder.data.prepare import prepare_dataset
     from dual_encoder.data.synthetic import generate_synthetic

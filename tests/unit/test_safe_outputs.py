@@ -192,8 +192,13 @@ BAD_SETTINGS = {
     "learning_rate=-1": "a number > 0",
     "epochs=abc": "train.epochs",
     "epochs=0": "an integer >= 1",
-    "dropout=5": "model.dropout=5 is not allowed: expected a number >= 0 and < 1",
-    "embed_dim=0": "model.embed_dim",
+    "dropout=5": "dropout=5 is not allowed: expected a number >= 0 and < 1",
+    "heads.dropout=5": "model.heads.dropout=5 is not allowed: expected a number >= 0 and < 1",
+    "embed_dim=0": "model.heads.embed_dim",
+    "text.width=0": "model.text.width=0 is not allowed: expected an integer >= 1",
+    "text.widht=64": "model.text (the small_transformer text tower) has backbone, vocabulary_size, sequence_length, width",
+    "image.nope=1": "model.image (the small_cnn image tower) has backbone, size, width, weights, trainable",
+    "towers.width=1": "give section.key, with a section of data, train, index, serve, image, text, paired, heads, loss",
     "embed_batch_size=0": "index.embed_batch_size",
     "mixed_precision=maybe": "train.mixed_precision=\"maybe\" is not allowed: expected true or false",
     "loss=triplet": "one of clip, soft_target, siglip",
@@ -232,7 +237,7 @@ def test_a_bad_preset_file_is_one_line_naming_it(tmp_path, capsys, text, message
 
 def test_good_settings_still_apply():
     config = Config().with_overrides(["learning_rate=1e-4", "image_weights=null", "validation_fraction=0", "port=80"])
-    assert (config.train.learning_rate, config.model.image_weights, config.data.validation_fraction) == (1e-4, None, 0)
+    assert (config.train.learning_rate, config.model.image.weights, config.data.validation_fraction) == (1e-4, None, 0)
     with pytest.raises(ConfigError):
         Config.from_dict({"serve": {"port": 70000}})
 
@@ -242,14 +247,16 @@ def test_the_allowed_choices_are_the_registries():
     from dual_encoder.index.ann import AUTO_KIND, IndexKind
     from dual_encoder.index.store import DTYPES
     from dual_encoder.losses import LOSSES
+    from dual_encoder.model_config import HEAD_KINDS, TEXT_FAMILIES, HeadsConfig, LossConfig, image_backbones, text_backbones
     from dual_encoder.models.image_encoder import IMAGE_BACKBONES
     from dual_encoder.models.layers import TEXT_POOLINGS
     from dual_encoder.models.text_encoder import TEXT_ENCODERS
 
-    assert set(ALLOWED["model.image_backbone"].choices) == set(IMAGE_BACKBONES)
-    assert set(ALLOWED["model.text_backbone"].choices) == set(TEXT_ENCODERS)
-    assert set(ALLOWED["model.text_pooling"].choices) == set(TEXT_POOLINGS)
-    assert set(ALLOWED["model.loss"].choices) == set(LOSSES)
+    assert sorted(image_backbones()) == sorted(IMAGE_BACKBONES)
+    assert sorted(text_backbones()) == sorted(TEXT_ENCODERS)
+    assert all(set(family.allowed["pooling"].choices) == set(TEXT_POOLINGS) for family in TEXT_FAMILIES)
+    assert set(LossConfig.allowed["name"].choices) == set(LOSSES)
+    assert HeadsConfig.allowed["kind"].choices == HEAD_KINDS
     assert set(ALLOWED["index.dtype"].choices) == set(DTYPES)
     assert set(ALLOWED["index.kind"].choices) == {k.value for k in IndexKind} | {AUTO_KIND}
 

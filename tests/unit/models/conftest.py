@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dual_encoder.config import ModelConfig
+from dual_encoder.model_config import HeadsConfig, ModelConfig, SmallCnnConfig, SmallTransformerConfig
 
 CAPTIONS = [
     "a red circle on the left",
@@ -26,9 +26,15 @@ HUB_DEFAULT_LENGTH = 20  # what the plain-call preprocess pads to (real ones use
 def tiny_config():
     """small_cnn + small_transformer at 32x32, width 32 (width 8 for the CNN), one layer each."""
     return ModelConfig(
-        image_size=32, image_width=8, text_width=32, text_layers=1, text_heads=2, sequence_length=8,
-        vocabulary_size=40, embed_dim=16, dropout=0.0,
-    )  # fmt: skip
+        image=SmallCnnConfig(size=32, width=8),
+        text=SmallTransformerConfig(width=32, layers=1, heads=2, sequence_length=8, vocabulary_size=40, dropout=0.0),
+        heads=HeadsConfig(embed_dim=16, dropout=0.0),
+    )
+
+
+def tiny_image(**fields) -> SmallCnnConfig:
+    """The 32x32, width-4 small CNN that tests of a text tower pair it with."""
+    return SmallCnnConfig(**{"size": 32, "width": 4, **fields})
 
 
 @pytest.fixture

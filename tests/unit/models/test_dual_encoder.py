@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dual_encoder.config import ModelConfig
-from dual_encoder.losses import ClipLoss, SigLipLoss, UnknownLossError
-from dual_encoder.models import BatchKeysError, DualEncoder, ModelConfigError, build_dual_encoder
+from dual_encoder.model_config import ApplicationConfig
+from dual_encoder.config import ConfigError
+from dual_encoder.losses import ClipLoss, SigLipLoss, UnknownLossError, build_loss
+from dual_encoder.models import BatchKeysError, DualEncoder, build_dual_encoder
 
 from .conftest import CAPTIONS
 
@@ -61,7 +62,7 @@ def test_call_takes_raw_inputs_or_features(model, images):
 
 def test_several_captions_per_image_run_the_image_tower_once_and_score_every_pair(tiny_config, images):
     # siglip: clip's softmax gives repeated rows the same loss whether or not they are marked as one image.
-    model = build_dual_encoder(dataclasses.replace(tiny_config, loss="siglip"), captions=CAPTIONS)
+    model = build_dual_encoder(tiny_config.replace({"loss.name": "siglip"}), captions=CAPTIONS)
     captions = tf.constant([CAPTIONS[:2], CAPTIONS[2:], CAPTIONS[1:3]])  # [3 images, 2 captions]
     image_ids = tf.constant([5, 6, 7], tf.int64)
     calls = []
@@ -92,14 +93,14 @@ def test_call_rejects_a_batch_without_exactly_one_input_per_tower(model, batch):
         model(batch)
 
 
-def test_config_fields_are_attributes(model, tiny_config):
-    for field in dataclasses.fields(ModelConfig):
-        assert getattr(model, field.name) == getattr(tiny_config, field.name)
+def test_the_config_is_the_model_s(model, tiny_config):
     assert model.model_config == tiny_config
+    assert (model.image_size, model.sequence_length, model.embed_dim) == (32, 8, 16)
+    assert model.is_trainable("image") and model.is_trainable("text")
 
 
 def test_frozen_backbones_are_not_trainable(tiny_config):
-    config = dataclasses.replace(tiny_config, image_trainable=False, text_trainable=False)
+    config = tiny_config.replace({"image.trainable": False, "text.trainable": False})
     model = build_dual_encoder(config, captions=CAPTIONS)
     assert model.backbones_frozen
     trainable = {id(w) for w in model.trainable_weights}
@@ -111,16 +112,20 @@ def test_frozen_backbones_are_not_trainable(tiny_config):
 
 @pytest.mark.parametrize("loss, loss_class", [("clip", ClipLoss), ("siglip", SigLipLoss)])
 def test_the_model_owns_its_loss(tiny_config, loss, loss_class):
-    model = build_dual_encoder(dataclasses.replace(tiny_config, loss=loss), captions=CAPTIONS)
+    model = build_dual_encoder(tiny_config.replace({"loss.name": loss, "loss.gather_negatives": False}), captions=CAPTIONS)
     assert isinstance(model.contrastive_loss, loss_class)
+    assert model.contrastive_loss.gather_negatives is False  # passed to its constructor
     assert all(any(w is v for v in model.weights) for w in model.contrastive_loss.weights)
 
 
 def test_unknown_loss_and_backbone_are_clear_errors(tiny_config):
     with pytest.raises(UnknownLossError):
-        build_dual_encoder(dataclasses.replace(tiny_config, loss="triplet"), captions=CAPTIONS)
-    with pytest.raises(ModelConfigError, match="unknown image_backbone"):
-        build_dual_encoder(dataclasses.replace(tiny_config, image_backbone="vit"), captions=CAPTIONS)
+        build_loss("triplet")
+    with pytest.raises(ConfigError, match='model.loss.name="triplet" is not allowed'):
+        build_dual_encoder(tiny_config.replace({"loss.name": "triplet"}), captions=CAPTIONS)
+    image = dataclasses.replace(ApplicationConfig(), backbone="vit")
+    with pytest.raises(ConfigError, match='model.image.backbone="vit" is not allowed'):
+        build_dual_encoder(dataclasses.replace(tiny_config, image=image), captions=CAPTIONS)
 
 
 def test_config_round_trip(model, images):

@@ -3,15 +3,18 @@
 import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from dual_encoder.config import ModelConfig
+from dual_encoder.model_config import (
+    ApplicationConfig, HeadsConfig, KerasHubBertConfig, ModelConfig, SmallCnnConfig, TFHubConfig,
+)  # fmt: skip
 from dual_encoder.models import ModelDirectoryError, build_dual_encoder, load_model, model_fingerprint, save_model
-from dual_encoder.models.io import _hash_directory
+from dual_encoder.models.io import _hash_directory, model_image_size
 
-from .conftest import CAPTIONS
+from .conftest import CAPTIONS, tiny_image
 
 
 @pytest.fixture
@@ -38,7 +41,8 @@ def test_directory_layout_and_config_file(model, tmp_path):
         "config.json", "fingerprint.json", "model.weights.h5", "vocabulary.json",
     ]  # fmt: skip
     saved = json.loads((directory / "config.json").read_text())
-    assert ModelConfig(**saved["model"]) == model.model_config
+    assert saved["format_version"] == 2 and saved["image_size"] == 32
+    assert ModelConfig.from_dict(saved["model"]) == model.model_config
     assert saved["assets"] == {}
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary directory left behind
 
@@ -80,25 +84,26 @@ def test_keras_hub_model_loads_from_its_own_copy_of_the_preset(bert_preset, tmp_
     preset = tmp_path / "preset"
     shutil.copytree(bert_preset, preset)
     config = ModelConfig(
-        image_size=32, image_width=4, text_backbone="keras_hub", text_preset=str(preset), text_pooling="cls",
-        text_trainable=True, sequence_length=8, embed_dim=16,
-    )  # fmt: skip
+        image=tiny_image(),
+        text=KerasHubBertConfig(preset=str(preset), pooling="cls", trainable=True, sequence_length=8),
+        heads=HeadsConfig(embed_dim=16),
+    )
     model = build_dual_encoder(config)
     model.text_encoder.backbone.weights[0].assign(model.text_encoder.backbone.weights[0] * 2)  # "fine-tuned"
     save_model(model, tmp_path / "model")
     shutil.rmtree(preset)  # loading must not need the original preset
     loaded = load_model(tmp_path / "model")
     assert_same_embeddings(model, loaded, images, ["a red circle", "blue squares"])
-    assert json.loads((tmp_path / "model" / "config.json").read_text())["assets"] == {"text_preset": "assets/text_preset"}
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["assets"] == {"text.preset": "assets/text_preset"}
 
 
 def test_tf_hub_model_loads_from_its_own_copy_of_the_savedmodels(hub_models, tmp_path, images, assert_same_embeddings):
     for name in ("encoder", "packing"):
         shutil.copytree(hub_models[name], tmp_path / name)
-    config = ModelConfig(
-        image_size=32, image_width=4, text_backbone="tf_hub", text_preset=str(tmp_path / "encoder"),
-        text_preprocessor=str(tmp_path / "packing"), text_trainable=True, sequence_length=8, embed_dim=16,
-    )  # fmt: skip
+    text = TFHubConfig(
+        encoder=str(tmp_path / "encoder"), preprocessor=str(tmp_path / "packing"), trainable=True, sequence_length=8
+    )
+    config = ModelConfig(image=tiny_image(), text=text, heads=HeadsConfig(embed_dim=16))
     model = build_dual_encoder(config)
     for weight in model.text_encoder.trainable_weights:  # "fine-tuned": must come back from the weights file
         weight.assign(weight * 0.5)
@@ -110,15 +115,46 @@ def test_tf_hub_model_loads_from_its_own_copy_of_the_savedmodels(hub_models, tmp
 
 
 def test_imagenet_weights_are_not_fetched_again_on_load(tiny_config, tmp_path):
-    # Write a directory as a model built with image_weights="imagenet" would be saved; loading must
+    # Write a directory as a model built with image.weights="imagenet" would be saved; loading must
     # take every weight from model.weights.h5 instead of downloading.
-    model = build_dual_encoder(dataclasses.replace(tiny_config, image_backbone="mobilenetv3_small"), captions=CAPTIONS)
+    image = ApplicationConfig(backbone="mobilenetv3_small", size=32, weights=None, trainable=True)
+    model = build_dual_encoder(dataclasses.replace(tiny_config, image=image), captions=CAPTIONS)
     save_model(model, tmp_path / "model")
     config_path = tmp_path / "model" / "config.json"
     saved = json.loads(config_path.read_text())
-    saved["model"]["image_weights"] = "imagenet"
+    saved["model"]["image"]["weights"] = "imagenet"
     config_path.write_text(json.dumps(saved))
     fingerprint_path = tmp_path / "model" / "fingerprint.json"  # re-sign the edited directory
     fingerprint_path.write_text(json.dumps({"sha256": _hash_directory(tmp_path / "model")}))
     loaded = load_model(tmp_path / "model")  # no network here: a download attempt would fail
-    assert loaded.image_weights is None
+    assert loaded.model_config.image.weights is None
+
+
+FLAT = Path(__file__).parents[2] / "fixtures" / "flat_v1"
+
+
+def test_a_model_folder_of_format_1_loads_and_gives_identical_embeddings(tmp_path):
+    """A folder written by the flat-ModelConfig code (tests/fixtures/flat_v1) is migrated on read."""
+    expected = np.load(FLAT / "embeddings.npz")
+    captions = json.loads((FLAT / "captions.json").read_text())
+    model = load_model(FLAT / "model")
+    np.testing.assert_array_equal(model.encode_image(expected["images"]), expected["image_embeddings"])
+    np.testing.assert_array_equal(model.encode_text(captions), expected["text_embeddings"])
+    assert model.model_config.image == SmallCnnConfig(backbone="small_cnn_pooled", size=32, width=4)
+    assert model.model_config.loss.name == "siglip" and model.model_config.loss.temperature == 0.1
+    assert model_image_size(FLAT / "model") == 32
+    # Saved again, it is written in today's format and still gives the same embeddings.
+    save_model(model, tmp_path / "model")
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["format_version"] == 2
+    again = load_model(tmp_path / "model")
+    np.testing.assert_array_equal(again.encode_text(captions), expected["text_embeddings"])
+    assert model_image_size(tmp_path / "model") == 32
+
+
+def test_a_model_folder_of_an_unknown_format_is_refused(model, tmp_path):
+    save_model(model, tmp_path / "model")
+    config_path = tmp_path / "model" / "config.json"
+    config_path.write_text(config_path.read_text().replace('"format_version": 2', '"format_version": 9'))
+    (tmp_path / "model" / "fingerprint.json").write_text(json.dumps({"sha256": _hash_directory(tmp_path / "model")}))
+    with pytest.raises(ModelDirectoryError, match="unsupported model format 9"):
+        load_model(tmp_path / "model")

@@ -1,10 +1,12 @@
 """Text towers: small transformer (from captions), KerasHub BERT (test preset and real MiniLM), TF-Hub."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from dual_encoder.config import ModelConfig
+from dual_encoder.model_config import HeadsConfig, KerasHubBertConfig, ModelConfig, SmallTransformerConfig, TFHubConfig
 from dual_encoder.models import build_dual_encoder
 from dual_encoder.models.layers import ModelConfigError
 from dual_encoder.models.text_encoder import (
@@ -15,7 +17,7 @@ from dual_encoder.models.text_encoder import (
     build_vocabulary,
 )
 
-from .conftest import CAPTIONS, HUB_DEFAULT_LENGTH
+from .conftest import CAPTIONS, HUB_DEFAULT_LENGTH, tiny_image
 
 
 def _graph_op_types(function, *specs) -> set:
@@ -76,14 +78,14 @@ def test_small_transformer_pooling_ignores_padding_and_handles_empty_text():
 
 def test_small_transformer_without_vocabulary_is_a_clear_error():
     with pytest.raises(ModelConfigError, match="needs a vocabulary"):
-        build_text_encoder(ModelConfig(text_backbone="small_transformer"), vocabulary=None)
+        build_text_encoder(SmallTransformerConfig(), vocabulary=None)
     with pytest.raises(ModelConfigError, match="captions"):
-        build_dual_encoder(ModelConfig(image_size=32, image_width=4))
+        build_dual_encoder(ModelConfig(image=tiny_image()))
 
 
 def test_unknown_text_backbone_and_pooling_are_clear_errors():
-    with pytest.raises(ModelConfigError, match="unknown text_backbone 'gpt'"):
-        build_text_encoder(ModelConfig(text_backbone="gpt"))
+    with pytest.raises(ModelConfigError, match="unknown text backbone 'gpt'"):
+        build_text_encoder(dataclasses.replace(SmallTransformerConfig(), backbone="gpt"))
     with pytest.raises(ModelConfigError, match="unknown text_pooling 'max'"):
         _small_transformer(pooling="max")
 
@@ -115,15 +117,16 @@ def test_keras_hub_token_id_path_needs_core_ops_only(bert_preset):
 def test_missing_keras_hub_preset_is_a_clear_error(tmp_path):
     with pytest.raises(ModelConfigError, match="cannot load KerasHub BERT preset"):
         KerasHubTextEncoder(str(tmp_path / "missing"))
-    with pytest.raises(ModelConfigError, match="needs text_preset"):
-        build_text_encoder(ModelConfig(text_backbone="keras_hub"))
+    with pytest.raises(ModelConfigError, match="needs text.preset"):
+        build_text_encoder(KerasHubBertConfig())
 
 
 def test_real_minilm_checkpoint_ranks_paraphrases_closer(minilm_folder):
     config = ModelConfig(
-        image_size=32, image_width=4, image_trainable=False, text_backbone="keras_hub", text_preset=minilm_folder,
-        text_pooling="mean", text_trainable=False, sequence_length=16, embed_dim=16,
-    )  # fmt: skip
+        image=tiny_image(trainable=False),
+        text=KerasHubBertConfig(preset=minilm_folder, pooling="mean", trainable=False, sequence_length=16),
+        heads=HeadsConfig(embed_dim=16),
+    )
     model = build_dual_encoder(config)
     features = tf.math.l2_normalize(model.text_features(["a puppy playing", "a dog running", "a tax spreadsheet"]), -1)
     similarity = np.asarray(features @ tf.transpose(features))
@@ -171,5 +174,5 @@ def test_tf_hub_token_id_path_needs_core_ops_only(hub_models):
 def test_missing_tf_hub_handle_is_a_clear_error(tmp_path, hub_models):
     with pytest.raises(ModelConfigError, match="cannot load TF-Hub handle"):
         TFHubTextEncoder(str(tmp_path / "missing"), hub_models["packing"])
-    with pytest.raises(ModelConfigError, match="needs text_preset"):
-        build_text_encoder(ModelConfig(text_backbone="tf_hub", text_preset=hub_models["encoder"]))
+    with pytest.raises(ModelConfigError, match="needs text.encoder and text.preprocessor"):
+        build_text_encoder(TFHubConfig(encoder=hub_models["encoder"]))

@@ -1,6 +1,5 @@
 """The training loop: artifacts, best checkpoint, resume, feature cache, replicas, mixed precision."""
 
-import dataclasses
 import json
 import os
 import signal
@@ -21,7 +20,7 @@ from dual_encoder.models import build_dual_encoder, load_model
 from dual_encoder.training.distribute import get_strategy
 from dual_encoder.training.trainer import MONITOR, make_train_step, train
 
-from tests.tiny import TINY_MODEL, tiny_config
+from tests.tiny import TINY_MODEL, locked, tiny_config
 
 CAPTIONS = ["a red circle on the left", "a blue square", "two green triangles at the top", "a small star"]
 
@@ -72,7 +71,7 @@ def test_learning_warning_compares_recall_with_chance_and_the_loss_with_ln_batch
     stuck = learning_warning(_history([4.16, 4.15], [0.5, 0.5]), config, 600, 1000)
     assert "never fell below 95% of ln(batch) = 4.16" in stuck
     assert learning_warning([], config, 600, 1000) is None
-    siglip = Config(model=dataclasses.replace(config.model, loss="siglip"), train=config.train)
+    siglip = Config(model=config.model.replace({"loss.name": "siglip"}), train=config.train)
     assert learning_warning(_history([17.0, 9.0], [0.5, 0.6]), siglip, 600, 1000) is None  # its loss is not ln(B)
 
 
@@ -119,7 +118,7 @@ def test_loss_and_update_on_two_replicas_equal_one_device_on_the_whole_batch():
 
 @pytest.mark.parametrize("per_image", [1, 3], ids=["one-caption", "three-captions-per-image"])
 def test_heads_trained_on_cached_features_equal_heads_trained_with_live_frozen_backbones(tiny_data, tmp_path, per_image):
-    frozen = dataclasses.replace(TINY_MODEL, image_trainable=False, text_trainable=False)
+    frozen = locked(TINY_MODEL)
     runs = {}
     for cache in (True, False):
         train_config = TrainConfig(
@@ -139,7 +138,7 @@ def test_heads_trained_on_cached_features_equal_heads_trained_with_live_frozen_b
 
 
 def test_feature_cache_is_reused_and_keyed_by_the_backbone(tiny_data, monkeypatch):
-    frozen = dataclasses.replace(TINY_MODEL, image_trainable=False, text_trainable=False)
+    frozen = locked(TINY_MODEL)
     keras.utils.set_random_seed(1)
     model = build_dual_encoder(frozen, captions=CAPTIONS)
     first = feature_cache.load_or_compute_features(model, tiny_data, "validation", progress=False)
@@ -205,7 +204,7 @@ def test_a_killed_training_run_resumes_from_its_backup_and_finishes(tiny_data, t
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert [r["epoch"] for r in history] == list(range(1, 9))
     model = load_model(tmp_path / "run" / "model")
-    assert model.encode_text(tf.constant(CAPTIONS)).shape == (4, TINY_MODEL.embed_dim)
+    assert model.encode_text(tf.constant(CAPTIONS)).shape == (4, TINY_MODEL.heads.embed_dim)
 
 
 def _free_ports(n):
