@@ -431,8 +431,6 @@ class BeamFeatures:
     def __call__(self, model, data_dir: Union[str, Path], split: str, *, batch_size: int = 64, progress: bool = True):
         from dual_encoder.data.pipeline import read_split
         from dual_encoder.features import TEXT_BATCH_FACTOR, SplitFeatures
-        from dual_encoder.models import save_model
-
         beam = import_beam()
         data_dir = Path(data_dir).absolute()
         info = read_split(data_dir, split)
@@ -443,7 +441,7 @@ class BeamFeatures:
         ]
         captions = list(enumerate(caption for image_captions in info.captions for caption in image_captions))
         with _staging_folder(self.staging_dir, data_dir / "features", f".{split}-beam-") as staging:
-            model_dir = _put_model(save_model, model, staging)
+            model_dir = _put_model(model, staging)
             shards_dir = f"{staging}/shards"
             read = functools.partial(read_record_and_decode, image_size=int(model.image_size))
             with beam.Pipeline(options=pipeline_options(self.runner, self.options)) as pipeline:
@@ -508,8 +506,10 @@ def _staging_folder(given: Optional[str], default_parent: Path, prefix: str) -> 
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _put_model(save_model, model, staging: str) -> str:
+def _put_model(model, staging: str) -> str:
     """Save `model` as a model folder at `<staging>/model` (via a local copy when staging is `scheme://`)."""
+    from dual_encoder.models import save_model
+
     target = f"{staging}/model"
     if "://" not in staging:
         return str(save_model(model, target))
