@@ -266,6 +266,13 @@ def _build_ivfpq(faiss, embeddings: np.ndarray, ids: np.ndarray, config: IndexCo
     index.train(np.ascontiguousarray(embeddings[sample], dtype=np.float32))
     ivf.clustering_index = None
     del assign
+    # Each vector goes to the list the HNSW quantizer finds for it. At FAISS's default efSearch (16) that is often not
+    # the nearest list, and a vector filed in a far list is never probed: recall@10 stopped at 0.968 whatever nprobe
+    # and the shortlist (500k clustered vectors, 5,657 lists); searching as wide as queries do gave 0.996, for 1.7x
+    # the build time.
+    quantizer = faiss.downcast_index(ivf.quantizer)
+    if hasattr(quantizer, "hnsw"):  # a factory string of the user's may have a flat quantizer
+        quantizer.hnsw.efSearch = IVFPQ_QUANTIZER_EF_SEARCH
     _add_in_chunks(index, embeddings, ids)
     params = {
         "factory": factory, "nlist": int(ivf.nlist), "nprobe": min(config.ivfpq_nprobe, int(ivf.nlist)),
