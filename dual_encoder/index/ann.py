@@ -38,7 +38,8 @@ ADD_CHUNK_ROWS = 262_144
 # From this many vectors the default codes are twice as long (dim / 4 bytes). The more vectors share a neighbourhood,
 # the finer the codes must rank them for the true top 10 to reach the shortlist: on 10M clustered 256-d vectors
 # (10,000 per cluster) a 512 shortlist gave recall@10 0.79 with 32-byte codes and 0.92 with 64-byte codes, 742 MiB
-# resident (BENCHMARKS.md); at 1M 32-byte codes gave 0.98, at 2M 0.945.
+# resident (BENCHMARKS.md; both before the build filed vectors at efSearch 128, below); on 1M vectors with 10,000 per
+# cluster and 1,265 lists, 0.84 and 0.99.
 IVFPQ_LONG_CODES_FROM = 2_000_000
 # Neighbours per node of the HNSW graph over the IVF centroids (the coarse quantizer), and how wide its search is.
 IVFPQ_QUANTIZER_M = 32
