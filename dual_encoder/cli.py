@@ -227,13 +227,36 @@ def train(
     restart: bool = typer.Option(
         False, "--restart", "--overwrite", help="Start the run in --output afresh instead of resuming it."
     ),
+    runner: Optional[Runner] = typer.Option(
+        None, help="Compute the feature cache of frozen backbones on Apache Beam (extra 'beam') with this runner."
+    ),
+    pipeline_option: List[str] = typer.Option(
+        [], "--pipeline-option", metavar="KEY=VALUE", help="A Beam pipeline option (repeatable), as for index build."
+    ),
+    staging_dir: Optional[str] = typer.Option(
+        None, help="With --runner: where the frozen towers and the feature shards go for the workers "
+        "(default: inside --data; gs://… on Dataflow).",
+    ),
+    worker_data: Optional[str] = typer.Option(
+        None, help="With --runner: the prepared dataset as workers see it, e.g. a copy at gs://bucket/prepared "
+        "(default: --data).",
+    ),
 ):
     """Train a dual encoder; re-running the same command resumes an interrupted run."""
     from dual_encoder.training.trainer import train as run_training
 
     overrides = list(set_) + ([f"epochs={epochs}"] if epochs else [])
     config = _config(preset, overrides)
-    result = run_training(config, data, output, strategy=strategy.value, progress=not quiet, restart=restart)
+    compute = None
+    if runner is not None:
+        from dual_encoder.index.beam import BeamFeatures
+
+        compute = BeamFeatures(runner.value, tuple(pipeline_option), staging_dir, worker_data)
+    elif pipeline_option or staging_dir or worker_data:
+        raise DualEncoderError("--pipeline-option, --staging-dir and --worker-data go with --runner")
+    result = run_training(
+        config, data, output, strategy=strategy.value, progress=not quiet, restart=restart, compute_features=compute
+    )
     typer.echo(f"Best model (epoch {result.best.get('epoch')}): {result.model_dir}")
     _echo_json(result.best)
 

@@ -73,7 +73,7 @@ class IndexConfig:
     ivf_nlist: int = 0  # 0 = 4 * sqrt(N)
     ivf_nprobe: int = 32
     ivfpq_factory: str = ""  # a FAISS index_factory string; "" = OPQ{m},IVF{nlist}_HNSW32,PQ{m}
-    pq_m: int = 0  # bytes per vector in the PQ code; 0 = dim / 8 (32 for 256-d), rounded to a divisor of dim
+    pq_m: int = 0  # bytes per vector in the PQ code; 0 = dim / 8 (32 for 256-d), dim / 4 from 2M vectors
     opq: bool = False  # rotate before PQ (OPQ): codes fit anisotropic embeddings better, ~5x the training time
     ivfpq_nprobe: int = 64
     rerank: int = 512  # shortlist re-ranked exactly against the stored embeddings (recall@10 0.98 on 1M clustered)

@@ -6,7 +6,7 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -58,11 +58,20 @@ def backbone_fingerprint(model, towers: Sequence[str] = ("image", "text")) -> st
     return digest.hexdigest()[:16]
 
 
-def load_or_compute_features(model, data_dir: str | Path, split: str, *, batch_size: int = 64, progress: bool = True) -> SplitFeatures:
+def load_or_compute_features(
+    model,
+    data_dir: str | Path,
+    split: str,
+    *,
+    batch_size: int = 64,
+    progress: bool = True,
+    compute: Optional[Callable[..., SplitFeatures]] = None,
+) -> SplitFeatures:
     """The split's backbone features, from `<data_dir>/features/<key>/` or computed once and stored there.
 
     The key hashes the dataset manifest, the split and the backbone fingerprint, so a changed dataset or
-    backbone never reuses stale features.
+    backbone never reuses stale features. `compute` (default `compute_features`, same arguments) computes them
+    elsewhere, e.g. `dual_encoder.index.beam.BeamFeatures` on an Apache Beam runner; the files are the same.
     """
     data_dir = Path(data_dir)
     manifest = (data_dir / "manifest.json").read_bytes()
@@ -75,7 +84,7 @@ def load_or_compute_features(model, data_dir: str | Path, split: str, *, batch_s
     with writer_lock(cache_dir):
         if cached.is_file():
             return _read_features(cached)
-        features = compute_features(model, data_dir, split, batch_size=batch_size, progress=progress)
+        features = (compute or compute_features)(model, data_dir, split, batch_size=batch_size, progress=progress)
         with atomic_directory(cache_dir, FEATURE_CACHE, overwrite=True) as staging:
             np.savez(staging / FEATURE_CACHE.marker, **dataclasses.asdict(features))
     return features

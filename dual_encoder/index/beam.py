@@ -1,5 +1,6 @@
-"""Gallery embedding on Apache Beam (optional extra `beam`): list -> read and decode -> RunInference -> shards ->
-one index, written atomically.
+"""Embedding on Apache Beam (optional extra `beam`), one pipeline with two sources: an image gallery (list -> read and
+decode -> RunInference -> shards -> one index, written atomically) and a prepared dataset's split (its TFRecords and
+captions -> the frozen backbones -> shards -> the training feature cache, `BeamFeatures`).
 
 The launcher lists the gallery (as `index build` does) and fingerprints the model; the workers read every file with
 `dual_encoder.files` and decode it with `dual_encoder.images` (EXIF, the pixel limit, countable skip reasons) and
@@ -13,7 +14,9 @@ an `ImageIndex` and saves it with the one atomic-directory mechanism.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -24,7 +27,7 @@ import time
 import uuid
 import zlib
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -42,6 +45,7 @@ DIRECT_DEFAULTS = {"direct_running_mode": "multi_processing", "direct_num_worker
 ROWS_PER_SHARD = 5_000
 _PNG_COMPRESS_LEVEL = 1  # as the local path: the PNG lives only until TensorFlow decodes it
 _SHARD_SUFFIX = ".npz"
+TEXT_ENTRIES = frozenset({"text_features"})  # entry points that take strings, not images
 
 
 class BeamUnavailableError(DualEncoderError, ImportError):
@@ -110,43 +114,83 @@ def read_and_decode(item: GalleryFile, image_size: int, max_pixels: int) -> tupl
     return "image", (record, pixels)
 
 
+@dataclasses.dataclass(frozen=True)
+class DatasetRecord:
+    """One image of a prepared split: its TFRecord, as workers see it, and where in it (the item table's offsets)."""
+
+    position: int
+    shard: str
+    offset: int
+    length: int
+
+
+def read_record_and_decode(item: DatasetRecord, image_size: int) -> tuple[str, Any]:
+    """`("image", ({"position": …}, pixels))` for one record of a prepared split, decoded as `make_image_dataset`
+    decodes it; `("skipped", (position, where, reason, detail))` if it cannot be read."""
+    import tensorflow as tf
+    from apache_beam.io.filesystems import FileSystems
+
+    from dual_encoder.data import tfrecords
+    from dual_encoder.data.pipeline import decode_and_resize
+
+    where = f"{item.shard}@{item.offset}"
+    try:
+        with FileSystems.open(item.shard, compression_type="uncompressed") as stream:
+            stream.seek(item.offset)
+            serialized = stream.read(item.length)
+        if len(serialized) != item.length:
+            return "skipped", (item.position, where, files.Refused.CORRUPT, "the TFRecord file is truncated")
+        encoded = tfrecords.parse_example(tf.constant(serialized))["image/encoded"]
+        pixels = decode_and_resize(encoded, image_size).numpy()
+    except Exception as error:  # a missing shard, a corrupt record or image: the cache cannot be complete
+        return "skipped", (item.position, where, files.Refused.CORRUPT, f"{type(error).__name__}: {error}"[:200])
+    return "image", ({"position": item.position}, pixels)
+
+
 def _model_handler_class():
     beam = import_beam()
     from apache_beam.ml.inference.base import ModelHandler
 
-    class ImageTowerHandler(ModelHandler):
-        """RunInference's handle on our image tower: loads a model folder, embeds batches of uint8 images.
+    class TowerHandler(ModelHandler):
+        """RunInference's handle on one entry point of our model (`models.compiled`): loads a model folder and runs
+        `entry` on batches: uint8 images for `encode_image` / `image_features`, strings for `text_features`.
 
         Args:
             model_dir: the model folder, local or on a file system Beam reads (`gs://…`; copied to the worker).
             batch_size: largest batch RunInference gives the tower.
+            entry: the tower entry point to run.
         """
 
-        def __init__(self, model_dir: str, batch_size: int):
+        def __init__(self, model_dir: str, batch_size: int, entry: str = "encode_image"):
             super().__init__(min_batch_size=1, max_batch_size=batch_size)
             self.model_dir = str(model_dir)
+            self.entry = entry
 
         def load_model(self):
             from dual_encoder.models import load_model
             from dual_encoder.models.compiled import compiled
 
-            return compiled(load_model(_local_copy(self.model_dir)), "encode_image")
+            return compiled(load_model(_local_copy(self.model_dir)), self.entry)
 
-        def run_inference(self, batch: Sequence[np.ndarray], model, inference_args=None) -> Iterable[np.ndarray]:
+        def run_inference(self, batch: Sequence[Any], model, inference_args=None) -> Iterable[np.ndarray]:
+            if self.entry in TEXT_ENTRIES:
+                import tensorflow as tf
+
+                return list(np.asarray(model(tf.constant(list(batch), dtype=tf.string))))
             return list(np.asarray(model(np.stack(batch))))
 
         def get_metrics_namespace(self) -> str:
-            return "dual_encoder_image_tower"
+            return f"dual_encoder_{self.entry}"
 
     del beam
-    return ImageTowerHandler
+    return TowerHandler
 
 
-def make_model_handler(model_dir: str, batch_size: int):
-    """A keyed RunInference handler (the key carries each image's record through inference)."""
+def make_model_handler(model_dir: str, batch_size: int, entry: str = "encode_image"):
+    """A keyed RunInference handler for the tower entry point `entry` (the key carries each row's record)."""
     from apache_beam.ml.inference.base import KeyedModelHandler
 
-    return KeyedModelHandler(_model_handler_class()(model_dir, batch_size))
+    return KeyedModelHandler(_model_handler_class()(model_dir, batch_size, entry))
 
 
 def _local_copy(model_dir: str) -> str:
@@ -171,20 +215,22 @@ def shard_of(position: int, shards: int) -> int:
 
 
 def write_shard(keyed: tuple[int, Iterable[tuple[str, Any]]], directory: str) -> str:
-    """Write one shard's rows (`("image", (record, embedding))` / `("skipped", ...)`) to `directory/shard-K.npz`.
+    """Write one shard's rows (`("image" | "text", (record, embedding))` / `("skipped", ...)`) to
+    `directory/shard-K.npz`.
 
     The content depends only on which files are in the shard, and the write replaces the whole file, so a
     retried bundle leaves exactly one copy of each row.
     """
     from apache_beam.io.filesystems import FileSystems
 
-    shard, rows = keyed
-    embedded = sorted((row for kind, row in rows if kind == "image"), key=lambda row: row[0]["position"])
+    shard, rows = keyed[0], list(keyed[1])
+    embedded, texts = (sorted((row for kind, row in rows if kind == wanted), key=lambda row: row[0]["position"])
+                       for wanted in ("image", "text"))  # fmt: skip
     skipped = sorted(row for kind, row in rows if kind == "skipped")
     buffer = io.BytesIO()
-    vectors = np.stack([row[1] for row in embedded]).astype(np.float32) if embedded else np.zeros((0, 0), np.float32)
-    np.savez(buffer, embeddings=vectors, records=json.dumps([row[0] for row in embedded]),
-             skipped=json.dumps(skipped))  # fmt: skip
+    np.savez(buffer, embeddings=_stacked(embedded), records=json.dumps([row[0] for row in embedded]),
+             skipped=json.dumps(skipped), text_embeddings=_stacked(texts),
+             text_records=json.dumps([row[0] for row in texts]))  # fmt: skip
     path = FileSystems.join(directory, f"shard-{shard:05d}{_SHARD_SUFFIX}")
     staging = f"{path}.{uuid.uuid4().hex}.tmp"
     with FileSystems.create(staging) as stream:
@@ -193,28 +239,43 @@ def write_shard(keyed: tuple[int, Iterable[tuple[str, Any]]], directory: str) ->
     return path
 
 
-def build_pipeline(pipeline, listed: list[GalleryFile], model_dir: str, image_size: int, config: IndexConfig,
-                   max_pixels: int, shards_dir: str, shards: int):  # fmt: skip
-    """Add the embedding steps to `pipeline`; returns the PCollection of written shard paths."""
+def _stacked(rows: list) -> np.ndarray:
+    return np.stack([row[1] for row in rows]).astype(np.float32) if rows else np.zeros((0, 0), np.float32)
+
+
+def build_pipeline(pipeline, items: list, read, image_handler, shards_dir: str, shards: int,
+                   captions: Sequence[tuple[int, str]] = (), text_handler=None):  # fmt: skip
+    """Add the embedding steps to `pipeline`; returns the PCollection of written shard paths.
+
+    Args:
+        items: the source's elements (`GalleryFile`s of a gallery, `DatasetRecord`s of a prepared split).
+        read: turns one item into `("image", (record, pixels))` or `("skipped", (position, path, reason, detail))`.
+        image_handler: the keyed RunInference handler the images go through.
+        captions: `(row, text)` pairs for `text_handler` (a prepared split's captions), rows written as "text".
+    """
     beam = import_beam()
     from apache_beam.ml.inference.base import RunInference
 
-    decoded = (
-        pipeline
-        | "List" >> beam.Create(listed)
-        | "Spread" >> beam.Reshuffle()
-        | "ReadAndDecode" >> beam.Map(read_and_decode, image_size=image_size, max_pixels=max_pixels)
-    )
+    decoded = pipeline | "List" >> beam.Create(items) | "Spread" >> beam.Reshuffle() | "ReadAndDecode" >> beam.Map(read)
     images_only = decoded | "Images" >> beam.Filter(lambda out: out[0] == "image") | beam.Map(lambda out: out[1])
     skipped = decoded | "Skipped" >> beam.Filter(lambda out: out[0] == "skipped")
-    embedded = (
+    branches = [
+        skipped,
         images_only
         | "KeyByRecord" >> beam.Map(lambda pair: (json.dumps(pair[0]), pair[1]))
-        | "Embed" >> RunInference(make_model_handler(model_dir, config.embed_batch_size))
-        | "Rows" >> beam.MapTuple(lambda record, vector: ("image", (json.loads(record), np.asarray(vector))))
-    )
+        | "Embed" >> RunInference(image_handler)
+        | "Rows" >> beam.MapTuple(lambda record, vector: ("image", (json.loads(record), np.asarray(vector)))),
+    ]
+    if captions:
+        branches.append(
+            pipeline
+            | "ListCaptions" >> beam.Create([(json.dumps({"position": row}), text) for row, text in captions])
+            | "SpreadCaptions" >> beam.Reshuffle()
+            | "EmbedCaptions" >> RunInference(text_handler)
+            | "TextRows" >> beam.MapTuple(lambda record, vector: ("text", (json.loads(record), np.asarray(vector))))
+        )
     return (
-        (embedded, skipped)
+        tuple(branches)
         | "Together" >> beam.Flatten()
         | "KeyByShard" >> beam.Map(lambda row: (shard_of(_position(row), shards), row))
         | "Shards" >> beam.GroupByKey()
@@ -224,7 +285,7 @@ def build_pipeline(pipeline, listed: list[GalleryFile], model_dir: str, image_si
 
 def _position(row: tuple[str, Any]) -> int:
     kind, value = row
-    return value[0]["position"] if kind == "image" else value[0]
+    return value[0] if kind == "skipped" else value[0]["position"]
 
 
 # -- the launcher's side ----------------------------------------------------------------------------------------
@@ -316,10 +377,9 @@ def build_index_on_beam(
         try:
             beam = import_beam()
             with beam.Pipeline(options=options_) as pipeline:
-                build_pipeline(
-                    pipeline, listed, worker_model_dir or str(resolved), image_size, config, max_image_pixels, shards_dir,
-                    max(1, -(-len(listed) // ROWS_PER_SHARD)),
-                )  # fmt: skip
+                read = functools.partial(read_and_decode, image_size=image_size, max_pixels=max_image_pixels)
+                handler = make_model_handler(worker_model_dir or str(resolved), config.embed_batch_size)
+                build_pipeline(pipeline, listed, read, handler, shards_dir, _shard_count(len(listed)))
             merged = merge_shards(shards_dir)
         finally:
             if local_shards:
@@ -331,3 +391,133 @@ def build_index_on_beam(
         path = index.save(output, overwrite=overwrite)
         return _summary(index, path, started, embedded=len(merged.records), skipped=skipped)
 
+
+
+def _shard_count(rows: int) -> int:
+    return max(1, -(-rows // ROWS_PER_SHARD))
+
+
+# -- the second source: a prepared split's feature cache ---------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class BeamFeatures:
+    """Computes a prepared split's frozen-backbone features on an Apache Beam runner: a drop-in for
+    `features.compute_features` (`load_or_compute_features(..., compute=BeamFeatures("direct"))`), so the cache it
+    fills is the local one, same key, same files.
+
+    The launcher saves the model it was given (its frozen towers) as a model folder in `staging_dir`; the workers
+    load it, read each image's TFRecord at its offset, decode it as `make_image_dataset` does and run
+    `image_features`; captions go through `text_features`; both come back as shards, merged in the split's order.
+
+    Args:
+        runner: `direct`, `dataflow`, `flink` or `spark`.
+        options: `KEY=VALUE` pipeline options, as for `build_index_on_beam`.
+        staging_dir: where the model snapshot and the shards go, readable by the workers and here (`gs://…` on
+            Dataflow); default a hidden folder in `<data_dir>/features`. The launcher's folder in it is removed after.
+        worker_data_dir: the prepared dataset as the workers see it (e.g. a copy at `gs://bucket/prepared`);
+            default the dataset's own folder.
+    """
+
+    runner: str = "direct"
+    options: tuple[str, ...] = ()
+    staging_dir: Optional[str] = None
+    worker_data_dir: Optional[str] = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "options", tuple(self.options))
+        pipeline_options(self.runner, self.options)  # a bad runner or option fails before any work
+
+    def __call__(self, model, data_dir: Union[str, Path], split: str, *, batch_size: int = 64, progress: bool = True):
+        from dual_encoder.data.pipeline import read_split
+        from dual_encoder.features import TEXT_BATCH_FACTOR, SplitFeatures
+        beam = import_beam()
+        data_dir = Path(data_dir).absolute()
+        info = read_split(data_dir, split)
+        worker_data = (self.worker_data_dir or str(data_dir)).rstrip("/")
+        records = [
+            DatasetRecord(position, f"{worker_data}/{info.shards[shard].relative_to(data_dir).as_posix()}", offset, length)
+            for position, (shard, offset, length) in enumerate(info.locations.tolist())
+        ]
+        captions = list(enumerate(caption for image_captions in info.captions for caption in image_captions))
+        with _staging_folder(self.staging_dir, data_dir / "features", f".{split}-beam-") as staging:
+            model_dir = _put_model(model, staging)
+            shards_dir = f"{staging}/shards"
+            read = functools.partial(read_record_and_decode, image_size=int(model.image_size))
+            with beam.Pipeline(options=pipeline_options(self.runner, self.options)) as pipeline:
+                build_pipeline(
+                    pipeline, records, read, make_model_handler(model_dir, batch_size, "image_features"), shards_dir,
+                    _shard_count(len(records) + len(captions)), captions,
+                    make_model_handler(model_dir, TEXT_BATCH_FACTOR * batch_size, "text_features"),
+                )  # fmt: skip
+            image_rows, text_rows, skipped = merge_feature_shards(shards_dir, len(records), len(captions))
+        if skipped:
+            position, where, reason, detail = skipped[0]
+            raise DualEncoderError(
+                f"{len(skipped)} images of split '{split}' could not be read on the workers, e.g. image {position} "
+                f"({where}): {reason}" + (f" ({detail})" if detail else "")
+            )
+        return SplitFeatures(image_features=image_rows, text_features=text_rows, num_captions=info.num_captions())
+
+
+def merge_feature_shards(directory: str, num_images: int, num_captions: int) -> tuple[np.ndarray, np.ndarray, list]:
+    """`(image rows, text rows, skipped)` from a feature pipeline's shards: one row per position, in order."""
+    from apache_beam.io.filesystems import FileSystems
+
+    pattern = FileSystems.join(directory, f"shard-*{_SHARD_SUFFIX}")
+    found: dict[str, dict[int, np.ndarray]] = {"image": {}, "text": {}}
+    skipped = {}
+    for path in sorted(metadata.path for metadata in FileSystems.match([pattern])[0].metadata_list):
+        with FileSystems.open(path) as stream:
+            shard = np.load(io.BytesIO(stream.read()))
+            for kind, records, vectors in (("image", "records", "embeddings"), ("text", "text_records", "text_embeddings")):
+                for record, vector in zip(json.loads(str(shard[records])), shard[vectors]):
+                    found[kind].setdefault(record["position"], vector)
+            for row in json.loads(str(shard["skipped"])):
+                skipped.setdefault(row[0], tuple(row))
+    expected = {"image": num_images - len(skipped), "text": num_captions}
+    if any(len(found[kind]) != count for kind, count in expected.items()):
+        got = {kind: len(rows) for kind, rows in found.items()}
+        raise DualEncoderError(f"the Beam feature shards in {directory} hold {got} rows, not {expected}")
+    stacked = [np.stack([found[kind][p] for p in sorted(found[kind])]) if found[kind] else np.zeros((0, 0), np.float32)
+               for kind in ("image", "text")]  # fmt: skip
+    return stacked[0], stacked[1], [skipped[p] for p in sorted(skipped)]
+
+
+@contextlib.contextmanager
+def _staging_folder(given: Optional[str], default_parent: Path, prefix: str) -> Iterator[str]:
+    """A fresh folder for one run (inside `given`, local or `scheme://`, else in `default_parent`), removed after."""
+    from apache_beam.io.filesystems import FileSystems
+
+    if given and "://" in given:
+        folder = f"{given.rstrip('/')}/{prefix.lstrip('.')}{uuid.uuid4().hex}"
+        try:
+            yield folder
+        finally:
+            if FileSystems.exists(folder):
+                FileSystems.delete([folder])
+        return
+    parent = Path(given) if given else default_parent
+    parent.mkdir(parents=True, exist_ok=True)
+    folder = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _put_model(model, staging: str) -> str:
+    """Save `model` as a model folder at `<staging>/model` (via a local copy when staging is `scheme://`)."""
+    from dual_encoder.models import save_model
+
+    target = f"{staging}/model"
+    if "://" not in staging:
+        return str(save_model(model, target))
+    from apache_beam.io.filesystems import FileSystems
+
+    with tempfile.TemporaryDirectory(prefix="dual-encoder-model-") as local:
+        saved = save_model(model, Path(local) / "model")
+        for path in sorted(p for p in saved.rglob("*") if p.is_file()):
+            with open(path, "rb") as source, FileSystems.create(f"{target}/{path.relative_to(saved).as_posix()}") as sink:
+                shutil.copyfileobj(source, sink)
+    return target

@@ -15,7 +15,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import keras
 import numpy as np
@@ -35,7 +35,7 @@ from dual_encoder.data.pipeline import (
 )
 from dual_encoder.errors import DualEncoderError
 from dual_encoder.evaluation import evaluate_split
-from dual_encoder.features import load_or_compute_features
+from dual_encoder.features import SplitFeatures, load_or_compute_features
 from dual_encoder.models import build_dual_encoder, save_model
 from dual_encoder.training.distribute import get_strategy, is_chief
 from dual_encoder.training.run_folder import claim_run_folder
@@ -205,6 +205,7 @@ def train(
     strategy: str | tf.distribute.Strategy = "auto",
     progress: bool = True,
     restart: bool = False,
+    compute_features: Optional[Callable[..., SplitFeatures]] = None,
 ) -> TrainResult:
     """Train a dual encoder on a prepared dataset; the best model by validation recall lands in `run_dir/model`
     when training ends (until then the best weights are in `run_dir/backup/best`).
@@ -212,6 +213,8 @@ def train(
     Re-running the same command on the same `run_dir` resumes from the last completed epoch; a run folder
     whose config or dataset differs is refused unless `restart` (see `run_folder`). A dataset without
     validation images is refused before anything is written: the best model is chosen by validation recall.
+    `compute_features` fills a missing feature cache instead of this process (e.g. `index.beam.BeamFeatures`);
+    giving it for a config that uses no cache is refused.
     """
     data_dir, run_dir = Path(data_dir), Path(run_dir)
     require_images(data_dir, "validation", "train")
@@ -220,13 +223,13 @@ def train(
     chief = is_chief(strategy)
     with claim_run_folder(run_dir, config, data_dir, restart=restart, chief=chief):
         with _precision_policy(config.train):
-            return _Run(config, data_dir, run_dir, strategy, chief, progress).fit()
+            return _Run(config, data_dir, run_dir, strategy, chief, progress, compute_features).fit()
 
 
 class _Run:
     """One training run's objects, built once under the strategy's scope."""
 
-    def __init__(self, config, data_dir, run_dir, strategy, chief, progress):
+    def __init__(self, config, data_dir, run_dir, strategy, chief, progress, compute_features=None):
         self.config, self.data_dir, self.run_dir = config, data_dir, run_dir
         self.strategy, self.chief, self.progress = strategy, chief, progress
         train_split = read_split(data_dir, "train")
@@ -237,15 +240,22 @@ class _Run:
             self.model = build_dual_encoder(config.model, captions=train_captions)
             self.use_features = config.train.feature_cache and self.model.backbones_frozen
             self.val_features = None
+            if compute_features is not None and not self.use_features:
+                raise TrainingError(
+                    "features to compute elsewhere (--runner) were asked for, but this config trains without a "
+                    "feature cache (that needs frozen backbones and train.feature_cache=true)"
+                )
             if self.use_features:
                 batch = max(config.train.batch_size, 64)
                 self.source = _FeatureBatches(
-                    load_or_compute_features(self.model, data_dir, "train", batch_size=batch, progress=progress),
+                    load_or_compute_features(
+                        self.model, data_dir, "train", batch_size=batch, progress=progress, compute=compute_features
+                    ),
                     train_split,
                     config,
                 )
                 self.val_features = load_or_compute_features(
-                    self.model, data_dir, "validation", batch_size=batch, progress=progress
+                    self.model, data_dir, "validation", batch_size=batch, progress=progress, compute=compute_features
                 )
             else:
                 self.source = _ImageBatches(data_dir, config, self.model.image_size)

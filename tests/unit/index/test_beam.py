@@ -118,3 +118,99 @@ def test_cli_runner_choices_mirror_the_library():
     from dual_encoder import cli
 
     assert {runner.value for runner in cli.Runner} == set(beam_index.RUNNERS)
+
+
+# -- the second source: a prepared split's feature cache ----------------------------------------------------------
+
+DIRECT_TWO_WORKERS = ("direct_num_workers=2", "direct_running_mode=multi_processing")
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    from dual_encoder.config import DataConfig
+    from dual_encoder.data.prepare import prepare_dataset
+    from dual_encoder.data.synthetic import generate_synthetic
+
+    root = tmp_path_factory.mktemp("shapes")
+    captions = generate_synthetic(root / "shapes", 40, seed=0, image_size=32)
+    config = DataConfig(validation_fraction=0.25, shard_size=7)  # several TFRecord shards
+    prepare_dataset("csv", captions, captions.parent / "images", root / "prepared", config, progress=False)
+    return root / "prepared"
+
+
+@pytest.mark.slow
+def test_beam_feature_cache_on_two_workers_equals_the_local_one_and_training_uses_it(prepared, tmp_path, monkeypatch):
+    import dataclasses
+
+    from dual_encoder import features as feature_cache
+    from dual_encoder.models import load_model
+    from tests.tiny import tiny_config
+
+    config = tiny_config(epochs=1, tensorboard=False)
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, image_trainable=False,
+                                                                   text_trainable=False))  # fmt: skip
+    config.save(tmp_path / "frozen.json")
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the feature cache was computed in this process")
+
+    monkeypatch.setattr(feature_cache, "compute_features", must_not_run)
+    command = ["train", "--data", str(prepared), "--output", str(tmp_path / "run"), "--preset", str(tmp_path / "frozen.json"),
+               "--quiet", "--runner", "direct", *[arg for option in DIRECT_TWO_WORKERS for arg in ("--pipeline-option", option)]]  # fmt: skip
+    assert main(command) == 0
+    monkeypatch.undo()
+
+    cached = sorted((prepared / "features").glob("*/features.npz"))
+    assert [path.parent.name.split("-")[0] for path in cached] == ["train", "validation"]
+    assert not [path for path in (prepared / "features").iterdir() if "beam" in path.name]  # staging removed
+    # The run's model holds the same frozen backbones: the local path on it gives the Beam-built cache.
+    model = load_model(tmp_path / "run")
+    for split in ("train", "validation"):
+        local = feature_cache.compute_features(model, prepared, split, progress=False)
+        on_beam = feature_cache.load_or_compute_features(model, prepared, split, compute=must_not_run)  # a cache hit
+        np.testing.assert_allclose(on_beam.image_features, local.image_features, atol=1e-5)
+        np.testing.assert_allclose(on_beam.text_features, local.text_features, atol=1e-5)
+        np.testing.assert_array_equal(on_beam.num_captions, local.num_captions)
+
+
+def test_feature_shards_merge_in_order_once_each_and_refuse_gaps(tmp_path):
+    rows = [("image", ({"position": p}, np.full(3, p, np.float32))) for p in (2, 0, 1)]
+    rows += [("text", ({"position": p}, np.full(4, 10 + p, np.float32))) for p in (4, 3, 1, 0, 2)]
+    beam_index.write_shard((0, rows[:5]), str(tmp_path))
+    beam_index.write_shard((1, rows[5:]), str(tmp_path))
+    beam_index.write_shard((1, list(reversed(rows[5:]))), str(tmp_path))  # a retried bundle
+    beam_index.write_shard((2, rows[:1]), str(tmp_path))  # a stale copy of a row
+    images, texts, skipped = beam_index.merge_feature_shards(str(tmp_path), 3, 5)
+    np.testing.assert_array_equal(images[:, 0], [0, 1, 2])
+    np.testing.assert_array_equal(texts[:, 0], [10, 11, 12, 13, 14])
+    assert skipped == []
+    with pytest.raises(DualEncoderError, match="hold .* rows, not"):
+        beam_index.merge_feature_shards(str(tmp_path), 4, 5)
+
+
+def test_read_record_and_decode_gives_the_pixels_make_image_dataset_gives(prepared):
+    from dual_encoder.data.pipeline import make_image_dataset, read_split
+
+    info = read_split(prepared, "train")
+    local = np.concatenate([batch["images"].numpy() for batch in make_image_dataset(prepared, "train", image_size=16, batch_size=8)])
+    for position in (0, 8, info.num_images - 1):
+        shard, offset, length = info.locations[position].tolist()
+        item = beam_index.DatasetRecord(position, str(info.shards[shard]), offset, length)
+        kind, (record, pixels) = beam_index.read_record_and_decode(item, 16)
+        assert kind == "image" and record == {"position": position}
+        np.testing.assert_array_equal(pixels, local[position])
+    kind, row = beam_index.read_record_and_decode(beam_index.DatasetRecord(3, str(info.shards[0]), 10**9, 10), 16)
+    assert kind == "skipped" and row[0] == 3 and row[2] == files.Refused.CORRUPT
+
+
+def test_train_runner_misuse_is_a_one_line_error(prepared, tmp_path, capsys):
+    from tests.tiny import tiny_config
+
+    tiny_config(epochs=1, tensorboard=False).save(tmp_path / "trainable.json")
+    common = ["train", "--data", str(prepared), "--output", str(tmp_path / "run"), "--quiet"]
+    assert main([*common, "--pipeline-option", "a=b"]) == 2
+    assert "go with --runner" in capsys.readouterr().err
+    assert main([*common, "--runner", "direct", "--pipeline-option", "nonsense"]) == 2
+    assert "not of the form KEY=VALUE" in capsys.readouterr().err
+    assert main([*common, "--preset", str(tmp_path / "trainable.json"), "--runner", "direct"]) == 2
+    assert "trains without a feature cache" in capsys.readouterr().err

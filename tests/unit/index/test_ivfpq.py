@@ -213,3 +213,24 @@ def test_cli_rebuild_switches_kind_and_add_reports_a_due_rebuild(tmp_path, galle
     assert _summary(index, tmp_path / "ix", 0.0).rebuild_due
     assert main(["index", "rebuild", "--index", str(tmp_path / "ix"), "--set", "dtype=float32"]) == 2
     assert "rebuild keeps the index dtype (float16)" in capsys.readouterr().err
+
+
+def test_default_codes_are_longer_for_large_galleries():
+    assert ann.default_pq_m(256) == ann.default_pq_m(256, ann.IVFPQ_LONG_CODES_FROM - 1) == 32
+    assert ann.default_pq_m(256, ann.IVFPQ_LONG_CODES_FROM) == ann.default_pq_m(256, 10_000_000) == 64
+    assert ann.default_pq_m(100, 10_000_000) == 25  # dim / 4, a divisor of dim
+
+
+def test_rerank_orders_each_querys_candidates_exactly_and_puts_missing_ones_last():
+    rng = np.random.default_rng(5)
+    embeddings = rng.standard_normal((50, 8)).astype(np.float16)
+    queries = rng.standard_normal((3, 8)).astype(np.float32)
+    rows = np.array([[4, 9, -1, 30, 2], [-1, -1, -1, -1, -1], [7, 7, 12, 49, -1]])
+    found, scores = ann.rerank(embeddings, queries, rows, 4)
+    exact = queries @ embeddings.astype(np.float32).T
+    for query, candidates in enumerate(rows):
+        valid = candidates[candidates >= 0]
+        best = sorted(valid, key=lambda row: (-exact[query, row], row))[:4]
+        assert list(found[query][: len(best)]) == best
+        np.testing.assert_allclose(scores[query][: len(best)], exact[query, best], rtol=1e-6)
+        assert np.all(found[query][len(best) :] == -1) and np.all(np.isneginf(scores[query][len(best) :]))
