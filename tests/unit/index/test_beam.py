@@ -140,15 +140,12 @@ def prepared(tmp_path_factory):
 
 @pytest.mark.slow
 def test_beam_feature_cache_on_two_workers_equals_the_local_one_and_training_uses_it(prepared, tmp_path, monkeypatch):
-    import dataclasses
 
     from dual_encoder import features as feature_cache
     from dual_encoder.models import load_model
     from tests.tiny import tiny_config
 
-    config = tiny_config(epochs=1, tensorboard=False)
-    config = dataclasses.replace(config, model=dataclasses.replace(config.model, image_trainable=False,
-                                                                   text_trainable=False))  # fmt: skip
+    config = tiny_config(epochs=1, tensorboard=False).with_overrides(["image.trainable=false", "text.trainable=false"])
     config.save(tmp_path / "frozen.json")
 
     def must_not_run(*args, **kwargs):
