@@ -140,7 +140,6 @@ def prepared(tmp_path_factory):
 
 @pytest.mark.slow
 def test_beam_feature_cache_on_two_workers_equals_the_local_one_and_training_uses_it(prepared, tmp_path, monkeypatch):
-
     from dual_encoder import features as feature_cache
     from dual_encoder.models import load_model
     from tests.tiny import tiny_config
