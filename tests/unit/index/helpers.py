@@ -1,5 +1,9 @@
 """Models, images and vectors the index and search tests make themselves (nothing is downloaded)."""
 
+import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import keras
@@ -53,3 +57,19 @@ def write_phone_photo(path: Path, orientation: int = 6) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).save(path, format="JPEG", exif=exif, quality=95)
     return path
+
+
+def kill_during(target, pristine, command: list[str], ready: str, kill_after: float) -> tuple[bool, float]:
+    """Restore `pristine` at `target`, start `command` (which prints `ready` when its write begins) and SIGKILL it
+    `kill_after` s later; (whether it finished first, seconds it ran)."""
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(pristine, target)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == ready
+    started = time.perf_counter()
+    while process.poll() is None and time.perf_counter() - started < kill_after:
+        time.sleep(0.002)
+    finished = process.poll() is not None
+    process.send_signal(signal.SIGKILL)  # no-op once the process has exited
+    process.wait()
+    return finished, time.perf_counter() - started

@@ -2,11 +2,7 @@
 automatic choice, rebuild, and a writer killed while merging a shard."""
 
 import json
-import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +13,7 @@ from dual_encoder.index import ImageIndex, ImageRecord, IndexConfigError, IndexK
 from dual_encoder.index import ann
 from dual_encoder.index.store import ANN, MANIFEST
 from dual_encoder.index.topk import exact_search
+from tests.unit.index.helpers import kill_during
 
 DIM = 64
 MODEL = ModelRecord("/models/tiny", "f" * 64)
@@ -164,17 +161,7 @@ _SHARD = 60_000  # the merge and the save of ~66k items take about a second
 
 
 def _run_merger(target: Path, pristine: Path, kill_after: float) -> tuple[bool, float]:
-    shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(pristine, target)
-    merger = subprocess.Popen([sys.executable, "-c", _MERGER, str(target), str(_SHARD)], stdout=subprocess.PIPE, text=True)
-    assert merger.stdout.readline().strip() == "merging"
-    started = time.perf_counter()
-    while merger.poll() is None and time.perf_counter() - started < kill_after:
-        time.sleep(0.002)
-    finished = merger.poll() is not None
-    merger.send_signal(signal.SIGKILL)  # no-op once the merger has exited
-    merger.wait()
-    return finished, time.perf_counter() - started
+    return kill_during(target, pristine, [sys.executable, "-c", _MERGER, str(target), str(_SHARD)], "merging", kill_after)
 
 
 @pytest.mark.slow

@@ -2,11 +2,7 @@
 
 import json
 import os
-import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +21,7 @@ from dual_encoder.index import (
     QueryError,
 )
 from dual_encoder.index.store import EMBEDDINGS, ITEMS, MANIFEST
-from tests.unit.index.helpers import unit_vectors
+from tests.unit.index.helpers import kill_during, unit_vectors
 
 MODEL = ModelRecord("/models/tiny", "f" * 64)
 
@@ -182,18 +178,8 @@ _NEW_COUNT = 60_000  # items.jsonl + embeddings: a save of about half a second
 
 def _run_writer(target: Path, pristine: Path, kill_after: float) -> tuple[bool, float]:
     """Restore `pristine` at `target`, start a writer replacing it, SIGKILL it `kill_after` s into the save."""
-    shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(pristine, target)
     command = [sys.executable, "-c", _WRITER, str(target), str(_NEW_COUNT)]
-    writer = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    assert writer.stdout.readline().strip() == "writing"
-    started = time.perf_counter()
-    while writer.poll() is None and time.perf_counter() - started < kill_after:
-        time.sleep(0.002)
-    finished = writer.poll() is not None
-    writer.send_signal(signal.SIGKILL)  # no-op once the writer has exited
-    writer.wait()
-    return finished, time.perf_counter() - started
+    return kill_during(target, pristine, command, "writing", kill_after)
 
 
 @pytest.mark.slow
