@@ -1,4 +1,8 @@
-"""Feature cache: run the frozen backbones once over a split and keep their outputs next to the data."""
+"""Feature cache: run each locked tower once over a split and keep its outputs next to the data.
+
+Each tower has its own cache (`<data>/features/<split>-<tower>-<key>/`), so a run with both towers locked and a
+LiT run (one tower locked, the other trained) share the locked side's features.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
+from typing import Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -15,22 +20,29 @@ from dual_encoder.atomic import FEATURE_CACHE, atomic_directory, writer_lock
 from dual_encoder.data.pipeline import make_image_dataset, read_split
 from dual_encoder.models.compiled import compiled
 
+TOWERS = ("image", "text")
 TEXT_BATCH_FACTOR = 4  # caption batch = 4 x image batch during extraction
 
-_BACKBONE_FIELDS = (
-    "image_backbone", "image_weights", "image_size", "image_width",
-    "text_backbone", "text_preset", "text_preprocessor", "text_pooling", "sequence_length",
-    "vocabulary_size", "text_width", "text_layers", "text_heads", "pretrained",
-)  # fmt: skip
+# The model settings that shape each tower's backbone outputs (the heads' settings do not).
+_TOWER_FIELDS = {
+    "image": ("image_backbone", "image_weights", "image_size", "image_width", "pretrained"),
+    "text": (
+        "text_backbone", "text_preset", "text_preprocessor", "text_pooling", "sequence_length",
+        "vocabulary_size", "text_width", "text_layers", "text_heads", "pretrained", "vocabulary",
+    ),
+}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
 class SplitFeatures:
-    """Backbone outputs of one split: one row per image, one row per caption (captions grouped by image)."""
+    """Backbone outputs of one split: one row per image, one row per caption (captions grouped by image).
 
-    image_features: np.ndarray  # [num_images, F_image]
-    text_features: np.ndarray  # [num_captions, F_text]
+    A side is None when its tower was not cached (it trains, so it runs live).
+    """
+
     num_captions: np.ndarray  # [num_images] captions of each image, in order
+    image_features: Optional[np.ndarray] = None  # [num_images, F_image]
+    text_features: Optional[np.ndarray] = None  # [num_captions, F_text]
 
     @property
     def caption_start(self) -> np.ndarray:
@@ -43,72 +55,95 @@ class SplitFeatures:
         return np.repeat(np.arange(len(self.num_captions)), self.num_captions)
 
 
-def backbone_fingerprint(model) -> str:
-    """Hash of the backbone settings and of the backbones' outputs on a fixed probe input.
+def _probe_inputs(model, tower: str):
+    if tower == "image":
+        size = model.image_size
+        return np.random.default_rng(0).integers(0, 256, (2, size, size, 3)).astype("uint8")
+    return tf.constant(["a red circle on the left", "two small blue squares"])
+
+
+def cache_key(model, manifest: bytes, split: str, tower: str) -> str:
+    """The one cache-key computation: the dataset manifest, the split, the tower's settings and the tower's
+    backbone outputs on a fixed probe input.
 
     Hashing outputs rather than weight files covers every way a backbone can change (weights, vocabulary,
-    preprocessing) without knowing how each tower stores itself.
+    preprocessing) without knowing how each tower stores itself; the other tower plays no part, so changing a
+    trained tower keeps the locked one's cache.
     """
-    size = model.image_size
-    probe_images = np.random.default_rng(0).integers(0, 256, (2, size, size, 3)).astype("uint8")
-    probe_texts = tf.constant(["a red circle on the left", "two small blue squares"])
-    image_out = compiled(model, "image_features")(probe_images).numpy()
-    text_out = compiled(model, "text_features")(probe_texts).numpy()
-    digest = hashlib.sha256()
-    settings = {k: getattr(model, k, None) for k in _BACKBONE_FIELDS}
+    outputs = compiled(model, f"{tower}_features")(_probe_inputs(model, tower)).numpy()
+    settings = {name: getattr(model, name, None) for name in _TOWER_FIELDS[tower]}
+    digest = hashlib.sha256(manifest + split.encode() + tower.encode())
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
-    for array in (image_out, text_out):
-        digest.update(np.round(array, 4).tobytes())
+    digest.update(np.round(outputs, 4).tobytes())
     return digest.hexdigest()[:16]
 
 
-def load_or_compute_features(model, data_dir: str | Path, split: str, *, batch_size: int = 64, progress: bool = True) -> SplitFeatures:
-    """The split's backbone features, from `<data_dir>/features/<key>/` or computed once and stored there.
-
-    The key hashes the dataset manifest, the split and the backbone fingerprint, so a changed dataset or
-    backbone never reuses stale features.
-    """
+def cache_dir(model, data_dir: str | Path, split: str, tower: str) -> Path:
+    """Where `tower`'s features of `split` are (or will be) cached."""
     data_dir = Path(data_dir)
-    manifest = (data_dir / "manifest.json").read_bytes()
-    key = hashlib.sha256(manifest + split.encode() + backbone_fingerprint(model).encode()).hexdigest()[:16]
-    cache_dir = data_dir / "features" / f"{split}-{key}"
-    cached = cache_dir / FEATURE_CACHE.marker
+    key = cache_key(model, (data_dir / "manifest.json").read_bytes(), split, tower)
+    return data_dir / "features" / f"{split}-{tower}-{key}"
+
+
+def load_or_compute_features(
+    model,
+    data_dir: str | Path,
+    split: str,
+    *,
+    towers: Sequence[str] = TOWERS,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> SplitFeatures:
+    """The split's backbone features of `towers`, each from its cache folder or computed once and stored there
+    (see `cache_key`: a changed dataset or tower never reuses stale features)."""
+    unknown = set(towers) - set(TOWERS)
+    if unknown:
+        raise ValueError(f"unknown towers {sorted(unknown)}; expected some of {TOWERS}")
+    arrays = {
+        f"{tower}_features": _load_or_compute(model, data_dir, split, tower, batch_size, progress) for tower in towers
+    }
+    return SplitFeatures(num_captions=read_split(data_dir, split).num_captions(), **arrays)
+
+
+def _load_or_compute(model, data_dir, split: str, tower: str, batch_size: int, progress: bool) -> np.ndarray:
+    target = cache_dir(model, data_dir, split, tower)
+    cached = target / FEATURE_CACHE.marker
     if cached.is_file():  # readers take no lock: the cache is swapped in whole
         return _read_features(cached)
     # A second run on the same dataset waits for the first to finish the cache, then reads it.
-    with writer_lock(cache_dir):
+    with writer_lock(target):
         if cached.is_file():
             return _read_features(cached)
-        features = compute_features(model, data_dir, split, batch_size=batch_size, progress=progress)
-        with atomic_directory(cache_dir, FEATURE_CACHE, overwrite=True) as staging:
-            np.savez(staging / FEATURE_CACHE.marker, **dataclasses.asdict(features))
+        features = compute_features(model, data_dir, split, tower, batch_size=batch_size, progress=progress)
+        with atomic_directory(target, FEATURE_CACHE, overwrite=True) as staging:
+            np.savez(staging / FEATURE_CACHE.marker, features=features)
     return features
 
 
-def _read_features(path: Path) -> SplitFeatures:
+def _read_features(path: Path) -> np.ndarray:
     with np.load(path) as arrays:
-        return SplitFeatures(**{name: arrays[name] for name in arrays.files})
+        return arrays["features"]
 
 
-def compute_features(model, data_dir: str | Path, split: str, *, batch_size: int = 64, progress: bool = True) -> SplitFeatures:
-    """Run both frozen backbones over every image and every caption of a split."""
-    info = read_split(data_dir, split)
-    images = make_image_dataset(data_dir, split, image_size=model.image_size, batch_size=batch_size)
-    image_step, text_step = compiled(model, "image_features"), compiled(model, "text_features")
-    image_rows = [
-        image_step(batch["images"]).numpy()
-        for batch in tqdm(images, desc=f"image features ({split})", unit="batch", disable=not progress)
-    ]
-    captions = [caption for image_captions in info.captions for caption in image_captions]
+def compute_features(
+    model, data_dir: str | Path, split: str, tower: str, *, batch_size: int = 64, progress: bool = True
+) -> np.ndarray:
+    """Run one tower's backbone over every image (`image`) or every caption (`text`) of a split, in order."""
+    if tower == "image":
+        images = make_image_dataset(data_dir, split, image_size=model.image_size, batch_size=batch_size)
+        step = compiled(model, "image_features")
+        rows = [
+            step(batch["images"]).numpy()
+            for batch in tqdm(images, desc=f"image features ({split})", unit="batch", disable=not progress)
+        ]
+        return np.concatenate(rows)
+    captions = [caption for image_captions in read_split(data_dir, split).captions for caption in image_captions]
     # Captions outnumber images (about 5 to 1 in COCO) and cost far less each: bigger batches keep the
     # text backbone's matmuls large.
     text_batch = TEXT_BATCH_FACTOR * batch_size
-    text_rows = [
-        text_step(tf.constant(captions[i : i + text_batch])).numpy()
+    step = compiled(model, "text_features")
+    rows = [
+        step(tf.constant(captions[i : i + text_batch])).numpy()
         for i in tqdm(range(0, len(captions), text_batch), desc=f"text features ({split})", unit="batch", disable=not progress)
     ]
-    return SplitFeatures(
-        image_features=np.concatenate(image_rows),
-        text_features=np.concatenate(text_rows),
-        num_captions=np.array([len(c) for c in info.captions], dtype=np.int64),
-    )
+    return np.concatenate(rows)
