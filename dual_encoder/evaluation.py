@@ -10,7 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 from dual_encoder.data.judgements import QuerySet, QuerySetError
-from dual_encoder.data.pipeline import make_image_dataset, read_split
+from dual_encoder.data.pipeline import image_input, make_image_dataset, read_split
 from dual_encoder.metrics import JUDGED_MEASURES, chance_judged_metrics, judged_metrics, retrieval_metrics
 from dual_encoder.models.compiled import compiled
 
@@ -182,7 +182,7 @@ def format_judged_table(result: dict) -> str:
 
 
 def _embed_images(model, data_dir, split: str, batch_size: int) -> np.ndarray:
-    images = make_image_dataset(data_dir, split, image_size=model.image_size, batch_size=batch_size)
+    images = make_image_dataset(data_dir, split, image_size=image_input(model), batch_size=batch_size)
     encode = compiled(model, "encode_image")
     return np.concatenate([_as_numpy(encode(batch["images"])) for batch in images])
 

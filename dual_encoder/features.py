@@ -17,7 +17,7 @@ import tensorflow as tf
 from tqdm.auto import tqdm
 
 from dual_encoder.atomic import FEATURE_CACHE, atomic_directory, writer_lock
-from dual_encoder.data.pipeline import make_image_dataset, read_split
+from dual_encoder.data.pipeline import image_input, make_image_dataset, read_split
 from dual_encoder.models.compiled import compiled
 
 TOWERS = ("image", "text")
@@ -57,8 +57,9 @@ class SplitFeatures:
 
 def _probe_inputs(model, tower: str):
     if tower == "image":
-        size = model.image_size
-        return np.random.default_rng(0).integers(0, 256, (2, size, size, 3)).astype("uint8")
+        resize = image_input(model)
+        probe = np.random.default_rng(0).integers(0, 256, (2, resize.size, resize.size, 3))
+        return tf.constant(probe.astype("uint8"), dtype=tf.uint8) if not resize.exact else tf.constant(probe, tf.float32)
     return tf.constant(["a red circle on the left", "two small blue squares"])
 
 
@@ -130,7 +131,7 @@ def compute_features(
 ) -> np.ndarray:
     """Run one tower's backbone over every image (`image`) or every caption (`text`) of a split, in order."""
     if tower == "image":
-        images = make_image_dataset(data_dir, split, image_size=model.image_size, batch_size=batch_size)
+        images = make_image_dataset(data_dir, split, image_size=image_input(model), batch_size=batch_size)
         step = compiled(model, "image_features")
         rows = [
             step(batch["images"]).numpy()

@@ -7,6 +7,7 @@ import hashlib
 from pathlib import Path
 from typing import Iterator, Optional
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -180,11 +181,51 @@ def caption_ids(captions) -> tf.Tensor:
     return tf.strings.to_hash_bucket_fast(text, ID_BUCKETS)
 
 
-def decode_and_resize(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Encoded JPEG/PNG/GIF/BMP bytes -> uint8 RGB [image_size, image_size, 3] (antialiased resize)."""
+@dataclasses.dataclass(frozen=True)
+class ImageResize:
+    """How a decoded image of any size becomes a tower's square input.
+
+    The default squashes to `size` x `size` (antialiased bilinear) and rounds to uint8. A paired pretrained tower
+    gives its image converter's own resize instead (crop to the aspect ratio, its interpolation), kept in float32
+    (`exact`) so the converter inside the tower sees what the preset's preprocessing would give it.
+    """
+
+    size: int
+    crop_to_aspect_ratio: bool = False
+    interpolation: str = "bilinear"
+    antialias: bool = True
+    exact: bool = False
+
+    @property
+    def dtype(self) -> tf.DType:
+        return tf.float32 if self.exact else tf.uint8
+
+    def spec(self, name: str = "images") -> tf.TensorSpec:
+        """The tower's input batch: [None, size, size, 3] of `dtype`."""
+        return tf.TensorSpec([None, self.size, self.size, 3], self.dtype, name=name)
+
+
+def image_input(model) -> ImageResize:
+    """The resize a model's image tower wants (`image_tower.image_resize`, else the default at `model.image_size`)."""
+    return getattr(model.image_encoder, "image_resize", None) or ImageResize(int(model.image_size))
+
+
+def decode_and_resize(image_bytes: tf.Tensor, image_size: int | ImageResize) -> tf.Tensor:
+    """Encoded JPEG/PNG/GIF/BMP bytes -> RGB [size, size, 3]: uint8 by the default antialiased squash to
+    `image_size`, or as an `ImageResize` says."""
+    resize = image_size if isinstance(image_size, ImageResize) else ImageResize(int(image_size))
     image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
-    image = tf.image.resize(image, [image_size, image_size], antialias=True)
-    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+    if resize == ImageResize(resize.size):
+        image = tf.image.resize(image, [resize.size, resize.size], antialias=True)
+        return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+    image = keras.ops.image.resize(
+        tf.cast(image, tf.float32),
+        (resize.size, resize.size),
+        interpolation=resize.interpolation,
+        antialias=resize.antialias,
+        crop_to_aspect_ratio=resize.crop_to_aspect_ratio,
+    )
+    return image if resize.exact else tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
 
 
 def _records_in_order(info: SplitInfo, order: np.ndarray) -> tf.data.Dataset:
@@ -220,7 +261,7 @@ def make_train_dataset(
     prepared: Path,
     split: str = "train",
     *,
-    image_size: int,
+    image_size: int | ImageResize,
     batch_size: int,
     epoch: int,
     seed: int,
@@ -286,7 +327,7 @@ def make_train_dataset(
     return dataset.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
 
 
-def make_image_dataset(prepared: Path, split: str, *, image_size: int, batch_size: int) -> tf.data.Dataset:
+def make_image_dataset(prepared: Path, split: str, *, image_size: int | ImageResize, batch_size: int) -> tf.data.Dataset:
     """`{"images": uint8 [B, S, S, 3]}` batches in the split's fixed order (evaluation, feature cache, indexing)."""
     info = read_split(prepared, split)
 

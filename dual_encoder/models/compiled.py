@@ -10,11 +10,13 @@ import weakref
 
 import tensorflow as tf
 
+from dual_encoder.data.pipeline import image_input
+
 _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _signatures(model) -> dict:
-    images = tf.TensorSpec([None, model.image_size, model.image_size, 3], tf.uint8, name="images")
+    images = image_input(model).spec()
     texts = tf.TensorSpec([None], tf.string, name="texts")
     return {
         "encode_image": images,

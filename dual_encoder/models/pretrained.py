@@ -17,6 +17,7 @@ import tensorflow as tf  # the preprocessors' text ops are TensorFlow string ops
 from keras import ops
 
 from dual_encoder.config import ModelConfig, PretrainedConfig
+from dual_encoder.data.pipeline import ImageResize
 from dual_encoder.models.layers import ModelConfigError
 from dual_encoder.models.text_encoder import TextEncoder, _first_line
 
@@ -107,6 +108,16 @@ class PretrainedImageEncoder(keras.layers.Layer):
         self.image_converter = paired.preprocessor.image_converter
         self.image_size = paired.image_size
         self.output_dim = paired.output_dim
+        converter = self.image_converter
+        # Decoders resize each image of any shape as the converter would (crop to aspect, its interpolation), in
+        # float32: the converter's own resize in `call` is then the identity, and the pixels are the preset's.
+        self.image_resize = ImageResize(
+            self.image_size,
+            crop_to_aspect_ratio=bool(converter.crop_to_aspect_ratio),
+            interpolation=converter.interpolation,
+            antialias=bool(converter.antialias),
+            exact=True,
+        )
         self.built = True
 
     def call(self, images, training=False):

@@ -24,6 +24,7 @@ import tensorflow as tf
 from dual_encoder.atomic import write_file_atomically
 from dual_encoder.config import Config
 from dual_encoder.data.pipeline import (
+    image_input,
     make_train_dataset,
     read_split,
     require_images,
@@ -143,14 +144,15 @@ class _Batches:
     backbone features for a locked one (`features`: both sides when both towers are locked, one side in LiT),
     the same images and captions in the same order either way."""
 
-    def __init__(self, data_dir: Path, config: Config, num_images: int, features: Optional[SplitFeatures] = None):
+    def __init__(self, data_dir: Path, config: Config, model, num_images: int, features: Optional[SplitFeatures] = None):
         self.data_dir, self.config, self.num_images, self.features = data_dir, config, num_images, features
+        self.image_input = image_input(model)
 
     def dataset(self, epoch: int) -> tf.data.Dataset:
         return make_train_dataset(
             self.data_dir,
             "train",
-            image_size=self.config.model.image_size,
+            image_size=self.image_input,
             batch_size=self.config.train.batch_size,
             epoch=epoch,
             seed=self.config.train.seed,
@@ -213,7 +215,7 @@ class _Run:
                 extract = dict(towers=self.cached_towers, batch_size=max(config.train.batch_size, 64), progress=progress)
                 train_features = load_or_compute_features(self.model, data_dir, "train", **extract)
                 self.val_features = load_or_compute_features(self.model, data_dir, "validation", **extract)
-            self.source = _Batches(data_dir, config, train_split.num_images, train_features)
+            self.source = _Batches(data_dir, config, self.model, train_split.num_images, train_features)
             self.steps_per_epoch = self.source.num_images // config.train.batch_size
             if self.steps_per_epoch == 0:
                 raise TrainingError(
