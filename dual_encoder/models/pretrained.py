@@ -154,7 +154,14 @@ class PretrainedTextEncoder(TextEncoder):
 def build_pretrained_towers(config: PretrainedConfig, image_trainable: bool, text_trainable: bool):
     """(image tower, text tower) sharing one backbone loaded from `config.preset`."""
     paired = PairedPreset(config.preset, config.sequence_length)
-    paired.backbone.trainable = image_trainable or text_trainable
+    backbone = paired.backbone
+    backbone.trainable = image_trainable or text_trainable
+    # Both towers hold the one backbone: a locked side's layers must be frozen inside it too, or training the other
+    # side (LiT) would train them whenever they run in the step.
+    for side, trainable in (("vision", image_trainable), ("text", text_trainable)):
+        for name in (f"{side}_encoder", f"{side}_projection"):
+            if getattr(backbone, name, None) is not None:
+                getattr(backbone, name).trainable = trainable
     image = PretrainedImageEncoder(paired, trainable=image_trainable, name="image_encoder")
     text = PretrainedTextEncoder(paired, trainable=text_trainable, name="text_encoder")
     return image, text

@@ -134,3 +134,31 @@ def test_a_locked_tower_cache_is_shared_between_a_lit_run_and_a_frozen_run(tiny_
     both = feature_cache.load_or_compute_features(frozen, tiny_data, "validation", progress=False)
     np.testing.assert_array_equal(both.text_features, first.text_features)
     assert both.image_features.shape[0] == len(both.num_captions)
+
+
+@pytest.mark.slow
+def test_lit_on_a_paired_clip_preset_caches_the_image_side_and_keeps_it_locked(tiny_data, tmp_path, monkeypatch):
+    """The new towers: a KerasHub CLIP pair with its image side locked and its text side trained."""
+    from dual_encoder.config import ModelConfig, PretrainedConfig
+    from tests.pretrained_presets import make_clip_preset
+
+    preset = make_clip_preset(tmp_path / "preset")
+    model_config = ModelConfig(
+        image_trainable=False, text_trainable=True, embed_dim=8,
+        pretrained=PretrainedConfig(preset=str(preset), heads="trained"),
+    )  # fmt: skip
+    calls = _TowerCalls(monkeypatch)
+    runs = {}
+    for cache in (True, False):
+        config = Config(model=model_config, train=TrainConfig(batch_size=8, epochs=1, feature_cache=cache, tensorboard=False))
+        calls.counts = {"image": 0, "text": 0}
+        result = train(config, tiny_data, tmp_path / f"cache-{cache}", strategy="default", progress=False)
+        runs[cache] = (result.history, _weights(load_model(result.model_dir)), dict(calls.counts))
+    (cached_history, cached_weights, cached_calls), (live_history, live_weights, live_calls) = runs[True], runs[False]
+    assert cached_calls["image"] == 0 and cached_calls["text"] > 0 and live_calls["image"] > 0
+    assert cached_history[0]["loss"] == pytest.approx(live_history[0]["loss"], abs=1e-4)
+    fresh = _weights(build_dual_encoder(model_config))
+    for name, value in live_weights.items():
+        np.testing.assert_allclose(cached_weights[name], value, atol=1e-4, err_msg=name)
+        if "vision" in name:  # the locked side did not train, even where it ran every step
+            np.testing.assert_array_equal(value, fresh[name], err_msg=name)
