@@ -41,9 +41,10 @@ def main() -> None:
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-lit-"))
     preset = make_b32_preset(workdir / "clip-b32")
-    captions = generate_synthetic(workdir / "shapes", args.num_images, seed=0, image_size=64)
     data = workdir / "prepared"
-    prepare_dataset("csv", captions, captions.parent / "images", data, DataConfig(validation_fraction=0.1), progress=False)
+    if not data.is_dir():  # a --workdir of an earlier run keeps its dataset (and its feature cache)
+        captions = generate_synthetic(workdir / "shapes", args.num_images, seed=0, image_size=64)
+        prepare_dataset("csv", captions, captions.parent / "images", data, DataConfig(validation_fraction=0.1), progress=False)
 
     model = ModelConfig(
         image_trainable=False,

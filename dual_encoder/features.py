@@ -142,9 +142,25 @@ def compute_features(
     # Captions outnumber images (about 5 to 1 in COCO) and cost far less each: bigger batches keep the
     # text backbone's matmuls large.
     text_batch = TEXT_BATCH_FACTOR * batch_size
-    step = compiled(model, "text_features")
-    rows = [
-        step(tf.constant(captions[i : i + text_batch])).numpy()
-        for i in tqdm(range(0, len(captions), text_batch), desc=f"text features ({split})", unit="batch", disable=not progress)
-    ]
-    return np.concatenate(rows)
+    starts = range(0, len(captions), text_batch)
+    bar = dict(desc=f"text features ({split})", unit="batch", disable=not progress)
+    if not getattr(model.text_encoder, "trims_padding", False):
+        step = compiled(model, "text_features")
+        return np.concatenate([step(tf.constant(captions[i : i + text_batch])).numpy() for i in tqdm(starts, **bar)])
+    # Captions are mostly shorter than `sequence_length`: run them sorted by length, each batch cut to its longest
+    # caption, so no batch pays for columns of padding (the features are the same: see `trims_padding`).
+    tokens = [model.tokenize(tf.constant(captions[i : i + text_batch])) for i in starts]
+    token_ids = np.concatenate([np.asarray(t["token_ids"]) for t in tokens]).astype(np.int32)
+    padding_mask = np.concatenate([np.asarray(t["padding_mask"]) for t in tokens]).astype(bool)
+    lengths = padding_mask.sum(axis=1)
+    order = np.argsort(lengths, kind="stable")
+    step = compiled(model, "token_features")
+    features = None
+    for i in tqdm(starts, **bar):
+        rows = order[i : i + text_batch]
+        width = max(1, int(lengths[rows].max()))
+        out = step({"token_ids": token_ids[rows, :width], "padding_mask": padding_mask[rows, :width]}).numpy()
+        if features is None:
+            features = np.empty((len(captions), out.shape[1]), np.float32)
+        features[rows] = out
+    return features

@@ -23,6 +23,10 @@ def _signatures(model) -> dict:
         "encode_text": texts,
         "image_features": images,
         "text_features": texts,
+        "token_features": {
+            "token_ids": tf.TensorSpec([None, None], tf.int32, name="token_ids"),
+            "padding_mask": tf.TensorSpec([None, None], tf.bool, name="padding_mask"),
+        },
         "encode_image_features": tf.TensorSpec([None, model.image_encoder.output_dim], tf.float32, name="features"),
         "encode_text_features": tf.TensorSpec([None, model.text_encoder.output_dim], tf.float32, name="features"),
     }

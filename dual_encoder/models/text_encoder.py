@@ -34,6 +34,10 @@ class TextEncoder(keras.layers.Layer):
     # True where the tokenizer's graph uses TF Text ops (WordPiece, BPE, SentencePiece): loading an export
     # then needs `import tensorflow_text`.
     needs_tensorflow_text = True
+    # True where cutting a batch's trailing padding columns leaves every text's features unchanged (attention
+    # masked by `padding_mask`, positions counted from the start): feature extraction then runs each batch of
+    # texts sorted by length at its own length.
+    trims_padding = False
 
     def __init__(self, pooling: str = "mean", sequence_length: int = 32, trainable: bool = True, **kwargs):
         super().__init__(trainable=trainable, **kwargs)
@@ -190,6 +194,8 @@ class KerasHubTextEncoder(TextEncoder):
         >>> tower(["a dog on a beach"]).shape
         TensorShape([1, 128])
     """
+
+    trims_padding = True  # BERT: masked attention, learnt absolute positions
 
     def __init__(self, preset: str, **kwargs):
         super().__init__(**kwargs)

