@@ -13,21 +13,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 from b32_preset import make_b32_preset
+from bench_train import timed_run
 
 from dual_encoder.config import Config, DataConfig, ModelConfig, PretrainedConfig, TrainConfig
 from dual_encoder.data.prepare import prepare_dataset
 from dual_encoder.data.synthetic import generate_synthetic
-from dual_encoder.training.trainer import train
-
-
-def _timed_run(config: Config, data: Path, run_dir: Path) -> tuple[float, list[float]]:
-    start = time.perf_counter()
-    result = train(config, data, run_dir, strategy="default", progress=False)
-    return time.perf_counter() - start, [record["seconds"] for record in result.history]
 
 
 def main() -> None:
@@ -55,7 +48,7 @@ def main() -> None:
     runs = {}
     for cache in (True, False):
         train_config = TrainConfig(batch_size=args.batch_size, epochs=args.epochs, feature_cache=cache, tensorboard=False)
-        runs[cache] = _timed_run(Config(model=model, train=train_config), data, workdir / f"cache-{cache}")
+        runs[cache] = timed_run(Config(model=model, train=train_config), data, workdir / f"cache-{cache}")
     (ours_total, ours_epochs), (live_total, live_epochs) = runs[True], runs[False]
     ours_setup, live_setup = ours_total - sum(ours_epochs), live_total - sum(live_epochs)
     ours_steady, live_steady = statistics.mean(ours_epochs[1:]), statistics.mean(live_epochs[1:])

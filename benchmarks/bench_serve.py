@@ -137,7 +137,7 @@ def wait_until_healthy(base_url: str, process: subprocess.Popen, log: Path) -> N
     raise TimeoutError(f"server not healthy after {STARTUP_SECONDS} s")
 
 
-async def run_load(base_url: str, queries: list[str], concurrency: int) -> tuple[list[float], int, float]:
+async def run_load(base_url: str, queries: list[str], concurrency: int, timeout: float = 30) -> tuple[list[float], int, float]:
     """Send every query once with `concurrency` requests in flight; returns (latencies, errors, seconds).
 
     Each simulated user has its own client and connection, as browsers do: one shared httpx pool with 32
@@ -160,7 +160,7 @@ async def run_load(base_url: str, queries: list[str], concurrency: int) -> tuple
             errors += not ok
 
     # Made before the clock starts: each client loads the CA bundle (~20 ms) even for plain http.
-    clients = [httpx.AsyncClient(base_url=base_url, timeout=30) for _ in range(concurrency)]
+    clients = [httpx.AsyncClient(base_url=base_url, timeout=timeout) for _ in range(concurrency)]
     try:
         started = time.perf_counter()
         await asyncio.gather(*(user(client) for client in clients))
@@ -169,15 +169,15 @@ async def run_load(base_url: str, queries: list[str], concurrency: int) -> tuple
         await asyncio.gather(*(client.aclose() for client in clients))
 
 
-def measure(index_dir: Path, mode: Mode, queries: list[str], concurrency: int) -> dict:
+def measure(index_dir: Path, mode: Mode, queries: list[str], concurrency: int, timeout: float = 30) -> dict:
     port = free_port()
     log = index_dir.parent / f"server-{port}.log"
     process = start_server(index_dir, port, mode, log)
     base_url = f"http://127.0.0.1:{port}"
     try:
         wait_until_healthy(base_url, process, log)
-        asyncio.run(run_load(base_url, queries[:WARMUP_REQUESTS], concurrency))  # trace the graph, warm caches
-        latencies, errors, seconds = asyncio.run(run_load(base_url, queries[WARMUP_REQUESTS:], concurrency))
+        asyncio.run(run_load(base_url, queries[:WARMUP_REQUESTS], concurrency, timeout))  # trace the graph, warm caches
+        latencies, errors, seconds = asyncio.run(run_load(base_url, queries[WARMUP_REQUESTS:], concurrency, timeout))
     finally:
         process.terminate()
         try:
@@ -226,6 +226,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--items", type=int, default=100_000, help="Index size (random unit vectors).")
     parser.add_argument("--workdir", type=Path, default=None, help="Where to write (default: a temp dir, removed).")
+    parser.add_argument("--timeout", type=float, default=30, help="Seconds a request may take before it counts as an error.")
     parser.add_argument("--model", choices=["synthetic-small", "clip-b32"], default="synthetic-small")
     args = parser.parse_args()
 
@@ -241,7 +242,7 @@ def main() -> None:
         gc.freeze()
         results = {}
         for mode in MODES if args.model == "synthetic-small" else MODES[:1]:
-            results[mode.label] = measure(index_dir, mode, queries, args.concurrency)
+            results[mode.label] = measure(index_dir, mode, queries, args.concurrency, args.timeout)
             print(f"{mode.label}: {results[mode.label]}", file=sys.stderr, flush=True)
         ceiling = None
         if args.model == "clip-b32":
@@ -262,7 +263,7 @@ def main() -> None:
 
     if ceiling is not None:
         served = next(iter(results.values()))["rps"]
-        print(f"\n| CLIP-B/32-sized text tower | texts/s | of the ceiling |\n| --- | ---: | ---: |")
+        print("\n| CLIP-B/32-sized text tower | texts/s | of the ceiling |\n| --- | ---: | ---: |")
         print(f"| `serve`, requests/s at concurrency {args.concurrency} | {served:.1f} | **{served / ceiling:.0%}** |")
         print(f"| bare text tower, pre-tokenised batches of {MODES[0].max_batch} (the ceiling) | {ceiling:.1f} | 100% |")
 

@@ -203,7 +203,7 @@ def test_classify_from_folder_and_index(preset, tmp_path, capsys):
 
     model = load_model(model_dir)
     first = from_index["predictions"][0]
-    image = decode_and_resize((photos / first["path"].rsplit("/", 1)[-1]).read_bytes(), model.image_size)
+    image = decode_and_resize((photos / first["path"].rsplit("/", 1)[-1]).read_bytes(), image_input(model))
     image_embedding = np.asarray(model.encode_image(np.asarray(image)[None]))[0]
     prompts = np.asarray(model.encode_text([t.format(first["labels"][0]["label"]) for t in TEMPLATES["imagenet"]]))
     mean = prompts.mean(axis=0)
