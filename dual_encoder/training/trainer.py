@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Optional
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from dual_encoder.atomic import write_file_atomically
