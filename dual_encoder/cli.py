@@ -228,13 +228,13 @@ def train(
         False, "--restart", "--overwrite", help="Start the run in --output afresh instead of resuming it."
     ),
     runner: Optional[Runner] = typer.Option(
-        None, help="Compute the feature cache of frozen backbones on Apache Beam (extra 'beam') with this runner."
+        None, help="Compute the feature caches of the locked towers on Apache Beam (extra 'beam') with this runner."
     ),
     pipeline_option: List[str] = typer.Option(
         [], "--pipeline-option", metavar="KEY=VALUE", help="A Beam pipeline option (repeatable), as for index build."
     ),
     staging_dir: Optional[str] = typer.Option(
-        None, help="With --runner: where the frozen towers and the feature shards go for the workers "
+        None, help="With --runner: where the model and the feature shards go for the workers "
         "(default: inside --data; gs://… on Dataflow).",
     ),
     worker_data: Optional[str] = typer.Option(

@@ -51,7 +51,7 @@ class TrainConfig:
     mixed_precision: bool = False  # compute in 16 bits, keep float32 variables, embeddings and loss
     # float16: GPUs (with loss scaling); bfloat16: TPUs and CPUs with AVX512-BF16 / AMX (no scaling needed)
     mixed_precision_dtype: str = "float16"
-    feature_cache: bool = True  # embed frozen backbones once and train the heads on features
+    feature_cache: bool = True  # embed each locked tower once and train on its cached features
     seed: int = 0
     early_stopping_patience: int = 0  # epochs without better validation recall; 0 = off
     reduce_lr_patience: int = 0  # halve the learning rate after this many flat epochs; 0 = off

@@ -10,7 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 from dual_encoder.data.judgements import QuerySet, QuerySetError
-from dual_encoder.data.pipeline import make_image_dataset, read_split
+from dual_encoder.data.pipeline import image_input, make_image_dataset, read_split
 from dual_encoder.metrics import JUDGED_MEASURES, chance_judged_metrics, judged_metrics, retrieval_metrics
 from dual_encoder.models.compiled import compiled
 
@@ -20,16 +20,19 @@ FULL_CAPTIONS_KEY = "full_captions"  # item metadata: the captions that describe
 def embed_split(model, data_dir, split: str, *, batch_size: int = 64, features=None):
     """Return (image_embeddings, text_embeddings, text_to_image) for every image and caption of a split.
 
-    With `features` (a `SplitFeatures` from the feature cache) only the heads run; otherwise the whole
-    towers run on decoded images and caption strings.
+    With `features` (a `SplitFeatures` from the feature cache) only the heads run on the cached side(s); a side
+    the cache does not hold (a trained tower) runs whole, on decoded images or caption strings.
     """
-    if features is not None:
-        encode_images, encode_texts = compiled(model, "encode_image_features"), compiled(model, "encode_text_features")
-        image_embeddings = _batched(encode_images, features.image_features, batch_size)
-        text_embeddings = _batched(encode_texts, features.text_features, batch_size)
+    image_features = None if features is None else features.image_features
+    text_features = None if features is None else features.text_features
+    if image_features is not None:
+        image_embeddings = _batched(compiled(model, "encode_image_features"), image_features, batch_size)
+    else:
+        image_embeddings = _embed_images(model, data_dir, split, batch_size)
+    if text_features is not None:
+        text_embeddings = _batched(compiled(model, "encode_text_features"), text_features, batch_size)
         return image_embeddings, text_embeddings, features.text_to_image
     info = read_split(data_dir, split)
-    image_embeddings = _embed_images(model, data_dir, split, batch_size)
     captions = np.array([c for image_captions in info.captions for c in image_captions], dtype=object)
     text_embeddings = _batched(compiled(model, "encode_text"), captions, batch_size)
     text_to_image = np.repeat(np.arange(len(info.captions)), [len(c) for c in info.captions])
@@ -179,7 +182,7 @@ def format_judged_table(result: dict) -> str:
 
 
 def _embed_images(model, data_dir, split: str, batch_size: int) -> np.ndarray:
-    images = make_image_dataset(data_dir, split, image_size=model.image_size, batch_size=batch_size)
+    images = make_image_dataset(data_dir, split, image_size=image_input(model), batch_size=batch_size)
     encode = compiled(model, "encode_image")
     return np.concatenate([_as_numpy(encode(batch["images"])) for batch in images])
 

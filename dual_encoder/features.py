@@ -1,7 +1,12 @@
-"""Feature cache: run the frozen backbones once over a split and keep their outputs next to the data."""
+"""Feature cache: run each locked tower once over a split and keep its outputs next to the data.
+
+Each tower has its own cache (`<data>/features/<split>-<tower>-<key>/`), so a run with both towers locked and a
+LiT run (one tower locked, the other trained) share the locked side's features.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -13,19 +18,23 @@ import tensorflow as tf
 from tqdm.auto import tqdm
 
 from dual_encoder.atomic import FEATURE_CACHE, atomic_directory, writer_lock
-from dual_encoder.data.pipeline import make_image_dataset, read_split
+from dual_encoder.data.pipeline import image_input, make_image_dataset, read_split
 from dual_encoder.models.compiled import compiled
 
+TOWERS = ("image", "text")
 TEXT_BATCH_FACTOR = 4  # caption batch = 4 x image batch during extraction
 
 
 @dataclasses.dataclass(frozen=True)
 class SplitFeatures:
-    """Backbone outputs of one split: one row per image, one row per caption (captions grouped by image)."""
+    """Backbone outputs of one split: one row per image, one row per caption (captions grouped by image).
 
-    image_features: np.ndarray  # [num_images, F_image]
-    text_features: np.ndarray  # [num_captions, F_text]
+    A side is None when its tower was not cached (it trains, so it runs live).
+    """
+
     num_captions: np.ndarray  # [num_images] captions of each image, in order
+    image_features: Optional[np.ndarray] = None  # [num_images, F_image]
+    text_features: Optional[np.ndarray] = None  # [num_captions, F_text]
 
     @property
     def caption_start(self) -> np.ndarray:
@@ -38,24 +47,43 @@ class SplitFeatures:
         return np.repeat(np.arange(len(self.num_captions)), self.num_captions)
 
 
-def backbone_fingerprint(model, towers: Sequence[str] = ("image", "text")) -> str:
+def _probe_inputs(model, tower: str):
+    if tower == "image":
+        resize = image_input(model)
+        probe = np.random.default_rng(0).integers(0, 256, (2, resize.size, resize.size, 3))
+        return tf.constant(probe.astype(resize.dtype.as_numpy_dtype), dtype=resize.dtype)
+    return tf.constant(["a red circle on the left", "two small blue squares"])
+
+
+def backbone_fingerprint(model, towers: Sequence[str] = TOWERS) -> str:
     """Hash of the `towers`' own config sections and of their backbones' outputs on a fixed probe input.
 
     Only the named towers count (each locked tower's section, `ModelConfig.tower(...).tower_settings`): the
     heads, the loss or the other tower never change it. Hashing outputs as well covers what a section does not
     say (weights, vocabulary, preprocessing) without knowing how each tower stores itself.
     """
-    size = model.image_size
-    probes = {
-        "image": np.random.default_rng(0).integers(0, 256, (2, size, size, 3)).astype("uint8"),
-        "text": tf.constant(["a red circle on the left", "two small blue squares"]),
-    }
     digest = hashlib.sha256()
     for tower in towers:
         settings = model.model_config.tower(tower).tower_settings(tower)
         digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
-        digest.update(np.round(compiled(model, f"{tower}_features")(probes[tower]).numpy(), 4).tobytes())
+        outputs = compiled(model, f"{tower}_features")(_probe_inputs(model, tower)).numpy()
+        digest.update(np.round(outputs, 4).tobytes())
     return digest.hexdigest()[:16]
+
+
+def cache_key(model, manifest: bytes, split: str, tower: str) -> str:
+    """`tower`'s cache key: the dataset manifest, the split and that tower's `backbone_fingerprint` (the other
+    tower plays no part, so changing a trained tower keeps the locked one's cache)."""
+    digest = hashlib.sha256(manifest + split.encode() + tower.encode())
+    digest.update(backbone_fingerprint(model, (tower,)).encode())
+    return digest.hexdigest()[:16]
+
+
+def cache_dir(model, data_dir: str | Path, split: str, tower: str) -> Path:
+    """Where `tower`'s features of `split` are (or will be) cached."""
+    data_dir = Path(data_dir)
+    key = cache_key(model, (data_dir / "manifest.json").read_bytes(), split, tower)
+    return data_dir / "features" / f"{split}-{tower}-{key}"
 
 
 def load_or_compute_features(
@@ -63,57 +91,97 @@ def load_or_compute_features(
     data_dir: str | Path,
     split: str,
     *,
+    towers: Sequence[str] = TOWERS,
     batch_size: int = 64,
     progress: bool = True,
     compute: Optional[Callable[..., SplitFeatures]] = None,
 ) -> SplitFeatures:
-    """The split's backbone features, from `<data_dir>/features/<key>/` or computed once and stored there.
+    """The split's backbone features of `towers`, each from its cache folder or computed once and stored there
+    (see `cache_key`: a changed dataset or tower never reuses stale features).
 
-    The key hashes the dataset manifest, the split and the backbone fingerprint, so a changed dataset or
-    backbone never reuses stale features. `compute` (default `compute_features`, same arguments) computes them
-    elsewhere, e.g. `dual_encoder.index.beam.BeamFeatures` on an Apache Beam runner; the files are the same.
+    The towers not cached yet are computed together by `compute` (default `compute_features`, same arguments),
+    e.g. `dual_encoder.index.beam.BeamFeatures` on an Apache Beam runner; the files are the same.
     """
-    data_dir = Path(data_dir)
-    manifest = (data_dir / "manifest.json").read_bytes()
-    key = hashlib.sha256(manifest + split.encode() + backbone_fingerprint(model).encode()).hexdigest()[:16]
-    cache_dir = data_dir / "features" / f"{split}-{key}"
-    cached = cache_dir / FEATURE_CACHE.marker
-    if cached.is_file():  # readers take no lock: the cache is swapped in whole
-        return _read_features(cached)
-    # A second run on the same dataset waits for the first to finish the cache, then reads it.
-    with writer_lock(cache_dir):
-        if cached.is_file():
-            return _read_features(cached)
-        features = (compute or compute_features)(model, data_dir, split, batch_size=batch_size, progress=progress)
-        with atomic_directory(cache_dir, FEATURE_CACHE, overwrite=True) as staging:
-            np.savez(staging / FEATURE_CACHE.marker, **dataclasses.asdict(features))
-    return features
+    unknown = set(towers) - set(TOWERS)
+    if isinstance(towers, str) or unknown:
+        raise ValueError(f"unknown towers {towers!r}; expected some of {TOWERS}")
+    towers = tuple(tower for tower in TOWERS if tower in towers)  # one lock order for every writer
+    targets = {tower: cache_dir(model, data_dir, split, tower) for tower in towers}
+    arrays = _read_cached(targets)  # readers take no lock: each cache is swapped in whole
+    missing = [tower for tower in towers if tower not in arrays]
+    if missing:
+        # A second run on the same dataset waits for the first to finish the caches, then reads them.
+        with contextlib.ExitStack() as locks:
+            for tower in missing:
+                locks.enter_context(writer_lock(targets[tower]))
+            arrays.update(_read_cached({tower: targets[tower] for tower in missing}))
+            missing = [tower for tower in missing if tower not in arrays]
+            if missing:
+                computed = (compute or compute_features)(
+                    model, data_dir, split, tuple(missing), batch_size=batch_size, progress=progress
+                )
+                for tower in missing:
+                    arrays[tower] = getattr(computed, f"{tower}_features")
+                    with atomic_directory(targets[tower], FEATURE_CACHE, overwrite=True) as staging:
+                        np.savez(staging / FEATURE_CACHE.marker, features=arrays[tower])
+    num_captions = read_split(data_dir, split).num_captions()
+    return SplitFeatures(num_captions=num_captions, **{f"{tower}_features": arrays[tower] for tower in towers})
 
 
-def _read_features(path: Path) -> SplitFeatures:
-    with np.load(path) as arrays:
-        return SplitFeatures(**{name: arrays[name] for name in arrays.files})
+def _read_cached(targets: dict[str, Path]) -> dict[str, np.ndarray]:
+    arrays = {}
+    for tower, target in targets.items():
+        if (target / FEATURE_CACHE.marker).is_file():
+            with np.load(target / FEATURE_CACHE.marker) as stored:
+                arrays[tower] = stored["features"]
+    return arrays
 
 
-def compute_features(model, data_dir: str | Path, split: str, *, batch_size: int = 64, progress: bool = True) -> SplitFeatures:
-    """Run both frozen backbones over every image and every caption of a split."""
-    info = read_split(data_dir, split)
-    images = make_image_dataset(data_dir, split, image_size=model.image_size, batch_size=batch_size)
-    image_step, text_step = compiled(model, "image_features"), compiled(model, "text_features")
-    image_rows = [
-        image_step(batch["images"]).numpy()
+def compute_features(
+    model, data_dir: str | Path, split: str, towers: Sequence[str] = TOWERS, *, batch_size: int = 64, progress: bool = True
+) -> SplitFeatures:
+    """Run each of `towers`' backbones over every image (`image`) or every caption (`text`) of a split, in order."""
+    computed = {
+        "image_features": _image_features(model, data_dir, split, batch_size, progress) if "image" in towers else None,
+        "text_features": _text_features(model, data_dir, split, batch_size, progress) if "text" in towers else None,
+    }
+    return SplitFeatures(num_captions=read_split(data_dir, split).num_captions(), **computed)
+
+
+def _image_features(model, data_dir, split: str, batch_size: int, progress: bool) -> np.ndarray:
+    images = make_image_dataset(data_dir, split, image_size=image_input(model), batch_size=batch_size)
+    step = compiled(model, "image_features")
+    rows = [
+        step(batch["images"]).numpy()
         for batch in tqdm(images, desc=f"image features ({split})", unit="batch", disable=not progress)
     ]
-    captions = [caption for image_captions in info.captions for caption in image_captions]
+    return np.concatenate(rows)
+
+
+def _text_features(model, data_dir, split: str, batch_size: int, progress: bool) -> np.ndarray:
+    captions = [caption for image_captions in read_split(data_dir, split).captions for caption in image_captions]
     # Captions outnumber images (about 5 to 1 in COCO) and cost far less each: bigger batches keep the
     # text backbone's matmuls large.
     text_batch = TEXT_BATCH_FACTOR * batch_size
-    text_rows = [
-        text_step(tf.constant(captions[i : i + text_batch])).numpy()
-        for i in tqdm(range(0, len(captions), text_batch), desc=f"text features ({split})", unit="batch", disable=not progress)
-    ]
-    return SplitFeatures(
-        image_features=np.concatenate(image_rows),
-        text_features=np.concatenate(text_rows),
-        num_captions=np.array([len(c) for c in info.captions], dtype=np.int64),
-    )
+    starts = range(0, len(captions), text_batch)
+    bar = dict(desc=f"text features ({split})", unit="batch", disable=not progress)
+    if not model.model_config.tower("text").trims_padding:
+        step = compiled(model, "text_features")
+        return np.concatenate([step(tf.constant(captions[i : i + text_batch])).numpy() for i in tqdm(starts, **bar)])
+    # Captions are mostly shorter than `sequence_length`: run them sorted by length, each batch cut to its longest
+    # caption, so no batch pays for columns of padding (the features are the same: see `TowerFamily.trims_padding`).
+    tokens = [model.tokenize(tf.constant(captions[i : i + text_batch])) for i in starts]
+    token_ids = np.concatenate([np.asarray(t["token_ids"]) for t in tokens]).astype(np.int32)
+    padding_mask = np.concatenate([np.asarray(t["padding_mask"]) for t in tokens]).astype(bool)
+    lengths = padding_mask.sum(axis=1)
+    order = np.argsort(lengths, kind="stable")
+    step = compiled(model, "token_features")
+    features = None
+    for i in tqdm(starts, **bar):
+        rows = order[i : i + text_batch]
+        width = max(1, int(lengths[rows].max()))
+        out = step({"token_ids": token_ids[rows, :width], "padding_mask": padding_mask[rows, :width]}).numpy()
+        if features is None:
+            features = np.empty((len(captions), out.shape[1]), np.float32)
+        features[rows] = out
+    return features

@@ -26,6 +26,9 @@ class TowerFamily:
         backbones: the names its `backbone` field takes (the registry keys of the model code).
         needs_vocabulary: its vocabulary is built from the training captions (`build_dual_encoder(captions=)`).
         needs_tensorflow_text: its tokenizer's graph uses TF Text ops: loading an export needs `import tensorflow_text`.
+        trims_padding: cutting a batch's trailing padding columns leaves every text's features unchanged (attention
+            masked by `padding_mask`, positions counted from the start): feature extraction then runs captions
+            sorted by length, each batch at its longest caption's length.
         joint_space: its towers already share one embedding space, so `heads.kind` may be `none`.
         allowed: ranges and choices of its fields.
         flat_names: the flat `ModelConfig` name (format 1) of each of its fields.
@@ -36,6 +39,7 @@ class TowerFamily:
     backbones: ClassVar[tuple[str, ...]] = ()
     needs_vocabulary: ClassVar[bool] = False
     needs_tensorflow_text: ClassVar[bool] = False
+    trims_padding: ClassVar[bool] = False
     joint_space: ClassVar[bool] = False
     allowed: ClassVar[dict[str, Allowed]] = {}
     flat_names: ClassVar[dict[str, str]] = {}
@@ -134,6 +138,7 @@ class KerasHubBertConfig(TowerFamily):
     towers = ("text",)
     backbones = ("keras_hub",)
     needs_tensorflow_text = True
+    trims_padding = True  # BERT: masked attention, learnt absolute positions
     allowed = {"backbone": Allowed(choices=backbones), "pooling": _POOLINGS, "sequence_length": _SEQUENCE_LENGTH}
     flat_names = {**_TEXT_FLAT, "text_preset": "preset"}
 

@@ -19,7 +19,7 @@ from PIL import Image
 from dual_encoder import files, images
 from dual_encoder.config import DataConfig
 from dual_encoder.contact_sheet import Section, Tile, write_sheet
-from dual_encoder.data.pipeline import decode_and_resize
+from dual_encoder.data.pipeline import decode_and_resize, image_input
 from dual_encoder.index.errors import QueryError, QueryImageError, UnknownItemError
 from dual_encoder.index.store import ImageIndex
 from dual_encoder.index.store import validate_k
@@ -270,7 +270,7 @@ class Searcher:
         return self._encode([image], [name or _image_name(image)])[0]
 
     def _encode(self, query_images: Sequence[QueryImage], names: Sequence[str]) -> np.ndarray:
-        size = int(self.model.image_size)
+        size = image_input(self.model)
         pixels = []
         for image, name in zip(query_images, names):
             try:

@@ -7,6 +7,7 @@ import hashlib
 from pathlib import Path
 from typing import Iterator, Optional
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -180,11 +181,51 @@ def caption_ids(captions) -> tf.Tensor:
     return tf.strings.to_hash_bucket_fast(text, ID_BUCKETS)
 
 
-def decode_and_resize(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Encoded JPEG/PNG/GIF/BMP bytes -> uint8 RGB [image_size, image_size, 3] (antialiased resize)."""
+@dataclasses.dataclass(frozen=True)
+class ImageResize:
+    """How a decoded image of any size becomes a tower's square input.
+
+    The default squashes to `size` x `size` (antialiased bilinear) and rounds to uint8. A paired pretrained tower
+    gives its image converter's own resize instead (crop to the aspect ratio, its interpolation), kept in float32
+    (`exact`) so the converter inside the tower sees what the preset's preprocessing would give it.
+    """
+
+    size: int
+    crop_to_aspect_ratio: bool = False
+    interpolation: str = "bilinear"
+    antialias: bool = True
+    exact: bool = False
+
+    @property
+    def dtype(self) -> tf.DType:
+        return tf.float32 if self.exact else tf.uint8
+
+    def spec(self, name: str = "images") -> tf.TensorSpec:
+        """The tower's input batch: [None, size, size, 3] of `dtype`."""
+        return tf.TensorSpec([None, self.size, self.size, 3], self.dtype, name=name)
+
+
+def image_input(model) -> ImageResize:
+    """The resize a model's image tower wants (`image_tower.image_resize`, else the default at `model.image_size`)."""
+    return getattr(model.image_encoder, "image_resize", None) or ImageResize(int(model.image_size))
+
+
+def decode_and_resize(image_bytes: tf.Tensor, image_size: int | ImageResize) -> tf.Tensor:
+    """Encoded JPEG/PNG/GIF/BMP bytes -> RGB [size, size, 3]: uint8 by the default antialiased squash to
+    `image_size`, or as an `ImageResize` says."""
+    resize = image_size if isinstance(image_size, ImageResize) else ImageResize(int(image_size))
     image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
-    image = tf.image.resize(image, [image_size, image_size], antialias=True)
-    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+    if resize == ImageResize(resize.size):
+        image = tf.image.resize(image, [resize.size, resize.size], antialias=True)
+        return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+    image = keras.ops.image.resize(
+        tf.cast(image, tf.float32),
+        (resize.size, resize.size),
+        interpolation=resize.interpolation,
+        antialias=resize.antialias,
+        crop_to_aspect_ratio=resize.crop_to_aspect_ratio,
+    )
+    return image if resize.exact else tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
 
 
 def _records_in_order(info: SplitInfo, order: np.ndarray) -> tf.data.Dataset:
@@ -220,13 +261,15 @@ def make_train_dataset(
     prepared: Path,
     split: str = "train",
     *,
-    image_size: int,
+    image_size: int | ImageResize,
     batch_size: int,
     epoch: int,
     seed: int,
     shuffle: bool = True,
     drop_remainder: bool = True,
     captions_per_image: int = 1,
+    image_features: Optional[np.ndarray] = None,
+    text_features: Optional[np.ndarray] = None,
 ) -> tf.data.Dataset:
     """One epoch of `{"images": uint8 [B, S, S, 3], "captions": string [B], "caption_ids": int64 [B]}` batches
     (`caption_ids` mark identical captions for the loss), plus `image_labels` and `caption_labels` (int64 rows of
@@ -234,59 +277,57 @@ def make_train_dataset(
     (string) with `negative_mask` (float32, 0 where a caption has no hard negative) when it has hard negatives.
 
     Images come in `epoch_order(N, epoch, seed)` (or the fixed order without `shuffle`), each once, with the
-    caption `sample_caption_indices` picks for this epoch: two captions of one image never meet in a batch,
-    and a feature cache that uses the same two functions sees the same batches.
+    caption `sample_caption_indices` picks for this epoch: two captions of one image never meet in a batch.
 
     With `captions_per_image` k > 1 each image comes with k of its captions: every caption key gains an axis
     (`captions` string [B, k], `caption_labels` [B, k, L'], ...) and `image_ids` int64 [B] says which image each
     row is, so the model scores all B * k captions against the batch while running the image tower B times.
+
+    A locked tower's cached features (`features.SplitFeatures`: one row per image, one per caption in the
+    split's order) replace its input: `image_features` [B, F] instead of decoded `images` (no image is read),
+    `text_features` [B, (k,) F] instead of `captions` (hard negatives are then left out: they would need the
+    text backbone). Either way the batches hold the same images and captions in the same order.
     """
     info = read_split(prepared, split)
     if drop_remainder and info.num_images < batch_size:
         raise DataError(f"split '{split}' has {info.num_images} images, fewer than one batch of {batch_size}")
     order = epoch_order(info.num_images, epoch, seed) if shuffle else np.arange(info.num_images)
     chosen = sample_caption_indices(info.num_captions(), epoch, seed, captions_per_image)
+    start = np.concatenate([[0], np.cumsum(info.num_captions())[:-1]]).astype(np.int64)
+    picked = (start[:, None] + chosen)[order]  # [N, k] rows of the flattened captions, in batch order
+    flat = np.array([caption for captions in info.captions for caption in captions], dtype=object)
     labels, negatives = label_arrays(info), negative_captions(info)
-    flat = np.concatenate([[0], np.cumsum(info.num_captions())[:-1]]).astype(np.int64)[:, None] + chosen  # rows
-    if labels is not None:
-        image_labels = tf.constant(labels.image_labels)
-        caption_labels = tf.constant(labels.caption_labels[flat])
-    if negatives is not None:
-        chosen_negatives = tf.constant(negatives[flat].astype(str).tolist(), dtype=tf.string)
-    chosen = tf.constant(chosen)
-    ids = image_ids(info.image_ids)
-    single = captions_per_image == 1
 
-    def per_image(tensor: tf.Tensor) -> tf.Tensor:  # [k, ...] -> [...] when k is 1
-        return tensor[0] if single else tensor
-
-    def to_pair(index: tf.Tensor, serialized: tf.Tensor) -> dict[str, tf.Tensor]:
-        example = tfrecords.parse_example(serialized)
-        captions = tf.gather(example["captions"], chosen[index])
-        pair = {
-            "images": decode_and_resize(example["image/encoded"], image_size),
-            "captions": per_image(captions),
-            "caption_ids": per_image(caption_ids(captions)),
-        }
-        if not single:
-            pair["image_ids"] = ids[index]
-        if labels is not None:
-            pair.update(image_labels=image_labels[index], caption_labels=per_image(caption_labels[index]))
+    rows = {"caption_ids": caption_ids(flat.astype(str)).numpy()[picked] if flat.size else np.zeros_like(picked)}
+    if text_features is None:
+        rows["captions"] = flat[picked].astype(str)
         if negatives is not None:
-            negative = chosen_negatives[index]
-            mask = tf.cast(tf.strings.length(negative) > 0, tf.float32)
-            pair.update(negative_captions=per_image(negative), negative_mask=per_image(mask))
-        return pair
+            rows["negative_captions"] = negatives[picked].astype(str)
+            rows["negative_mask"] = (np.char.str_len(rows["negative_captions"]) > 0).astype(np.float32)
+    else:
+        rows["text_features"] = text_features[picked]
+    if image_features is not None:
+        rows["image_features"] = image_features[order]
+    if captions_per_image > 1:
+        rows["image_ids"] = image_ids(info.image_ids).numpy()[order]
+    else:  # one caption per image: caption keys lose the k axis
+        rows = {key: value[:, 0] if key not in ("image_features",) else value for key, value in rows.items()}
+    if labels is not None:
+        rows["image_labels"] = labels.image_labels[order]
+        caption_labels = labels.caption_labels[picked]
+        rows["caption_labels"] = caption_labels[:, 0] if captions_per_image == 1 else caption_labels
 
-    return (
-        _records_in_order(info, order)
-        .map(to_pair, num_parallel_calls=tf.data.AUTOTUNE)
-        .batch(batch_size, drop_remainder=drop_remainder)
-        .prefetch(tf.data.AUTOTUNE)
-    )
+    dataset = tf.data.Dataset.from_tensor_slices(rows)
+    if image_features is None:
+        images = _records_in_order(info, order).map(
+            lambda index, serialized: decode_and_resize(tfrecords.parse_example(serialized)["image/encoded"], image_size),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+        dataset = tf.data.Dataset.zip(dataset, images).map(lambda row, image: {**row, "images": image})
+    return dataset.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
 
 
-def make_image_dataset(prepared: Path, split: str, *, image_size: int, batch_size: int) -> tf.data.Dataset:
+def make_image_dataset(prepared: Path, split: str, *, image_size: int | ImageResize, batch_size: int) -> tf.data.Dataset:
     """`{"images": uint8 [B, S, S, 3]}` batches in the split's fixed order (evaluation, feature cache, indexing)."""
     info = read_split(prepared, split)
 

@@ -1,8 +1,9 @@
 """Embedding on Apache Beam (optional extra `beam`), one pipeline with two sources: an image gallery (list -> read and
 decode -> RunInference -> shards -> one index, written atomically) and a prepared dataset's split (its TFRecords and
-captions -> the frozen backbones -> shards -> the training feature cache, `BeamFeatures`).
+captions -> the locked towers -> shards -> the training feature caches, `BeamFeatures`).
 
-The launcher lists the gallery (as `index build` does) and fingerprints the model; the workers read every file with
+The launcher lists the gallery (as `index build` does) and checks the model (its fingerprint, the image input its
+tower wants); the workers read every file with
 `dual_encoder.files` and decode it with `dual_encoder.images` (EXIF, the pixel limit, countable skip reasons) and
 TensorFlow's `decode_and_resize`, exactly as the local path does, then embed batches with RunInference and a
 `ModelHandler` of ours that loads our model folder (Beam's TensorFlow handlers load SavedModels with
@@ -20,14 +21,13 @@ import functools
 import hashlib
 import io
 import json
-import os
 import shutil
 import tempfile
 import time
 import uuid
 import zlib
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -37,7 +37,12 @@ from dual_encoder.config import DataConfig, IndexConfig
 from dual_encoder.errors import DualEncoderError
 from dual_encoder.index.errors import GallerySourceError
 from dual_encoder.index.items import ImageRecord
-from dual_encoder.index.store import ImageIndex, ModelRecord, check_replaceable
+from dual_encoder.index.store import ImageIndex, check_replaceable
+
+if TYPE_CHECKING:  # the launcher imports TensorFlow only when it needs it
+    from dual_encoder.data.pipeline import ImageResize
+
+ImageSize = Union[int, "ImageResize"]  # a square side, or the model's own resize (`data.pipeline.image_input`)
 
 RUNNERS = {"direct": "DirectRunner", "dataflow": "DataflowRunner", "flink": "FlinkRunner", "spark": "SparkRunner"}
 # The DirectRunner's defaults here: one process per core, each with its own model (tests use 2).
@@ -88,7 +93,7 @@ def pipeline_options(runner: str, options: Sequence[str] = ()):
 # -- the workers' side ------------------------------------------------------------------------------------------
 
 
-def read_and_decode(item: GalleryFile, image_size: int, max_pixels: int) -> tuple[str, Any]:
+def read_and_decode(item: GalleryFile, image_size: ImageSize, max_pixels: int) -> tuple[str, Any]:
     """`("image", (record, pixels))` for a readable image, else `("skipped", (position, path, reason, detail))`.
 
     The same checks as `open_gallery` + `FileGallery` (regular file, UTF-8 name, size and pixel limits, EXIF
@@ -124,7 +129,7 @@ class DatasetRecord:
     length: int
 
 
-def read_record_and_decode(item: DatasetRecord, image_size: int) -> tuple[str, Any]:
+def read_record_and_decode(item: DatasetRecord, image_size: ImageSize) -> tuple[str, Any]:
     """`("image", ({"position": …}, pixels))` for one record of a prepared split, decoded as `make_image_dataset`
     decodes it; `("skipped", (position, where, reason, detail))` if it cannot be read."""
     import tensorflow as tf
@@ -248,7 +253,8 @@ def build_pipeline(pipeline, items: list, read, image_handler, shards_dir: str, 
     """Add the embedding steps to `pipeline`; returns the PCollection of written shard paths.
 
     Args:
-        items: the source's elements (`GalleryFile`s of a gallery, `DatasetRecord`s of a prepared split).
+        items: the source's elements (`GalleryFile`s of a gallery, `DatasetRecord`s of a prepared split); none
+            with `image_handler` None (a split's captions only).
         read: turns one item into `("image", (record, pixels))` or `("skipped", (position, path, reason, detail))`.
         image_handler: the keyed RunInference handler the images go through.
         captions: `(row, text)` pairs for `text_handler` (a prepared split's captions), rows written as "text".
@@ -256,16 +262,17 @@ def build_pipeline(pipeline, items: list, read, image_handler, shards_dir: str, 
     beam = import_beam()
     from apache_beam.ml.inference.base import RunInference
 
-    decoded = pipeline | "List" >> beam.Create(items) | "Spread" >> beam.Reshuffle() | "ReadAndDecode" >> beam.Map(read)
-    images_only = decoded | "Images" >> beam.Filter(lambda out: out[0] == "image") | beam.Map(lambda out: out[1])
-    skipped = decoded | "Skipped" >> beam.Filter(lambda out: out[0] == "skipped")
-    branches = [
-        skipped,
-        images_only
-        | "KeyByRecord" >> beam.Map(lambda pair: (json.dumps(pair[0]), pair[1]))
-        | "Embed" >> RunInference(image_handler)
-        | "Rows" >> beam.MapTuple(lambda record, vector: ("image", (json.loads(record), np.asarray(vector)))),
-    ]
+    branches = []
+    if image_handler is not None:
+        decoded = pipeline | "List" >> beam.Create(items) | "Spread" >> beam.Reshuffle() | "ReadAndDecode" >> beam.Map(read)
+        images_only = decoded | "Images" >> beam.Filter(lambda out: out[0] == "image") | beam.Map(lambda out: out[1])
+        branches += [
+            decoded | "Skipped" >> beam.Filter(lambda out: out[0] == "skipped"),
+            images_only
+            | "KeyByRecord" >> beam.Map(lambda pair: (json.dumps(pair[0]), pair[1]))
+            | "Embed" >> RunInference(image_handler)
+            | "Rows" >> beam.MapTuple(lambda record, vector: ("image", (json.loads(record), np.asarray(vector)))),
+        ]
     if captions:
         branches.append(
             pipeline
@@ -338,7 +345,7 @@ def build_index_on_beam(
     """`build_index` with the embedding done by an Apache Beam pipeline on `runner`.
 
     Args:
-        model_dir: the model folder (read here for its fingerprint and image size).
+        model_dir: the model folder (read here for its fingerprint and image input).
         source: an image folder or a list file, at the same path for the launcher and every worker.
         output: the index directory to write (atomically; an existing index only with `overwrite`).
         config: index settings; `embed_batch_size` is RunInference's largest batch.
@@ -355,8 +362,9 @@ def build_index_on_beam(
     """
     from dual_encoder.index.build import _summary
     from dual_encoder.index.embed import SkippedFile, _list_file, _list_folder
-    from dual_encoder.models import model_fingerprint
-    from dual_encoder.models.io import model_image_size, resolve_model_dir
+    from dual_encoder.data.pipeline import image_input
+    from dual_encoder.models import load_checked_model
+    from dual_encoder.models.io import resolve_model_dir
 
     started = time.perf_counter()
     output = Path(output).absolute()
@@ -369,9 +377,11 @@ def build_index_on_beam(
         check_replaceable(output, overwrite)
         paths, skipped = _list_folder(source) if source.is_dir() else _list_file(source)
         listed = [GalleryFile(position, path) for position, path in enumerate(paths)]
-        model_record = ModelRecord(os.path.abspath(model_dir), model_fingerprint(model_dir))
+        # The model is loaded here only for its image input (a paired preset's converter crops and resizes its own way).
+        model, model_record = load_checked_model(model_dir)
+        image_size = image_input(model)
+        del model
         resolved = resolve_model_dir(model_dir).absolute()
-        image_size = model_image_size(resolved)
         local_shards = shards_dir is None
         shards_dir = shards_dir or tempfile.mkdtemp(prefix=f".{output.name}.shards-", dir=output.parent)
         try:
@@ -402,13 +412,14 @@ def _shard_count(rows: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class BeamFeatures:
-    """Computes a prepared split's frozen-backbone features on an Apache Beam runner: a drop-in for
-    `features.compute_features` (`load_or_compute_features(..., compute=BeamFeatures("direct"))`), so the cache it
-    fills is the local one, same key, same files.
+    """Computes a prepared split's features of the locked towers on an Apache Beam runner: a drop-in for
+    `features.compute_features` (`load_or_compute_features(..., compute=BeamFeatures("direct"))`), so the per-tower
+    caches it fills are the local ones, same keys, same files.
 
-    The launcher saves the model it was given (its frozen towers) as a model folder in `staging_dir`; the workers
-    load it, read each image's TFRecord at its offset, decode it as `make_image_dataset` does and run
-    `image_features`; captions go through `text_features`; both come back as shards, merged in the split's order.
+    The launcher saves the model it was given as a model folder in `staging_dir`; the workers load it and run only
+    the towers asked for: for `image`, they read each image's TFRecord at its offset, decode it as
+    `make_image_dataset` does and run `image_features`; for `text`, captions go through `text_features`; rows come
+    back as shards, merged in the split's order.
 
     Args:
         runner: `direct`, `dataflow`, `flink` or `spark`.
@@ -428,9 +439,13 @@ class BeamFeatures:
         object.__setattr__(self, "options", tuple(self.options))
         pipeline_options(self.runner, self.options)  # a bad runner or option fails before any work
 
-    def __call__(self, model, data_dir: Union[str, Path], split: str, *, batch_size: int = 64, progress: bool = True):
-        from dual_encoder.data.pipeline import read_split
+    def __call__(
+        self, model, data_dir: Union[str, Path], split: str, towers: Sequence[str] = ("image", "text"), *,
+        batch_size: int = 64, progress: bool = True,
+    ):  # fmt: skip
+        from dual_encoder.data.pipeline import image_input, read_split
         from dual_encoder.features import TEXT_BATCH_FACTOR, SplitFeatures
+
         beam = import_beam()
         data_dir = Path(data_dir).absolute()
         info = read_split(data_dir, split)
@@ -438,18 +453,19 @@ class BeamFeatures:
         records = [
             DatasetRecord(position, f"{worker_data}/{info.shards[shard].relative_to(data_dir).as_posix()}", offset, length)
             for position, (shard, offset, length) in enumerate(info.locations.tolist())
-        ]
-        captions = list(enumerate(caption for image_captions in info.captions for caption in image_captions))
+        ] if "image" in towers else []  # fmt: skip
+        captions = list(enumerate(c for image_captions in info.captions for c in image_captions)) if "text" in towers else []
         with _staging_folder(self.staging_dir, data_dir / "features", f".{split}-beam-") as staging:
             model_dir = _put_model(model, staging)
             shards_dir = f"{staging}/shards"
-            read = functools.partial(read_record_and_decode, image_size=int(model.image_size))
+            read = functools.partial(read_record_and_decode, image_size=image_input(model))
+            handlers = {
+                "image_handler": make_model_handler(model_dir, batch_size, "image_features") if "image" in towers else None,
+                "text_handler": make_model_handler(model_dir, TEXT_BATCH_FACTOR * batch_size, "text_features"),
+            }
             with beam.Pipeline(options=pipeline_options(self.runner, self.options)) as pipeline:
-                build_pipeline(
-                    pipeline, records, read, make_model_handler(model_dir, batch_size, "image_features"), shards_dir,
-                    _shard_count(len(records) + len(captions)), captions,
-                    make_model_handler(model_dir, TEXT_BATCH_FACTOR * batch_size, "text_features"),
-                )  # fmt: skip
+                shards = _shard_count(len(records) + len(captions))
+                build_pipeline(pipeline, records, read, shards_dir=shards_dir, shards=shards, captions=captions, **handlers)
             image_rows, text_rows, skipped = merge_feature_shards(shards_dir, len(records), len(captions))
         if skipped:
             position, where, reason, detail = skipped[0]
@@ -457,7 +473,11 @@ class BeamFeatures:
                 f"{len(skipped)} images of split '{split}' could not be read on the workers, e.g. image {position} "
                 f"({where}): {reason}" + (f" ({detail})" if detail else "")
             )
-        return SplitFeatures(image_features=image_rows, text_features=text_rows, num_captions=info.num_captions())
+        return SplitFeatures(
+            num_captions=info.num_captions(),
+            image_features=image_rows if "image" in towers else None,
+            text_features=text_rows if "text" in towers else None,
+        )
 
 
 def merge_feature_shards(directory: str, num_images: int, num_captions: int) -> tuple[np.ndarray, np.ndarray, list]:

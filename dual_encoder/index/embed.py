@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from dual_encoder import files, images
 from dual_encoder.config import DataConfig
 from dual_encoder.data import tfrecords
-from dual_encoder.data.pipeline import decode_and_resize, make_image_dataset, read_split
+from dual_encoder.data.pipeline import ImageResize, decode_and_resize, image_input, make_image_dataset, read_split
 from dual_encoder.index.errors import GallerySourceError
 from dual_encoder.index.items import ImageRecord
 from dual_encoder.models.compiled import compiled
@@ -97,8 +97,8 @@ class Gallery(abc.ABC):
         self.failures: dict[int, SkippedFile] = {}  # rows `images` dropped, and why (where it knows)
 
     @abc.abstractmethod
-    def images(self, rows: Sequence[int], image_size: int, batch_size: int) -> tf.data.Dataset:
-        """`{"row": int64 [B], "images": uint8 [B, S, S, 3]}` for `rows` (increasing); undecodable rows are dropped."""
+    def images(self, rows: Sequence[int], image_size: ImageResize, batch_size: int) -> tf.data.Dataset:
+        """`{"row": int64 [B], "images": [B, S, S, 3]}` (as `image_size` says) for `rows` (increasing); undecodable rows are dropped."""
 
     def failure(self, row: int) -> SkippedFile:
         """Why `row` is missing from what `images` gave."""
@@ -129,7 +129,7 @@ class FileGallery(Gallery):
                 continue
             yield row, data
 
-    def images(self, rows: Sequence[int], image_size: int, batch_size: int) -> tf.data.Dataset:
+    def images(self, rows: Sequence[int], image_size: ImageResize, batch_size: int) -> tf.data.Dataset:
         rows = np.asarray(rows, dtype=np.int64)
 
         def decode(row: tf.Tensor, data: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -151,7 +151,7 @@ class SplitGallery(Gallery):
         super().__init__(records, [], f"{source.prepared} [{source.split}]")
         self._split = source
 
-    def images(self, rows: Sequence[int], image_size: int, batch_size: int) -> tf.data.Dataset:
+    def images(self, rows: Sequence[int], image_size: ImageResize, batch_size: int) -> tf.data.Dataset:
         wanted = np.zeros(len(self.records), dtype=bool)
         wanted[np.asarray(rows, dtype=np.int64)] = True
         wanted = tf.constant(wanted)
@@ -260,7 +260,7 @@ def embed_contents(
     for row in rows:
         first_row_of_hash.setdefault(gallery.records[row].sha256, row)
     unique_rows = sorted(first_row_of_hash.values())
-    image_size = int(model.image_size)
+    image_size = image_input(model)
     encode = compiled(model, "encode_image")
     vectors: dict[str, np.ndarray] = {}
     with tqdm(total=len(unique_rows), desc="embedding", unit="img", disable=not progress) as bar:

@@ -10,17 +10,23 @@ import weakref
 
 import tensorflow as tf
 
+from dual_encoder.data.pipeline import image_input
+
 _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _signatures(model) -> dict:
-    images = tf.TensorSpec([None, model.image_size, model.image_size, 3], tf.uint8, name="images")
+    images = image_input(model).spec()
     texts = tf.TensorSpec([None], tf.string, name="texts")
     return {
         "encode_image": images,
         "encode_text": texts,
         "image_features": images,
         "text_features": texts,
+        "token_features": {
+            "token_ids": tf.TensorSpec([None, None], tf.int32, name="token_ids"),
+            "padding_mask": tf.TensorSpec([None, None], tf.bool, name="padding_mask"),
+        },
         "encode_image_features": tf.TensorSpec([None, model.image_encoder.output_dim], tf.float32, name="features"),
         "encode_text_features": tf.TensorSpec([None, model.text_encoder.output_dim], tf.float32, name="features"),
     }

@@ -102,6 +102,10 @@ class DualEncoder(keras.Model):
         """Strings [B] -> pooled text backbone outputs [B, F_text] (no head)."""
         return self.text_encoder(_as_strings(texts), training=False)
 
+    def token_features(self, tokens):
+        """`tokenize`'s {"token_ids", "padding_mask"} [B, L] -> pooled text backbone outputs [B, F_text] (no head)."""
+        return self.text_encoder.encode_token_ids(tokens["token_ids"], tokens["padding_mask"], training=False)
+
     def encode_image_features(self, features, training=False):
         """Image backbone features [B, F_image] -> L2-normalised float32 embeddings [B, D]."""
         return self.image_projection(features, training=training)

@@ -16,6 +16,7 @@ import keras_hub
 import tensorflow as tf  # the preprocessors' text ops are TensorFlow string ops
 from keras import ops
 
+from dual_encoder.data.pipeline import ImageResize
 from dual_encoder.model_config import ModelConfig, PairedConfig
 from dual_encoder.models.layers import ModelConfigError
 from dual_encoder.models.text_encoder import TextEncoder, _first_line
@@ -107,6 +108,16 @@ class PretrainedImageEncoder(keras.layers.Layer):
         self.image_converter = paired.preprocessor.image_converter
         self.image_size = paired.image_size
         self.output_dim = paired.output_dim
+        converter = self.image_converter
+        # Decoders resize each image of any shape as the converter would (crop to aspect, its interpolation), in
+        # float32: the converter's own resize in `call` is then the identity, and the pixels are the preset's.
+        self.image_resize = ImageResize(
+            self.image_size,
+            crop_to_aspect_ratio=bool(converter.crop_to_aspect_ratio),
+            interpolation=converter.interpolation,
+            antialias=bool(converter.antialias),
+            exact=True,
+        )
         self.built = True
 
     def call(self, images, training=False):
@@ -143,7 +154,14 @@ class PretrainedTextEncoder(TextEncoder):
 def build_pretrained_towers(config: PairedConfig):
     """(image tower, text tower) sharing one backbone loaded from `config.preset`."""
     paired = PairedPreset(config.preset, config.sequence_length)
-    paired.backbone.trainable = config.image_trainable or config.text_trainable
+    backbone = paired.backbone
+    backbone.trainable = config.image_trainable or config.text_trainable
+    # Both towers hold the one backbone: a locked side's layers must be frozen inside it too, or training the other
+    # side (LiT) would train them whenever they run in the step.
+    for side, trainable in (("vision", config.image_trainable), ("text", config.text_trainable)):
+        for name in (f"{side}_encoder", f"{side}_projection"):
+            if getattr(backbone, name, None) is not None:
+                getattr(backbone, name).trainable = trainable
     image = PretrainedImageEncoder(paired, trainable=config.image_trainable, name="image_encoder")
     text = PretrainedTextEncoder(paired, trainable=config.text_trainable, name="text_encoder")
     return image, text

@@ -28,8 +28,8 @@ class TextEncoder(keras.layers.Layer):
         trainable: False freezes the backbone (and runs its dropout in inference mode).
     """
 
-    # What a tower needs (a vocabulary from captions, TF Text ops at export) its config section declares
-    # (`dual_encoder.model_config`).
+    # Its config section (`dual_encoder.model_config`) declares what a tower needs (a vocabulary from captions, TF
+    # Text ops at export) and whether a batch's padding may be trimmed (`trims_padding`).
 
     def __init__(self, pooling: str = "mean", sequence_length: int = 32, trainable: bool = True, **kwargs):
         super().__init__(trainable=trainable, **kwargs)

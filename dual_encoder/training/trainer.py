@@ -18,24 +18,19 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from dual_encoder.atomic import write_file_atomically
 from dual_encoder.config import Config
 from dual_encoder.data.pipeline import (
-    SplitInfo,
-    caption_ids,
-    epoch_order,
-    label_arrays,
+    image_input,
     make_train_dataset,
     read_split,
     require_images,
-    sample_caption_indices,
 )
 from dual_encoder.errors import DualEncoderError
 from dual_encoder.evaluation import evaluate_split
-from dual_encoder.features import SplitFeatures, load_or_compute_features
+from dual_encoder.features import TOWERS, SplitFeatures, load_or_compute_features
 from dual_encoder.models import build_dual_encoder, save_model
 from dual_encoder.training.distribute import get_strategy, is_chief
 from dual_encoder.training.run_folder import claim_run_folder
@@ -143,58 +138,34 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
         }
 
 
-class _ImageBatches:
-    """Training batches of decoded images and caption strings (trainable backbones)."""
+class _Batches:
+    """Training batches of one epoch: decoded images and caption strings for a tower that trains, its cached
+    backbone features for a locked one (`features`: both sides when both towers are locked, one side in LiT),
+    the same images and captions in the same order either way."""
 
-    def __init__(self, data_dir: Path, config: Config, image_size: int):
-        self.data_dir, self.config, self.image_size = data_dir, config, image_size
-        self.num_images = len(read_split(data_dir, "train").image_ids)
+    def __init__(self, data_dir: Path, config: Config, model, num_images: int, features: Optional[SplitFeatures] = None):
+        self.data_dir, self.config, self.num_images, self.features = data_dir, config, num_images, features
+        self.image_input = image_input(model)
 
     def dataset(self, epoch: int) -> tf.data.Dataset:
         return make_train_dataset(
             self.data_dir,
             "train",
-            image_size=self.image_size,
+            image_size=self.image_input,
             batch_size=self.config.train.batch_size,
             epoch=epoch,
             seed=self.config.train.seed,
             captions_per_image=self.config.train.captions_per_image,
+            image_features=None if self.features is None else self.features.image_features,
+            text_features=None if self.features is None else self.features.text_features,
         )
 
 
-class _FeatureBatches:
-    """Training batches of cached backbone features (frozen backbones): the same images and captions per epoch
-    as `_ImageBatches` would give, so the heads see the same examples either way."""
-
-    def __init__(self, features, split: SplitInfo, config: Config):
-        self.features, self.config = features, config
-        self.num_images = len(features.num_captions)
-        flat = [caption for image_captions in split.captions for caption in image_captions]
-        self.caption_ids = caption_ids(flat).numpy() if flat else np.zeros(0, np.int64)
-        self.labels = label_arrays(split)
-
-    def dataset(self, epoch: int) -> tf.data.Dataset:
-        seed, per_image = self.config.train.seed, self.config.train.captions_per_image
-        picked = sample_caption_indices(self.features.num_captions, epoch, seed, per_image)
-        order = epoch_order(self.num_images, epoch, seed)
-        captions = self.features.caption_start[order][:, None] + picked[order]  # [N, k] rows, in batch order
-        if per_image == 1:
-            captions = captions[:, 0]
-        rows = {
-            "image_features": self.features.image_features[order],
-            "text_features": self.features.text_features[captions],
-            "caption_ids": self.caption_ids[captions],
-        }
-        if per_image > 1:
-            rows["image_ids"] = order.astype(np.int64)
-        if self.labels is not None:
-            rows["image_labels"] = self.labels.image_labels[order]
-            rows["caption_labels"] = self.labels.caption_labels[captions]
-        return (
-            tf.data.Dataset.from_tensor_slices(rows)
-            .batch(self.config.train.batch_size, drop_remainder=True)
-            .prefetch(tf.data.AUTOTUNE)
-        )
+def locked_towers(model, config: Config) -> tuple[str, ...]:
+    """The towers whose backbone features are cached: every locked tower, when `feature_cache` is on."""
+    if not config.train.feature_cache:
+        return ()
+    return tuple(tower for tower in TOWERS if not model.is_trainable(tower))
 
 
 def train(
@@ -238,27 +209,22 @@ class _Run:
         keras.utils.set_random_seed(config.train.seed)
         with strategy.scope():
             self.model = build_dual_encoder(config.model, captions=train_captions)
-            self.use_features = config.train.feature_cache and self.model.backbones_frozen
-            self.val_features = None
-            if compute_features is not None and not self.use_features:
+            self.cached_towers = locked_towers(self.model, config)
+            if compute_features is not None and not self.cached_towers:
                 raise TrainingError(
                     "features to compute elsewhere (--runner) were asked for, but this config trains without a "
-                    "feature cache (that needs frozen backbones and train.feature_cache=true)"
+                    "feature cache (that needs a locked tower and train.feature_cache=true)"
                 )
-            if self.use_features:
-                batch = max(config.train.batch_size, 64)
-                self.source = _FeatureBatches(
-                    load_or_compute_features(
-                        self.model, data_dir, "train", batch_size=batch, progress=progress, compute=compute_features
-                    ),
-                    train_split,
-                    config,
-                )
-                self.val_features = load_or_compute_features(
-                    self.model, data_dir, "validation", batch_size=batch, progress=progress, compute=compute_features
-                )
-            else:
-                self.source = _ImageBatches(data_dir, config, self.model.image_size)
+            self.val_features = None
+            train_features = None
+            if self.cached_towers:
+                extract = dict(
+                    towers=self.cached_towers, batch_size=max(config.train.batch_size, 64), progress=progress,
+                    compute=compute_features,
+                )  # fmt: skip
+                train_features = load_or_compute_features(self.model, data_dir, "train", **extract)
+                self.val_features = load_or_compute_features(self.model, data_dir, "validation", **extract)
+            self.source = _Batches(data_dir, config, self.model, train_split.num_images, train_features)
             self.steps_per_epoch = self.source.num_images // config.train.batch_size
             if self.steps_per_epoch == 0:
                 raise TrainingError(

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from dual_encoder.cli import main
-from dual_encoder.data.pipeline import decode_and_resize
+from dual_encoder.data.pipeline import decode_and_resize, image_input
 from dual_encoder.config import Config, ConfigError
 from dual_encoder.model_config import HeadsConfig, ModelConfig, PairedConfig
 from dual_encoder.models import ModelConfigError, build_dual_encoder, load_model
@@ -98,10 +98,56 @@ def test_model_create_index_build_search(preset, tmp_path, capsys):
     model = load_model(model_dir)
     query = np.asarray(model.encode_text(["a red circle"]))[0]
     names = [f"p{i}.png" for i in range(5)]
-    images = np.stack([decode_and_resize((photos / name).read_bytes(), model.image_size) for name in names])
+    images = np.stack([decode_and_resize((photos / name).read_bytes(), image_input(model)) for name in names])
     scores = np.asarray(model.encode_image(images)) @ query
     assert [hit["path"].rsplit("/", 1)[-1] for hit in hits] == [names[i] for i in np.argsort(-scores)[:3]]
     np.testing.assert_allclose([hit["score"] for hit in hits], np.sort(scores)[::-1][:3], atol=1e-4)
+
+
+def test_index_build_and_image_queries_resize_and_normalise_as_the_preset_does(preset, tmp_path):
+    """A non-square photo: `index build` (file gallery), a prepared split and an image query embed it exactly as
+    KerasHub's preprocessor (crop to the aspect ratio, its interpolation, its scale and offset) + get_vision_embeddings."""
+    from dual_encoder.config import DataConfig
+    from dual_encoder.data.pipeline import make_image_dataset
+    from dual_encoder.data.prepare import prepare_dataset
+    from dual_encoder.index.store import ImageIndex
+    from dual_encoder.search import Searcher
+
+    folder, preprocessor_class = preset
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    pixels = np.random.default_rng(7).integers(0, 256, (2, 45, 70, 3), dtype=np.uint8)
+    pixels[1] = np.random.default_rng(8).integers(0, 256, (45, 70, 3), dtype=np.uint8)
+    Image.fromarray(pixels[0]).save(photos / "wide.png")
+    Image.fromarray(np.ascontiguousarray(pixels[1].transpose(1, 0, 2))).save(photos / "tall.png")  # 70 x 45
+    raw = {"wide.png": pixels[0], "tall.png": np.ascontiguousarray(pixels[1].transpose(1, 0, 2))}
+    expected = {name: _reference(folder, preprocessor_class, image[None], ["a"])[0][0] for name, image in raw.items()}
+
+    model_dir, index_dir = tmp_path / "model", tmp_path / "index"
+    assert main(["model", "create", "--from-keras-hub", str(folder), "--output", str(model_dir)]) == 0
+    assert main(["index", "build", "--model", str(model_dir), "--images", str(photos), "--output", str(index_dir),
+                 "--quiet"]) == 0  # fmt: skip
+    index = ImageIndex.load(index_dir)
+    for item, vector in zip(index.items, index.embeddings):
+        name = str(item.path).rsplit("/", 1)[-1]
+        np.testing.assert_allclose(np.asarray(vector, np.float32), expected[name], atol=2e-3 if index.dtype == "float16" else 1e-5)
+    searcher = Searcher.load(index_dir)
+    for name in raw:
+        np.testing.assert_allclose(searcher.encode_images([photos / name])[0], expected[name], atol=1e-5)
+
+    # The same photos in a prepared dataset (training, evaluation and the feature cache read them this way).
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("image,caption\nwide.png,a red circle\ntall.png,a blue square\n")
+    prepare_dataset("csv", csv, photos, tmp_path / "prepared", DataConfig(validation_fraction=0.0), progress=False)
+    model = load_model(model_dir)
+    batch = next(iter(make_image_dataset(tmp_path / "prepared", "train", image_size=image_input(model), batch_size=4)))
+    embedded = np.asarray(model.encode_image(batch["images"]))
+    for vector in embedded:  # the split's order is its own: match each row to one photo
+        assert min(np.abs(vector - e).max() for e in expected.values()) < 1e-5
+
+    # The old way (squash to a square, round to uint8, then the converter) is not the preset's: the check can fail.
+    squashed = np.stack([decode_and_resize((photos / name).read_bytes(), model.image_size) for name in raw])
+    assert not np.allclose(np.asarray(model.encode_image(squashed)), np.stack(list(expected.values())), atol=1e-3)
 
 
 def test_paired_config_section():
@@ -160,7 +206,7 @@ def test_classify_from_folder_and_index(preset, tmp_path, capsys):
 
     model = load_model(model_dir)
     first = from_index["predictions"][0]
-    image = decode_and_resize((photos / first["path"].rsplit("/", 1)[-1]).read_bytes(), model.image_size)
+    image = decode_and_resize((photos / first["path"].rsplit("/", 1)[-1]).read_bytes(), image_input(model))
     image_embedding = np.asarray(model.encode_image(np.asarray(image)[None]))[0]
     prompts = np.asarray(model.encode_text([t.format(first["labels"][0]["label"]) for t in TEMPLATES["imagenet"]]))
     mean = prompts.mean(axis=0)

@@ -155,18 +155,45 @@ def test_beam_feature_cache_on_two_workers_equals_the_local_one_and_training_use
                "--quiet", "--runner", "direct", *[arg for option in DIRECT_TWO_WORKERS for arg in ("--pipeline-option", option)]]  # fmt: skip
     assert main(command) == 0
     monkeypatch.undo()
-
-    cached = sorted((prepared / "features").glob("*/features.npz"))
-    assert [path.parent.name.split("-")[0] for path in cached] == ["train", "validation"]
-    assert not [path for path in (prepared / "features").iterdir() if "beam" in path.name]  # staging removed
-    # The run's model holds the same frozen backbones: the local path on it gives the Beam-built cache.
+    # One cache per split and tower, named and keyed as the local path names them.
     model = load_model(tmp_path / "run")
+    cached = sorted(path.parent for path in (prepared / "features").glob("*/features.npz"))
+    expected = [feature_cache.cache_dir(model, prepared, split, tower)
+                for split in ("train", "validation") for tower in feature_cache.TOWERS]  # fmt: skip
+    assert cached == expected
+    assert not [path for path in (prepared / "features").iterdir() if "beam" in path.name]  # staging removed
+    # The run's model holds the same frozen backbones: the local path on it gives the Beam-built caches.
     for split in ("train", "validation"):
         local = feature_cache.compute_features(model, prepared, split, progress=False)
         on_beam = feature_cache.load_or_compute_features(model, prepared, split, compute=must_not_run)  # a cache hit
         np.testing.assert_allclose(on_beam.image_features, local.image_features, atol=1e-5)
         np.testing.assert_allclose(on_beam.text_features, local.text_features, atol=1e-5)
         np.testing.assert_array_equal(on_beam.num_captions, local.num_captions)
+
+
+@pytest.mark.slow
+def test_beam_computes_only_the_locked_tower_of_a_lit_run(prepared, tmp_path):
+    """LiT (text locked, image trained): the workers run the text tower only, into the text tower's local cache."""
+    import shutil
+
+    import keras
+
+    from dual_encoder import features as feature_cache
+    from dual_encoder.models import build_dual_encoder
+    from tests.tiny import CAPTIONS, TINY_MODEL
+
+    prepared = shutil.copytree(prepared, tmp_path / "prepared", ignore=shutil.ignore_patterns("features"))
+    keras.utils.set_random_seed(5)
+    model = build_dual_encoder(TINY_MODEL.replace({"text.trainable": False}), captions=CAPTIONS)
+    compute = beam_index.BeamFeatures("direct", DIRECT_TWO_WORKERS, staging_dir=str(tmp_path / "staging"))
+    on_beam = feature_cache.load_or_compute_features(model, prepared, "validation", towers=("text",), compute=compute)
+    assert on_beam.image_features is None
+    assert (feature_cache.cache_dir(model, prepared, "validation", "text") / "features.npz").is_file()
+    assert [path.parent.name for path in (prepared / "features").glob("*/features.npz")] == [
+        feature_cache.cache_dir(model, prepared, "validation", "text").name
+    ]
+    local = feature_cache.compute_features(model, prepared, "validation", ("text",), progress=False)
+    np.testing.assert_allclose(on_beam.text_features, local.text_features, atol=1e-5)
 
 
 def test_feature_shards_merge_in_order_once_each_and_refuse_gaps(tmp_path):
