@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from dual_encoder.atomic import EXPORT, atomic_directory, check_replaceable, writer_lock
 from dual_encoder.config import DataConfig
-from dual_encoder.data.pipeline import decode_and_resize
+from dual_encoder.data.pipeline import decode_and_resize, image_input
 from dual_encoder.search import REQUEST_PREFIX, Searcher
 
 TEXT_ENCODER, IMAGE_ENCODER, SEARCHER = "text_encoder", "image_encoder", "searcher"
@@ -197,8 +197,8 @@ def exif_orientation(data: tf.Tensor) -> tf.Tensor:
 def apply_orientation(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
     """`image` [H, W, C] turned upright for an EXIF `orientation`, as `ImageOps.exif_transpose` turns it.
 
-    Applied to a square, already resized image: flips, quarter turns and transposes commute with the resize
-    (up to float rounding), so the decoding in `data.pipeline.decode_and_resize` is used unchanged.
+    Applied to a square, already resized image: flips, quarter turns and transposes commute with the resize and
+    with a central crop to the aspect ratio (up to float rounding), so the decoding in `data.pipeline.decode_and_resize` is used unchanged.
     """
     transpose = lambda x: tf.transpose(x, [1, 0, 2])  # noqa: E731
     branches = [
@@ -226,7 +226,7 @@ def image_bytes_encoder(model, max_pixels: int = DataConfig.max_image_pixels):
     chunk or in XMP, which Pillow honours: send such images upright, or embed them with `index build`.
     WebP, TIFF and HEIC are not accepted here: decode them (with Pillow, `dual_encoder.images`) and send PNG.
     """
-    size, dim = model.image_size, model.embed_dim
+    resize, dim = image_input(model), model.embed_dim
 
     def decode(data):
         pixels = declared_pixels(data)
@@ -237,10 +237,11 @@ def image_bytes_encoder(model, max_pixels: int = DataConfig.max_image_pixels):
             ),
         ]
         with tf.control_dependencies(checks):
-            return apply_orientation(decode_and_resize(data, size), exif_orientation(data))
+            return apply_orientation(decode_and_resize(data, resize), exif_orientation(data))
 
     def encode(image_bytes):
-        images = tf.map_fn(decode, image_bytes, fn_output_signature=tf.TensorSpec([size, size, 3], tf.uint8))
+        pixels = tf.TensorSpec([resize.size, resize.size, 3], resize.dtype)
+        images = tf.map_fn(decode, image_bytes, fn_output_signature=pixels)
         return tf.cast(model.encode_image(images), tf.float32)
 
     def encode_any(image_bytes):

@@ -213,8 +213,12 @@ def image_input(model) -> ImageResize:
 def decode_and_resize(image_bytes: tf.Tensor, image_size: int | ImageResize) -> tf.Tensor:
     """Encoded JPEG/PNG/GIF/BMP bytes -> RGB [size, size, 3]: uint8 by the default antialiased squash to
     `image_size`, or as an `ImageResize` says."""
+    return resize_image(tf.io.decode_image(image_bytes, channels=3, expand_animations=False), image_size)
+
+
+def resize_image(image: tf.Tensor, image_size: int | ImageResize) -> tf.Tensor:
+    """A decoded RGB image [H, W, 3] (any size) -> [size, size, 3] as `decode_and_resize` gives it."""
     resize = image_size if isinstance(image_size, ImageResize) else ImageResize(int(image_size))
-    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
     if resize == ImageResize(resize.size):
         image = tf.image.resize(image, [resize.size, resize.size], antialias=True)
         return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)

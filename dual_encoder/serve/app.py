@@ -377,6 +377,7 @@ def encode_uploaded_image(model, data_base64: str, max_pixels: int):
     import numpy as np
     import tensorflow as tf
 
+    from dual_encoder.data.pipeline import image_input, resize_image
     from dual_encoder.images import decode
     from dual_encoder.models.compiled import compiled
 
@@ -390,9 +391,7 @@ def encode_uploaded_image(model, data_base64: str, max_pixels: int):
         raise
     except Exception:  # Pillow raises many kinds for bytes that are not an image
         raise ClassifyInputError("image_base64 does not hold a readable image") from None
-    size = int(model.image_size)
-    resized = tf.image.resize(np.asarray(image.convert("RGB")), [size, size], antialias=True)
-    pixels = tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)[None]
+    pixels = resize_image(tf.constant(np.asarray(image.convert("RGB"))), image_input(model))[None]
     return np.asarray(compiled(model, "encode_image")(pixels))
 
 

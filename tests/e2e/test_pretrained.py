@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 
 import keras_hub
@@ -105,13 +106,15 @@ def test_model_create_index_build_search(preset, tmp_path, capsys):
 
 
 def test_index_build_and_image_queries_resize_and_normalise_as_the_preset_does(preset, tmp_path):
-    """A non-square photo: `index build` (file gallery), a prepared split and an image query embed it exactly as
-    KerasHub's preprocessor (crop to the aspect ratio, its interpolation, its scale and offset) + get_vision_embeddings."""
+    """A non-square photo: `index build` (file gallery), a prepared split, an image query and an upload to classify
+    embed it exactly as KerasHub's preprocessor (crop to the aspect ratio, its interpolation, its scale and offset)
+    + get_vision_embeddings."""
     from dual_encoder.config import DataConfig
     from dual_encoder.data.pipeline import make_image_dataset
     from dual_encoder.data.prepare import prepare_dataset
     from dual_encoder.index.store import ImageIndex
     from dual_encoder.search import Searcher
+    from dual_encoder.serve.app import encode_uploaded_image
 
     folder, preprocessor_class = preset
     photos = tmp_path / "photos"
@@ -134,6 +137,8 @@ def test_index_build_and_image_queries_resize_and_normalise_as_the_preset_does(p
     searcher = Searcher.load(index_dir)
     for name in raw:
         np.testing.assert_allclose(searcher.encode_images([photos / name])[0], expected[name], atol=1e-5)
+        upload = base64.b64encode((photos / name).read_bytes()).decode()  # POST /api/classify's image_base64
+        np.testing.assert_allclose(encode_uploaded_image(searcher.model, upload, 10**6)[0], expected[name], atol=1e-5)
 
     # The same photos in a prepared dataset (training, evaluation and the feature cache read them this way).
     csv = tmp_path / "pairs.csv"
@@ -249,7 +254,7 @@ def test_export_loads_without_the_package_and_equals_the_python_api(preset, tmp_
     for result, ids, scores in zip(results, got["ids"], got["scores"]):
         assert ids == [hit.id for hit in result.hits]
         np.testing.assert_allclose(scores, [hit.score for hit in result.hits], atol=1e-5)
-    pixels = np.stack([decode_and_resize(open(p, "rb").read(), searcher.model.image_size) for p in images])
+    pixels = np.stack([decode_and_resize(open(p, "rb").read(), image_input(searcher.model)) for p in images])
     np.testing.assert_allclose(got["image"], searcher.model.encode_image(pixels), atol=1e-5)
 
 
