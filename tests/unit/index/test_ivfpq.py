@@ -221,3 +221,31 @@ def test_rerank_orders_each_querys_candidates_exactly_and_puts_missing_ones_last
         assert list(found[query][: len(best)]) == best
         np.testing.assert_allclose(scores[query][: len(best)], exact[query, best], rtol=1e-6)
         assert np.all(found[query][len(best) :] == -1) and np.all(np.isneginf(scores[query][len(best) :]))
+
+
+def _filed_in_nearest_list(ef_search: int, monkeypatch) -> float:
+    """The share of vectors the build files in the list whose centroid is nearest to them (exact search over the
+    centroids, after the OPQ rotation), with the quantizer searching `ef_search` wide while adding."""
+    faiss = ann.import_faiss()
+    monkeypatch.setattr(ann, "IVFPQ_QUANTIZER_EF_SEARCH", ef_search)
+    vectors = clustered(20_000, seed=3, clusters=2000)
+    config = IndexConfig(kind="ivfpq", ivf_nlist=1024, pq_m=8, train_size=20_000)
+    index, params = ann._build_ivfpq(faiss, vectors, np.arange(len(vectors), dtype=np.int64), config)
+    ivf = faiss.extract_index_ivf(index)
+    rotated = index.apply_chain(len(vectors), vectors) if isinstance(index, faiss.IndexPreTransform) else vectors
+    centroids = faiss.downcast_index(ivf.quantizer).reconstruct_n(0, ivf.nlist)
+    nearest = np.argmax(rotated @ centroids.T, axis=1)
+    filed = np.empty(len(vectors), dtype=np.int64)
+    for list_no in range(ivf.nlist):
+        size = ivf.invlists.list_size(list_no)
+        filed[faiss.rev_swig_ptr(ivf.invlists.get_ids(list_no), size)] = list_no
+    assert params["quantizer_ef_search"] == ef_search
+    return float(np.mean(filed == nearest))
+
+
+def test_each_vector_is_filed_in_its_nearest_list(monkeypatch):
+    # A vector filed in a far list is never probed, whatever nprobe and the shortlist: FAISS's default quantizer
+    # search (efSearch 16) misfiles a share of them; the build searches as wide as queries do.
+    ours = _filed_in_nearest_list(ann.IVFPQ_QUANTIZER_EF_SEARCH, monkeypatch)
+    narrow = _filed_in_nearest_list(16, monkeypatch)
+    assert narrow < 0.999 <= ours, (narrow, ours)  # measured: 0.9953 (94 of 20,000 misfiled) and 1.0
