@@ -67,7 +67,17 @@ class ContrastiveLoss(keras.layers.Layer):
     Args:
         gather_negatives: use the other replicas' examples as negatives. When False each replica scores only
             its own rows (the loss is then the batch-size-weighted mean of the per-replica losses).
+
+    Class attribute `UNTRAINED_IS_LN_BATCH`: a model that tells nothing apart scores ln(batch) (a softmax over the
+    batch); training's "did not learn" warning uses it.
     """
+
+    UNTRAINED_IS_LN_BATCH = True
+
+    @classmethod
+    def from_settings(cls, temperature: float, max_logit_scale: float, **kwargs) -> "ContrastiveLoss":
+        """The loss from the loss section's settings; each subclass takes the ones it uses."""
+        raise NotImplementedError
 
     def __init__(self, gather_negatives: bool = True, **kwargs):
         kwargs["dtype"] = "float32"  # logits and log-softmax overflow or lose precision in float16
@@ -161,6 +171,10 @@ class ClipLoss(ContrastiveLoss):
         **kwargs: `gather_negatives` of `ContrastiveLoss`.
     """
 
+    @classmethod
+    def from_settings(cls, temperature: float, max_logit_scale: float, **kwargs) -> "ClipLoss":
+        return cls(temperature, max_logit_scale, **kwargs)
+
     def __init__(self, temperature: float = 0.07, max_logit_scale: float = 100.0, **kwargs):
         super().__init__(**kwargs)
         self.temperature = temperature
@@ -207,6 +221,10 @@ class SoftTargetLoss(ContrastiveLoss):
         **kwargs: `gather_negatives` of `ContrastiveLoss`.
     """
 
+    @classmethod
+    def from_settings(cls, temperature: float, max_logit_scale: float, **kwargs) -> "SoftTargetLoss":
+        return cls(temperature, **kwargs)
+
     def __init__(self, temperature: float = 0.07, **kwargs):
         super().__init__(**kwargs)
         self.temperature = temperature
@@ -242,6 +260,12 @@ class SigLipLoss(ContrastiveLoss):
         **kwargs: `gather_negatives` of `ContrastiveLoss`.
     """
 
+    UNTRAINED_IS_LN_BATCH = False  # per pair, not over the batch: an untrained model's loss depends on the bias
+
+    @classmethod
+    def from_settings(cls, temperature: float, max_logit_scale: float, **kwargs) -> "SigLipLoss":
+        return cls(max_logit_scale, **kwargs)
+
     def __init__(self, max_logit_scale: float = 100.0, **kwargs):
         super().__init__(**kwargs)
         self.max_logit_scale = max_logit_scale
@@ -268,11 +292,7 @@ class SigLipLoss(ContrastiveLoss):
         return {**super().get_config(), "max_logit_scale": self.max_logit_scale}
 
 
-LOSSES = {  # name -> (temperature, max_logit_scale, **ContrastiveLoss kwargs) -> the loss
-    "clip": lambda temperature, max_logit_scale, **kw: ClipLoss(temperature, max_logit_scale, name="contrastive_loss", **kw),
-    "soft_target": lambda temperature, max_logit_scale, **kw: SoftTargetLoss(temperature, name="contrastive_loss", **kw),
-    "siglip": lambda temperature, max_logit_scale, **kw: SigLipLoss(max_logit_scale, name="contrastive_loss", **kw),
-}
+LOSSES: dict[str, type[ContrastiveLoss]] = {"clip": ClipLoss, "soft_target": SoftTargetLoss, "siglip": SigLipLoss}
 
 
 def build_loss(
@@ -281,4 +301,6 @@ def build_loss(
     """The loss registered as `name` ("clip", "soft_target", "siglip"); each takes the settings it uses."""
     if name not in LOSSES:
         raise UnknownLossError(f"unknown loss '{name}'; choose one of {sorted(LOSSES)}")
-    return LOSSES[name](temperature, max_logit_scale, gather_negatives=gather_negatives)
+    return LOSSES[name].from_settings(
+        temperature, max_logit_scale, gather_negatives=gather_negatives, name="contrastive_loss"
+    )

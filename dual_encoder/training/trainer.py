@@ -31,6 +31,7 @@ from dual_encoder.data.pipeline import (
 from dual_encoder.errors import DualEncoderError
 from dual_encoder.evaluation import evaluate_split
 from dual_encoder.features import TOWERS, SplitFeatures, load_or_compute_features
+from dual_encoder.losses import LOSSES
 from dual_encoder.models import build_dual_encoder, save_model
 from dual_encoder.training.distribute import get_strategy, is_chief
 from dual_encoder.training.run_folder import claim_run_folder
@@ -71,9 +72,7 @@ def learning_warning(history: list[dict], config: Config, num_train: int, num_va
         return None
     chance = chance_recall(10, num_validation)
     best_recall = max(r.get("val_t2i_recall@10", 0.0) for r in history)
-    # A softmax loss (clip, soft_target) of a model that knows nothing is ln(batch); siglip's is not.
-    softmax = config.model.loss.name != "siglip"
-    stuck_loss = softmax and min(r["loss"] for r in history) > LOSS_STUCK_FRACTION * math.log(config.train.batch_size)
+    stuck_loss = LOSSES[config.model.loss.name].UNTRAINED_IS_LN_BATCH and min(r["loss"] for r in history) > LOSS_STUCK_FRACTION * math.log(config.train.batch_size)
     if best_recall >= CHANCE_FACTOR * chance and not stuck_loss:
         return None
     train = config.train
