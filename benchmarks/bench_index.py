@@ -6,6 +6,10 @@ folder, whole (list, hash, read, decode, resize, the tower, save). The ceiling: 
 beforehand (as the index pipeline does it), then only the vision encoder and its projection in batches of the same
 size, traced and warmed up first. The ceiling runs before and after ours; the ratio uses their mean.
 
+A build pays fixed costs that do not grow with the gallery (loading the model folder, tracing the tower, the
+model's fingerprint). The build runs twice, on the first half of the photos and on all of them: the whole-command
+rate counts those costs; the per-image rate, (N - N/2) / (t_N - t_N/2), is the throughput a large gallery sees.
+
     python benchmarks/bench_index.py                      # 256 images
     python benchmarks/bench_index.py --num-images 64      # a quick look
 """
@@ -76,9 +80,18 @@ def main() -> None:
     resize = image_input(model)
     images = np.stack([decode_and_resize(path.read_bytes(), resize).numpy() for path in photos])
     before = bare_forward(model, images, config.embed_batch_size)
-    started = time.perf_counter()
-    build_index(model_dir, workdir / "photos", workdir / "index", config, progress=False, overwrite=True)
-    ours = args.num_images / (time.perf_counter() - started)
+    half = workdir / "half"
+    half.mkdir(exist_ok=True)
+    for path in photos[: len(photos) // 2]:
+        if not (half / path.name).exists():
+            (half / path.name).symlink_to(path)
+    seconds = {}
+    for name, folder in (("half", half), ("all", workdir / "photos")):
+        started = time.perf_counter()
+        build_index(model_dir, folder, workdir / f"index-{name}", config, progress=False, overwrite=True)
+        seconds[name] = time.perf_counter() - started
+    ours = args.num_images / seconds["all"]
+    marginal = (args.num_images - len(photos) // 2) / (seconds["all"] - seconds["half"])
     after = bare_forward(model, images, config.embed_batch_size)
     ceiling = statistics.mean([before, after])
 
@@ -86,7 +99,9 @@ def main() -> None:
     print("| measure | images/s | of the ceiling |")
     print("| --- | ---: | ---: |")
     print(f"| `index build` (whole: list, hash, read, decode, resize, embed, save; model load included) | {ours:.2f} | "
-          f"**{ours / ceiling:.0%}** |")
+          f"{ours / ceiling:.0%} |")
+    print(f"| `index build` per image: (N - N/2) / (t_N - t_N/2), fixed costs ({seconds['all'] - (seconds['all'] - seconds['half']) * 2:.1f} s) "
+          f"taken out | {marginal:.2f} | **{marginal / ceiling:.0%}** |")
     print(f"| bare vision encoder + projection on the decoded images (ceiling; before / after ours) | {ceiling:.2f} "
           f"({before:.2f} / {after:.2f}) | 100% |")
     print(f"\nworkdir: {workdir}")
