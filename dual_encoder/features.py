@@ -92,6 +92,7 @@ def load_or_compute_features(
     split: str,
     *,
     towers: Sequence[str] = TOWERS,
+    caption_rows: Optional[np.ndarray] = None,
     batch_size: int = 64,
     progress: bool = True,
     compute: Optional[Callable[..., SplitFeatures]] = None,
@@ -99,8 +100,13 @@ def load_or_compute_features(
     """The split's backbone features of `towers`, each from its cache folder or computed once and stored there
     (see `cache_key`: a changed dataset or tower never reuses stale features).
 
-    The towers not cached yet are computed together by `compute` (default `compute_features`, same arguments),
-    e.g. `dual_encoder.index.beam.BeamFeatures` on an Apache Beam runner; the files are the same.
+    `caption_rows` are the caption rows the caller will read (default: all). A text cache may then hold only
+    some rows — the others NaN — and a later call that needs more embeds just those and fills them in: a 5-epoch
+    run on 8 captions per image embeds the 5 it samples (`pipeline.sampled_caption_rows`), not all 8.
+
+    What is not cached yet is computed together by `compute` (default `compute_features`, same arguments and
+    the missing `caption_rows`), e.g. `dual_encoder.index.beam.BeamFeatures` on an Apache Beam runner, which
+    fills whole caches; the files are the same.
     """
     unknown = set(towers) - set(TOWERS)
     if isinstance(towers, str) or unknown:
@@ -108,24 +114,44 @@ def load_or_compute_features(
     towers = tuple(tower for tower in TOWERS if tower in towers)  # one lock order for every writer
     targets = {tower: cache_dir(model, data_dir, split, tower) for tower in towers}
     arrays = _read_cached(targets)  # readers take no lock: each cache is swapped in whole
-    missing = [tower for tower in towers if tower not in arrays]
-    if missing:
+    if _lacking(arrays, towers, caption_rows):
         # A second run on the same dataset waits for the first to finish the caches, then reads them.
         with contextlib.ExitStack() as locks:
-            for tower in missing:
+            for tower in _lacking(arrays, towers, caption_rows):
                 locks.enter_context(writer_lock(targets[tower]))
-            arrays.update(_read_cached({tower: targets[tower] for tower in missing}))
-            missing = [tower for tower in missing if tower not in arrays]
-            if missing:
-                computed = (compute or compute_features)(
-                    model, data_dir, split, tuple(missing), batch_size=batch_size, progress=progress
-                )
-                for tower in missing:
-                    arrays[tower] = getattr(computed, f"{tower}_features")
+            arrays.update(_read_cached({tower: targets[tower] for tower in _lacking(arrays, towers, caption_rows)}))
+            lacking = _lacking(arrays, towers, caption_rows)
+            if lacking:
+                rows = lacking.get("text")
+                if compute is None:
+                    computed = compute_features(
+                        model, data_dir, split, tuple(lacking), caption_rows=rows, batch_size=batch_size,
+                        progress=progress,
+                    )  # fmt: skip
+                else:
+                    computed = compute(model, data_dir, split, tuple(lacking), batch_size=batch_size, progress=progress)
+                for tower in lacking:
+                    new = getattr(computed, f"{tower}_features")
+                    old = arrays.get(tower)
+                    arrays[tower] = new if old is None else np.where(np.isnan(new[:, :1]), old, new)
                     with atomic_directory(targets[tower], FEATURE_CACHE, overwrite=True) as staging:
                         np.savez(staging / FEATURE_CACHE.marker, features=arrays[tower])
     num_captions = read_split(data_dir, split).num_captions()
     return SplitFeatures(num_captions=num_captions, **{f"{tower}_features": arrays[tower] for tower in towers})
+
+
+def _lacking(arrays: dict[str, np.ndarray], towers: Sequence[str], caption_rows: Optional[np.ndarray]) -> dict:
+    """What each tower's cache lacks: `{tower: None}` (all of it) or `{"text": rows}` (those caption rows)."""
+    lacking = {}
+    for tower in towers:
+        if tower not in arrays:
+            lacking[tower] = caption_rows if tower == "text" else None
+        elif tower == "text":
+            wanted = np.arange(len(arrays[tower])) if caption_rows is None else np.asarray(caption_rows)
+            unfilled = wanted[np.isnan(arrays[tower][wanted, 0])]
+            if unfilled.size:
+                lacking[tower] = unfilled
+    return lacking
 
 
 def _read_cached(targets: dict[str, Path]) -> dict[str, np.ndarray]:
@@ -138,12 +164,16 @@ def _read_cached(targets: dict[str, Path]) -> dict[str, np.ndarray]:
 
 
 def compute_features(
-    model, data_dir: str | Path, split: str, towers: Sequence[str] = TOWERS, *, batch_size: int = 64, progress: bool = True
-) -> SplitFeatures:
-    """Run each of `towers`' backbones over every image (`image`) or every caption (`text`) of a split, in order."""
+    model, data_dir: str | Path, split: str, towers: Sequence[str] = TOWERS, *,
+    caption_rows: Optional[np.ndarray] = None, batch_size: int = 64, progress: bool = True,
+) -> SplitFeatures:  # fmt: skip
+    """Run each of `towers`' backbones over every image (`image`) or every caption (`text`) of a split, in order;
+    with `caption_rows`, over those captions only (the other rows of `text_features` are NaN)."""
     computed = {
         "image_features": _image_features(model, data_dir, split, batch_size, progress) if "image" in towers else None,
-        "text_features": _text_features(model, data_dir, split, batch_size, progress) if "text" in towers else None,
+        "text_features": (
+            _text_features(model, data_dir, split, caption_rows, batch_size, progress) if "text" in towers else None
+        ),
     }
     return SplitFeatures(num_captions=read_split(data_dir, split).num_captions(), **computed)
 
@@ -158,13 +188,25 @@ def _image_features(model, data_dir, split: str, batch_size: int, progress: bool
     return np.concatenate(rows)
 
 
-def _text_features(model, data_dir, split: str, batch_size: int, progress: bool) -> np.ndarray:
+def _text_features(
+    model, data_dir, split: str, caption_rows: Optional[np.ndarray], batch_size: int, progress: bool
+) -> np.ndarray:
     captions = [caption for image_captions in read_split(data_dir, split).captions for caption in image_captions]
+    if caption_rows is None:
+        return _embed_captions(model, captions, batch_size, f"text features ({split})", progress)
+    rows = np.asarray(caption_rows, dtype=np.int64)
+    chosen = _embed_captions(model, [captions[row] for row in rows], batch_size, f"text features ({split})", progress)
+    features = np.full((len(captions), chosen.shape[1]), np.nan, np.float32)
+    features[rows] = chosen
+    return features
+
+
+def _embed_captions(model, captions: list[str], batch_size: int, desc: str, progress: bool) -> np.ndarray:
     # Captions outnumber images (about 5 to 1 in COCO) and cost far less each: bigger batches keep the
     # text backbone's matmuls large.
     text_batch = TEXT_BATCH_FACTOR * batch_size
     starts = range(0, len(captions), text_batch)
-    bar = dict(desc=f"text features ({split})", unit="batch", disable=not progress)
+    bar = dict(desc=desc, unit="batch", disable=not progress)
     if not model.model_config.tower("text").trims_padding:
         step = compiled(model, "text_features")
         return np.concatenate([step(tf.constant(captions[i : i + text_batch])).numpy() for i in tqdm(starts, **bar)])

@@ -161,6 +161,17 @@ def sample_caption_indices(num_captions: np.ndarray, epoch: int, seed: int, per_
     return chosen
 
 
+def sampled_caption_rows(num_captions: np.ndarray, epochs: int, seed: int, per_image: int = 1) -> np.ndarray:
+    """The rows of the split's flattened captions that epochs `0 .. epochs - 1` sample (`sample_caption_indices`),
+    sorted: all the captions a run of `epochs` epochs reads."""
+    num_captions = np.asarray(num_captions, dtype=np.int64)
+    if num_captions.size == 0 or epochs * per_image >= num_captions.max():  # every image has used every caption
+        return np.arange(int(num_captions.sum()), dtype=np.int64)
+    start = np.concatenate([[0], np.cumsum(num_captions)[:-1]])
+    picked = [start[:, None] + sample_caption_indices(num_captions, epoch, seed, per_image) for epoch in range(epochs)]
+    return np.unique(np.concatenate(picked, axis=1))
+
+
 def image_ids(ids) -> tf.Tensor:
     """int64 ids of images (< 2**48, from their dataset ids): the loss treats every caption of an image that
     appears several times in a batch (`captions_per_image` > 1) as a positive of each copy."""

@@ -27,6 +27,7 @@ from dual_encoder.data.pipeline import (
     make_train_dataset,
     read_split,
     require_images,
+    sampled_caption_rows,
 )
 from dual_encoder.errors import DualEncoderError
 from dual_encoder.evaluation import evaluate_split
@@ -221,7 +222,11 @@ class _Run:
                     towers=self.cached_towers, batch_size=max(config.train.batch_size, 64), progress=progress,
                     compute=compute_features,
                 )  # fmt: skip
-                train_features = load_or_compute_features(self.model, data_dir, "train", **extract)
+                # Only the captions this run's epochs sample: a short run on many captions per image embeds fewer.
+                used = sampled_caption_rows(
+                    train_split.num_captions(), config.train.epochs, config.train.seed, config.train.captions_per_image
+                )
+                train_features = load_or_compute_features(self.model, data_dir, "train", caption_rows=used, **extract)
                 self.val_features = load_or_compute_features(self.model, data_dir, "validation", **extract)
             self.source = _Batches(data_dir, config, self.model, train_split.num_images, train_features)
             self.steps_per_epoch = self.source.num_images // config.train.batch_size

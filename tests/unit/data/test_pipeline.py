@@ -13,6 +13,7 @@ from dual_encoder.data.pipeline import (
     make_train_dataset,
     read_split,
     sample_caption_indices,
+    sampled_caption_rows,
 )
 from dual_encoder.data.prepare import prepare_dataset
 from dual_encoder.data.sources import DataError
@@ -86,6 +87,22 @@ def test_sample_caption_indices_cycles_through_every_caption():
     assert not np.array_equal(*varied)  # seeded
     with pytest.raises(ValueError, match="at least one caption"):
         sample_caption_indices(np.array([2, 0]), 0, 0)
+
+
+@pytest.mark.parametrize("epochs, per_image", [(1, 1), (3, 1), (2, 2), (5, 1), (3, 2)])
+def test_sampled_caption_rows_are_the_rows_a_run_of_those_epochs_reads(epochs, per_image):
+    num_captions = np.array([1, 2, 3, 4, 5, 3, 1])
+    start = np.concatenate([[0], np.cumsum(num_captions)[:-1]])
+    read = {
+        int(start[image] + caption)
+        for epoch in range(epochs)
+        for image, row in enumerate(sample_caption_indices(num_captions, epoch, 7, per_image))
+        for caption in row
+    }
+    rows = sampled_caption_rows(num_captions, epochs, 7, per_image)
+    assert rows.tolist() == sorted(read)
+    # Fewer picks than the largest image's captions leave some out; as many or more take every row.
+    assert len(rows) == num_captions.sum() if epochs * per_image >= 5 else len(rows) < num_captions.sum()
 
 
 def test_several_captions_per_image_continue_the_walk_through_each_images_captions():

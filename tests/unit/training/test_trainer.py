@@ -1,5 +1,6 @@
 """The training loop: artifacts, best checkpoint, resume, feature cache, replicas, mixed precision."""
 
+import functools
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ import tensorflow as tf
 
 from dual_encoder import features as feature_cache
 from dual_encoder.config import Config, TrainConfig
+from dual_encoder.data.pipeline import read_split, sampled_caption_rows
 from dual_encoder.evaluation import evaluate_split
 from dual_encoder.models import build_dual_encoder, load_model
 from dual_encoder.training.distribute import get_strategy
@@ -157,6 +159,47 @@ def test_feature_cache_is_reused_and_keyed_by_the_backbone(tiny_data, monkeypatc
     other = build_dual_encoder(frozen, captions=CAPTIONS)
     with pytest.raises(AssertionError, match="computed again"):
         feature_cache.load_or_compute_features(other, tiny_data, "validation", progress=False)
+
+
+def test_a_text_cache_embeds_only_the_rows_asked_for_and_fills_in_the_rest_when_needed(tiny_data, monkeypatch):
+    keras.utils.set_random_seed(7)  # a backbone of its own: no other test has cached its features
+    model = build_dual_encoder(locked(TINY_MODEL), captions=CAPTIONS)
+    whole = feature_cache.compute_features(model, tiny_data, "validation", ("text",), progress=False).text_features
+    embedded = []
+    embed = feature_cache._embed_captions
+    monkeypatch.setattr(
+        feature_cache, "_embed_captions", lambda m, captions, *a: embedded.append(len(captions)) or embed(m, captions, *a)
+    )
+    load = functools.partial(feature_cache.load_or_compute_features, model, tiny_data, "validation", towers=("text",))
+
+    rows = np.array([0, 3, 5])
+    first = load(caption_rows=rows, progress=False).text_features
+    assert embedded == [3]
+    np.testing.assert_allclose(first[rows], whole[rows], atol=1e-5)
+    assert np.isnan(np.delete(first, rows, axis=0)).all()  # never read: left unfilled, loudly
+
+    assert np.array_equal(load(caption_rows=np.array([0, 5]), progress=False).text_features[[0, 5]], first[[0, 5]])
+    assert embedded == [3]  # a subset of what is cached: nothing embedded
+
+    filled = load(progress=False).text_features  # every row: only the missing ones are embedded, then cached
+    assert embedded == [3, len(whole) - 3]
+    np.testing.assert_allclose(filled, whole, atol=1e-5)
+    np.testing.assert_array_equal(load(progress=False).text_features, filled)
+    assert embedded == [3, len(whole) - 3]
+
+
+def test_a_short_cached_run_embeds_only_the_captions_its_epochs_sample(tiny_data, tmp_path):
+    keras.utils.set_random_seed(8)
+    config = Config(model=locked(TINY_MODEL), train=TrainConfig(batch_size=8, epochs=1, tensorboard=False, seed=8))
+    train(config, tiny_data, tmp_path / "run", strategy="default", progress=False)
+    model = load_model(tmp_path / "run" / "model")
+    num_captions = read_split(tiny_data, "train").num_captions()
+    assert num_captions.max() > 1  # so one epoch leaves captions out
+    sampled = sampled_caption_rows(num_captions, 1, 8)
+    cached = feature_cache.load_or_compute_features(
+        model, tiny_data, "train", towers=("text",), caption_rows=sampled, compute=lambda *a, **k: pytest.fail("recomputed")
+    ).text_features
+    np.testing.assert_array_equal(np.flatnonzero(~np.isnan(cached[:, 0])), sampled)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
