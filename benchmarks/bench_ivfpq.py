@@ -8,7 +8,7 @@ recall@10 after re-ranking, and queries/s at batch 1 and 64.
 The gallery is clustered unit vectors (1,000 random centres, cosine ~0.7 to their centre: closer to real embeddings
 than uniform ones, on which no index beats exact search), generated a million at a time straight into a float16
 `.npy` file, as `index build` stores them. The index is built from that memory-mapped file with the product's
-defaults (`IndexConfig(kind="ivfpq")`: IVF with 4*sqrt(N) lists and an HNSW coarse quantizer, PQ codes of 32 bytes,
+defaults (`IndexConfig(kind="ivfpq")`: IVF with 4*sqrt(N) lists and an HNSW coarse quantizer, fast-scan PQ codes of 32 bytes,
 64 from 2M vectors, trained on a sample, filled in chunks). Memory is measured in a fresh process that maps the index as `search` does;
 pages of the embeddings file that re-ranking touched are reported apart, not counted.
 """

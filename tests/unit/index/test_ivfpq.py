@@ -1,6 +1,7 @@
 """The compressed `ivfpq` kind: recall after re-ranking, the manifest round trip, memory-mapping, add/remove by id,
 automatic choice, rebuild, and a writer killed while merging a shard."""
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from tests.unit.index.helpers import kill_during
 
 DIM = 64
 MODEL = ModelRecord("/models/tiny", "f" * 64)
-# Small but real: 8-byte codes (8x smaller than float16, 32x than float32), 64 lists.
+# Small but real: 8-byte codes (8x smaller than float16, 32x than float32; fast-scan, 16 4-bit sub-quantizers), 64 lists.
 CONFIG = IndexConfig(kind="ivfpq", dtype="float16", ivf_nlist=64, ivfpq_nprobe=16, rerank=100)
 
 
@@ -58,7 +59,7 @@ def built(gallery):
 
 def test_recall_at_10_after_reranking_and_exact_scores(built, queries):
     assert built.kind == IndexKind.IVFPQ
-    assert built.ann_params["factory"] == "IVF64_HNSW32,PQ8"  # pq_m: 64 dims / 8, no OPQ by default
+    assert built.ann_params["factory"] == "IVF64_HNSW32,PQ16x4fs"  # pq_m: 64 dims / 8 bytes, no OPQ by default
     assert recall_at_10(built, queries) >= 0.9  # measured 0.98
     # Re-ranking scores the shortlist against the stored embeddings: the returned scores are exact.
     rows, scores = built.search(queries[:20], 10)
@@ -69,6 +70,20 @@ def test_recall_at_10_after_reranking_and_exact_scores(built, queries):
     codes_only = ImageIndex(built.embeddings, built.items, CONFIG, MODEL, built.next_id,
                             ann=ann.AnnIndex(IndexKind.IVFPQ, built._ann.faiss_index, {**built.ann_params, "rerank": 0}))  # fmt: skip
     assert recall_at_10(codes_only, queries) < recall_at_10(built, queries)
+
+
+def test_codes_are_fast_scan_where_the_dimension_allows_and_eight_bit_otherwise():
+    assert ann.ivfpq_factory(64, 64, 8, opq=False) == "IVF64_HNSW32,PQ16x4fs"  # 8 bytes: 16 x 4 bits
+    assert ann.ivfpq_factory(64, 64, 8, opq=True) == "OPQ16,IVF64_HNSW32,PQ16x4fs"
+    assert ann.ivfpq_factory(60, 64, 20, opq=False) == "IVF64_HNSW32,PQ20"  # 40 sub-quantizers would not divide 60
+    assert ann.ivfpq_factory(60, 64, 20, opq=True) == "OPQ20,IVF64_HNSW32,PQ20"
+
+
+@pytest.mark.parametrize("factory", ["IVF64_HNSW32,PQ8", "OPQ16,IVF64_HNSW32,PQ16x4fs"])
+def test_eight_bit_and_rotated_fast_scan_codes_reach_the_same_recall(gallery, queries, factory):
+    index = ImageIndex.create(gallery, records(len(gallery)), dataclasses.replace(CONFIG, ivfpq_factory=factory), MODEL)
+    assert index.ann_params["factory"] == factory
+    assert recall_at_10(index, queries) >= 0.9
 
 
 def test_codes_are_a_small_fraction_of_the_embeddings(tmp_path, built):
