@@ -128,7 +128,7 @@ class AnnIndex:
         """Read a saved index; with `mmap`, the kinds that allow it map their file instead of reading it (a change
         then first copies it into memory)."""
         faiss = import_faiss()
-        flags = faiss.IO_FLAG_MMAP_IFC if mmap and kind in _MAPPABLE else 0
+        flags = faiss.IO_FLAG_MMAP_IFC if mmap and mappable(kind, params) else 0
         return cls(kind, faiss.read_index(str(path), flags), params, mapped=bool(flags))
 
     def save(self, path: str | Path) -> None:
@@ -364,3 +364,10 @@ _SEARCH_KNOBS: dict[IndexKind, Callable[[Any, Any, dict[str, Any]], None]] = {
 }
 # Kinds whose file FAISS can map instead of reading (their inverted lists are used in place).
 _MAPPABLE = frozenset({IndexKind.IVFPQ})
+
+
+def mappable(kind: IndexKind, params: dict[str, Any]) -> bool:
+    """Whether FAISS can memory-map this index's file. It maps lists of 8-bit PQ codes; fast-scan lists (`...x4fs`)
+    it copies into memory whatever the flag, so mapping the file as well would only double what is resident (300k
+    256-d vectors: 32 MiB on the heap + 25 MiB mapped, against 34 MiB read)."""
+    return kind in _MAPPABLE and "x4fs" not in str(params.get("factory", ""))
