@@ -60,13 +60,17 @@ def additivity(model, encode, seed: int = 0) -> dict:
     queries = np.stack([encode([f"a {c} {s}" for s in shapes]) for c in colours])
     m = np.einsum("csd,kld->cskl", queries, images)
     nc, ns = len(colours), len(shapes)
-    cells = [(c, s, k, l) for c in range(nc) for s in range(ns) for k in range(nc) for l in range(ns) if k != c and l != s]
+    cells = [
+        (c, s, k, l) for c in range(nc) for s in range(ns) for k in range(nc) for l in range(ns) if k != c and l != s
+    ]
     return {
         "right object": float(np.mean([m[c, s, c, s] for c in range(nc) for s in range(ns)])),
         "same colour": float(np.mean([m[c, s, c, l] for c, s, _, l in cells])),
         "same shape": float(np.mean([m[c, s, k, s] for c, s, k, _ in cells])),
         "neither": float(np.mean([m[c, s, k, l] for c, s, k, l in cells])),
-        "interaction": float(np.mean([m[c, s, c, s] + m[c, s, k, l] - m[c, s, c, l] - m[c, s, k, s] for c, s, k, l in cells])),
+        "interaction": float(
+            np.mean([m[c, s, c, s] + m[c, s, k, l] - m[c, s, c, l] - m[c, s, k, s] for c, s, k, l in cells])
+        ),
         "non-additive share, text": _non_additive_share(queries),
         "non-additive share, image": _non_additive_share(images),
     }
@@ -88,11 +92,12 @@ def errors(model, encode, data: str, min_relevant: int) -> dict:
                 counts[group]["right"] += 1
                 continue
             scene = scenes[doc]
-            same = [o for o in scene if o.shape == mention.obj.shape and (not mention.colour or o.colour == mention.obj.colour)]
+            shape, colour = mention.obj.shape, mention.obj.colour
+            same = [o for o in scene if o.shape == shape and (not mention.colour or o.colour == colour)]
             if same:
                 wrong_size = mention.size and not any(o.size == mention.obj.size for o in same)
                 counts[group]["wrong size" if wrong_size else "wrong place" if mention.region else "other"] += 1
-            elif any(o.colour == mention.obj.colour for o in scene) and any(o.shape == mention.obj.shape for o in scene):
+            elif any(o.colour == colour for o in scene) and any(o.shape == shape for o in scene):
                 counts[group]["binding"] += 1
             else:
                 counts[group]["colour or shape missing"] += 1
