@@ -331,7 +331,7 @@ def ivfpq_factory(dim: int, nlist: int, pq_m: int, opq: bool) -> str:
     512: recall@10 1.000 either way; BENCHMARKS.md)."""
     if dim % pq_m:
         raise IndexConfigError(f"pq_m={pq_m} does not divide the embedding dimension {dim}")
-    codes = f"PQ{2 * pq_m}x4fs" if dim % (2 * pq_m) == 0 else f"PQ{pq_m}"
+    codes = f"PQ{2 * pq_m}{_FAST_SCAN}" if dim % (2 * pq_m) == 0 else f"PQ{pq_m}"
     rotation = f"OPQ{2 * pq_m if codes.endswith('fs') else pq_m}," if opq else ""
     return f"{rotation}IVF{nlist}_HNSW{IVFPQ_QUANTIZER_M},{codes}"
 
@@ -364,10 +364,11 @@ _SEARCH_KNOBS: dict[IndexKind, Callable[[Any, Any, dict[str, Any]], None]] = {
 }
 # Kinds whose file FAISS can map instead of reading (their inverted lists are used in place).
 _MAPPABLE = frozenset({IndexKind.IVFPQ})
+_FAST_SCAN = "x4fs"  # the factory suffix of 4-bit fast-scan PQ codes
 
 
 def mappable(kind: IndexKind, params: dict[str, Any]) -> bool:
     """Whether FAISS can memory-map this index's file. It maps lists of 8-bit PQ codes; fast-scan lists (`...x4fs`)
     it copies into memory whatever the flag, so mapping the file as well would only double what is resident (300k
     256-d vectors: 32 MiB on the heap + 25 MiB mapped, against 34 MiB read)."""
-    return kind in _MAPPABLE and "x4fs" not in str(params.get("factory", ""))
+    return kind in _MAPPABLE and _FAST_SCAN not in str(params.get("factory", ""))
