@@ -220,7 +220,7 @@ def resolve_key(values: dict[str, Any], key: str) -> list[tuple[str, ...]]:
         parts = parts[1:]
     if parts[0] == "pretrained":  # format 1's nested section
         if parts[1:] == ["heads"]:
-            raise ConfigError(f"'{key}' is now heads.kind (projection | none)")
+            raise ConfigError(f"'{key}' is now heads.kind (projection | second_order | none)")
         parts = ["paired", *parts[1:]]
     if len(parts) == 2 and parts[0] in MODEL_SECTIONS:
         return [("model", *parts)]

@@ -70,11 +70,12 @@ _SEQUENCE_LENGTH = Allowed(low=2)
 
 @dataclasses.dataclass(frozen=True)
 class SmallCnnConfig(TowerFamily):
-    """Image towers trained from scratch (`models.image_encoder`): `small_cnn`, `small_cnn_pooled`, `small_cnn_detectors`."""
+    """Image towers trained from scratch (`models.image_encoder`): `small_cnn`, `small_cnn_pooled`, `small_cnn_detectors`,
+    `small_cnn_cells`."""
 
     family = "small_cnn"
     towers = ("image",)
-    backbones = ("small_cnn", "small_cnn_pooled", "small_cnn_detectors")
+    backbones = ("small_cnn", "small_cnn_pooled", "small_cnn_detectors", "small_cnn_cells")
     allowed = {"backbone": Allowed(choices=backbones), "size": Allowed(low=16), "width": POSITIVE}
     flat_names = {**_IMAGE_FLAT, "image_width": "width"}
 
@@ -197,23 +198,32 @@ class PairedConfig(TowerFamily):
         return {**settings, "sequence_length": self.sequence_length} if tower == "text" else settings
 
 
-HEAD_KINDS = ("projection", "none")
+HEAD_KINDS = ("projection", "second_order", "none")
 
 
 @dataclasses.dataclass(frozen=True)
 class HeadsConfig:
-    """The projection heads: dense -> (gelu -> dense -> dropout -> residual -> layernorm) x layers, L2-normalised;
-    `none`: L2 normalisation only, for towers that share a joint space (zero-shot)."""
+    """The projection heads (`models.layers`).
+
+    `projection`: dense -> (gelu -> dense -> dropout -> residual -> layernorm) x layers, L2-normalised, `embed_dim`
+    long. `second_order` (an image backbone that keeps its cells, `small_cnn_cells`): each image cell and
+    `text_vectors` text slots become vectors of `vector_dim`, the embedding is their Gram matrix beside a
+    first-order part of `embed_dim` (`GramHead`: the score is quadratic, so colour binds to shape),
+    `embed_dim + vector_dim * (vector_dim + 1) / 2` long. `none`: L2 normalisation only, for towers that share a
+    joint space (zero-shot)."""
 
     allowed: ClassVar[dict[str, Allowed]] = {
         "kind": Allowed(choices=HEAD_KINDS), "embed_dim": POSITIVE, "layers": NON_NEGATIVE, "dropout": DROPOUT,
+        "vector_dim": POSITIVE, "text_vectors": POSITIVE,
     }  # fmt: skip
     flat_names: ClassVar[dict[str, str]] = {"embed_dim": "embed_dim", "num_projection_layers": "layers", "dropout": "dropout"}
 
-    kind: str = "projection"  # projection | none
+    kind: str = "projection"  # projection | second_order | none
     embed_dim: int = 256
     layers: int = 1
     dropout: float = 0.1
+    vector_dim: int = 16  # second_order: size of each cell / slot vector
+    text_vectors: int = 2  # second_order: slots of a text
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,7 @@ from dual_encoder.errors import DualEncoderError
 from dual_encoder.losses import build_loss
 from dual_encoder.model_config import FLAT_DEFAULTS, SECTIONS, ModelConfig
 from dual_encoder.models.image_encoder import build_image_encoder
-from dual_encoder.models.layers import L2Normalize, ModelConfigError, ProjectionHead
+from dual_encoder.models.layers import CellGramHead, L2Normalize, ModelConfigError, ProjectionHead, SlotGramHead
 from dual_encoder.models.text_encoder import build_text_encoder, build_vocabulary
 
 MODEL_CONFIG_FIELDS = SECTIONS
@@ -69,6 +69,21 @@ class DualEncoder(keras.Model):
             self.embed_dim = self.image_encoder.output_dim
             self.image_projection = L2Normalize(name="image_projection")
             self.text_projection = L2Normalize(name="text_projection")
+        elif heads.kind == "second_order":
+            grid = getattr(self.image_encoder, "grid", None)
+            if grid is None:
+                raise ModelConfigError(
+                    "heads.kind=second_order scores an image's cells: it needs an image backbone that keeps them "
+                    "(image.backbone=small_cnn_cells)"
+                )
+            settings = dict(num_projection_layers=heads.layers, dropout=heads.dropout)
+            self.image_projection = CellGramHead(
+                heads.embed_dim, heads.vector_dim, grid=grid, name="image_projection", **settings
+            )
+            self.text_projection = SlotGramHead(
+                heads.embed_dim, heads.vector_dim, slots=heads.text_vectors, name="text_projection", **settings
+            )
+            self.embed_dim = self.image_projection.output_dim
         else:
             self.embed_dim = heads.embed_dim
             self.image_projection = ProjectionHead(heads.embed_dim, heads.layers, heads.dropout, name="image_projection")

@@ -74,6 +74,26 @@ def build_small_cnn_detectors(image_size: int, width: int) -> keras.Model:
     return keras.Model(inputs, outputs, name="small_cnn_detectors")
 
 
+def build_small_cnn_cells(image_size: int, width: int) -> keras.Model:
+    """`small_cnn`'s three stages and the per-pixel colour detectors of `small_cnn_detectors`, each cell of the
+    1/8 map kept apart: the output is the flattened map of `3 * width + 16` features per cell, row by row, for a
+    head that scores cells (`heads.kind: second_order`, `models.layers.CellGramHead`). No pooling here: which
+    colour goes with which shape is decided per cell by the head, and a pooled vector would have mixed them.
+    Output size is `cells_per_side(image_size)^2 * (3 * width + 16)`.
+    """
+    inputs = keras.Input((image_size, image_size, 3), name="images")
+    shapes = _conv_stages(inputs, width)
+    colours = keras.layers.Conv2D(PIXEL_COLOURS, 1, activation="relu", name="pixel_colours")(inputs)
+    colours = keras.layers.MaxPooling2D(8, padding="same", name="colours_per_cell")(colours)
+    cells = keras.layers.Concatenate(name="shapes_and_colours")([shapes, colours])
+    return keras.Model(inputs, keras.layers.Flatten(name="cells")(cells), name="small_cnn_cells")
+
+
+def cells_per_side(image_size: int) -> int:
+    """Cells along each side of the 1/8 map of the small_cnn family (three stride-2 'same' convolutions)."""
+    return -(-image_size // 8)
+
+
 def _scale_to_symmetric_unit(images):
     return images / 127.5 - 1.0
 
@@ -115,11 +135,14 @@ class ImageBackboneSpec:
             `weights` is "imagenet" or None.
         preprocess: raw 0-255 RGB float images -> what the backbone expects (its own `preprocess_input`).
         min_size: the smallest input size the architecture accepts.
+        grid: `image_size -> cells per side` for a backbone whose features are a flattened square map of cells
+            (row by row, the same features for each); None for one pooled vector.
     """
 
     build: Callable[[int, int, Optional[str]], keras.Model]
     preprocess: Callable
     min_size: int
+    grid: Optional[Callable[[int], int]] = None
 
 
 _apps = keras.applications
@@ -137,6 +160,9 @@ IMAGE_BACKBONES: dict[str, ImageBackboneSpec] = {
         _from_scratch(functools.partial(build_small_cnn, pooled=True)), _centre_on_image_colour, 8
     ),
     "small_cnn_detectors": ImageBackboneSpec(_from_scratch(build_small_cnn_detectors), _centre_on_image_colour, 8),
+    "small_cnn_cells": ImageBackboneSpec(
+        _from_scratch(build_small_cnn_cells), _centre_on_image_colour, 8, grid=cells_per_side
+    ),
 }
 
 
@@ -199,6 +225,8 @@ class ImageEncoder(keras.layers.Layer):
         self.backbone.trainable = trainable
         self._preprocess = IMAGE_BACKBONES[backbone].preprocess
         self.output_dim = int(self.backbone.output.shape[-1])
+        grid = IMAGE_BACKBONES[backbone].grid
+        self.grid = None if grid is None else grid(image_size)  # cells per side of a backbone that keeps its cells
         self.built = True
 
     def call(self, images, training=False):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 import keras
+import numpy as np
 from keras import ops
 
 from dual_encoder.errors import DualEncoderError
@@ -92,6 +95,152 @@ class ProjectionHead(keras.layers.Layer):
             "num_projection_layers": self.num_projection_layers,
             "dropout": self.dropout,
         }
+
+
+class GramHead(keras.layers.Layer):
+    """Base of the second-order heads (`heads.kind: second_order`): a tower's features -> several vectors of
+    `vector_dim` (an image's cells, a text's slots) -> the upper triangle of their Gram matrix, sum_n v_n v_n^T,
+    L2-normalised; beside it a first-order part of `embed_dim`, L2-normalised; the two halves joined and scaled
+    by 1/sqrt(2), so the embedding has unit length.
+
+    Why: the dot product of two such embeddings is (first-order cosine + sum_k sum_n <t_k, c_n>^2 / norms) / 2.
+    The square makes the score of a cell that has both "red" and "star" larger than a red cell's plus a star
+    cell's: "a red star" then ranks a red star above a red circle beside a blue star, which no score that is
+    a sum of a colour term and a shape term can (BENCHMARKS.md, "Why nothing binds"). The first-order half keeps
+    what a sum does well — an image that holds every object a long caption names. Off-diagonal entries are
+    scaled by sqrt(2) so the flat dot product equals the Frobenius product of the Gram matrices; the index,
+    the export and every search use the embedding as any other. Its length is `output_dim`.
+
+    Args:
+        embed_dim: size of the first-order part, and width of the hidden gelu layers.
+        vector_dim: size of each vector of the Gram matrix; it adds `vector_dim * (vector_dim + 1) / 2`.
+        num_projection_layers: gelu layers before the vectors (applied to each cell of an image).
+        dropout: dropout rate after each gelu layer.
+    """
+
+    def __init__(self, embed_dim: int, vector_dim: int, num_projection_layers: int = 1, dropout: float = 0.0, **kwargs):
+        kwargs["dtype"] = "float32"  # squares and sums of many cells: kept in float32 under mixed precision
+        super().__init__(**kwargs)
+        self.embed_dim = embed_dim
+        self.vector_dim = vector_dim
+        self.num_projection_layers = num_projection_layers
+        self.dropout = dropout
+        self.hidden = [
+            keras.layers.Dense(embed_dim, activation="gelu", name=f"hidden_{i}") for i in range(num_projection_layers)
+        ]
+        self.hidden_dropout = [keras.layers.Dropout(dropout, name=f"dropout_{i}") for i in range(num_projection_layers)]
+        self.to_vectors = keras.layers.Dense(vector_dim * self.vectors_per_input, name="vectors")
+        self.to_first_order = keras.layers.Dense(embed_dim, name="first_order")
+        self.normalize = L2Normalize(name="l2_normalize")
+        row, column = np.triu_indices(vector_dim)
+        self._upper = (row * vector_dim + column).astype("int32")
+        self._upper_scale = np.where(row == column, 1.0, math.sqrt(2.0)).astype("float32")
+
+    vectors_per_input = 1
+
+    @property
+    def output_dim(self) -> int:
+        return self.embed_dim + self.vector_dim * (self.vector_dim + 1) // 2
+
+    def _inputs(self, features):
+        """Features -> what the hidden layers see."""
+        return ops.cast(features, "float32")
+
+    def _vectors_and_first_order(self, hidden):
+        """Hidden outputs -> the Gram matrix's vectors [B, n, vector_dim] and the first-order part [B, embed_dim]."""
+        raise NotImplementedError
+
+    def _input_dim(self, input_shape) -> int:
+        return int(input_shape[-1])
+
+    def build(self, input_shape):
+        width = self._input_dim(input_shape)
+        for dense in self.hidden:
+            dense.build((None, width))
+            width = self.embed_dim
+        self.to_vectors.build((None, width))
+        self.to_first_order.build((None, width))
+
+    def call(self, features, training=False):
+        hidden = self._inputs(features)
+        for dense, dropout in zip(self.hidden, self.hidden_dropout):
+            hidden = dropout(dense(hidden), training=training)
+        vectors, first_order = self._vectors_and_first_order(hidden)
+        gram = ops.einsum("bni,bnj->bij", vectors, vectors)
+        upper = ops.take(ops.reshape(gram, (-1, self.vector_dim**2)), self._upper, axis=1) * self._upper_scale
+        halves = (self.normalize(first_order), self.normalize(upper))
+        return ops.concatenate(halves, axis=-1) / math.sqrt(2.0)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.output_dim)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "embed_dim": self.embed_dim,
+            "vector_dim": self.vector_dim,
+            "num_projection_layers": self.num_projection_layers,
+            "dropout": self.dropout,
+        }
+
+
+class CellGramHead(GramHead):
+    """The image side of `GramHead`: features that are a flattened `grid` x `grid` map of cells (row by row, as
+    `small_cnn_cells` gives) -> one vector per cell, from the cell's features and its row and column (one-hot,
+    so "on the left" can be part of what a cell says); the first-order part is the max over the cells of their
+    own (what is anywhere: "a star and a ring" asks for both, wherever they are).
+
+    Example:
+        >>> head = CellGramHead(embed_dim=8, vector_dim=4, grid=2)
+        >>> head(keras.ops.ones((3, 2 * 2 * 5))).shape
+        TensorShape([3, 18])
+    """
+
+    def __init__(self, embed_dim: int, vector_dim: int, grid: int, **kwargs):
+        self.grid = grid
+        super().__init__(embed_dim, vector_dim, **kwargs)
+        rows = np.repeat(np.eye(grid, dtype="float32"), grid, axis=0)
+        columns = np.tile(np.eye(grid, dtype="float32"), (grid, 1))
+        self._places = np.concatenate([rows, columns], axis=1)[None]  # [1, cells, 2 * grid]
+
+    def _input_dim(self, input_shape) -> int:
+        return int(input_shape[-1]) // self.grid**2 + 2 * self.grid
+
+    def _inputs(self, features):
+        cells = ops.reshape(ops.cast(features, "float32"), (-1, self.grid**2, ops.shape(features)[-1] // self.grid**2))
+        places = ops.broadcast_to(self._places, (ops.shape(cells)[0], *self._places.shape[1:]))
+        return ops.concatenate([cells, places], axis=-1)
+
+    def _vectors_and_first_order(self, hidden):
+        return self.to_vectors(hidden), ops.max(self.to_first_order(hidden), axis=1)
+
+    def get_config(self):
+        return {**super().get_config(), "grid": self.grid}
+
+
+class SlotGramHead(GramHead):
+    """The text side of `GramHead`: pooled text features -> `slots` vectors (room for as many objects a query
+    names) and the first-order part.
+
+    Example:
+        >>> head = SlotGramHead(embed_dim=8, vector_dim=4, slots=2)
+        >>> head(keras.ops.ones((3, 16))).shape
+        TensorShape([3, 18])
+    """
+
+    def __init__(self, embed_dim: int, vector_dim: int, slots: int, **kwargs):
+        self.slots = slots
+        super().__init__(embed_dim, vector_dim, **kwargs)
+
+    @property
+    def vectors_per_input(self) -> int:
+        return self.slots
+
+    def _vectors_and_first_order(self, hidden):
+        return ops.reshape(self.to_vectors(hidden), (-1, self.slots, self.vector_dim)), self.to_first_order(hidden)
+
+    def get_config(self):
+        return {**super().get_config(), "slots": self.slots}
 
 
 def masked_mean(sequence, padding_mask):

@@ -12,6 +12,7 @@ from dual_encoder.model_config import ApplicationConfig
 from dual_encoder.config import ConfigError
 from dual_encoder.losses import ClipLoss, SigLipLoss, UnknownLossError, build_loss
 from dual_encoder.models import BatchKeysError, DualEncoder, build_dual_encoder
+from dual_encoder.models.layers import ModelConfigError
 
 from .conftest import CAPTIONS
 
@@ -171,3 +172,37 @@ def test_builds_under_a_strategy_scope(tiny_config):
     assert isinstance(model.contrastive_loss.log_logit_scale.value, tf.Variable)
     assert model.encode_text(CAPTIONS[:1]).shape == (1, 16)
     keras.backend.clear_session()
+
+
+@pytest.fixture
+def second_order_config(tiny_config):
+    return tiny_config.replace(
+        {"image.backbone": "small_cnn_cells", "heads.kind": "second_order", "heads.vector_dim": 4, "heads.layers": 1}
+    )
+
+
+def test_second_order_heads_give_unit_embeddings_that_train_and_survive_a_config_round_trip(second_order_config, images):
+    model = build_dual_encoder(second_order_config, captions=CAPTIONS)
+    assert model.embed_dim == 16 + 4 * 5 // 2 and model.image_projection.grid == 4  # 32 px -> a 4 x 4 map of cells
+    captions = tf.constant(CAPTIONS[:3])
+    raw = model({"images": images, "captions": captions}, training=True)
+    for key in ("image_embeddings", "text_embeddings"):
+        assert raw[key].shape == (3, model.embed_dim) and raw[key].dtype == tf.float32
+        np.testing.assert_allclose(np.linalg.norm(raw[key], axis=-1), 1.0, rtol=1e-5)
+    features = model({"image_features": model.image_features(images), "text_features": model.text_features(captions)})
+    np.testing.assert_allclose(features["image_embeddings"], model.encode_image(images), rtol=1e-5)
+    with tf.GradientTape() as tape:
+        loss = model.compute_contrastive_loss(model({"images": images, "captions": captions}, training=True))
+    gradients = tape.gradient(loss, model.trainable_variables)
+    assert not [v.path for v, g in zip(model.trainable_variables, gradients) if g is None]
+    restored = DualEncoder.from_config(json.loads(json.dumps(model.get_config())))
+    assert restored.model_config == second_order_config
+    restored.set_weights(model.get_weights())
+    np.testing.assert_allclose(restored.encode_image(images), model.encode_image(images), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(restored.encode_text(CAPTIONS), model.encode_text(CAPTIONS), rtol=1e-5, atol=1e-6)
+
+
+def test_second_order_heads_need_an_image_backbone_that_keeps_its_cells(second_order_config):
+    pooled = second_order_config.replace({"image.backbone": "small_cnn_pooled"})
+    with pytest.raises(ModelConfigError, match="image.backbone=small_cnn_cells"):
+        build_dual_encoder(pooled, captions=CAPTIONS)

@@ -10,7 +10,7 @@ from dual_encoder.models.layers import ModelConfigError
 # The heavy ones at their smallest inputs, marked slow (they still run in CI).
 SIZES = {
     "xception": 71, "resnet50": 32, "efficientnetv2_b0": 32, "mobilenetv3_small": 32, "small_cnn": 32,
-    "small_cnn_pooled": 32, "small_cnn_detectors": 32,
+    "small_cnn_pooled": 32, "small_cnn_detectors": 32, "small_cnn_cells": 32,
 }  # fmt: skip
 HEAVY = {"xception", "resnet50"}
 
@@ -144,3 +144,22 @@ def test_weights_of_another_architecture_raise_a_clear_error(tmp_path):
     build_image_backbone("small_cnn", 32, 4, None).save_weights(path)
     with pytest.raises(ModelConfigError, match="does not hold weights of mobilenetv3_small"):
         build_image_backbone("mobilenetv3_small", 32, 8, str(path))
+
+
+def test_small_cnn_cells_keeps_each_cell_apart_for_a_head_that_scores_cells():
+    from dual_encoder.data.synthetic import ShapeObject, render_scene
+
+    tower = ImageEncoder("small_cnn_cells", image_size=64, width=4)
+    assert tower.grid == 8 and tower.output_dim == 8 * 8 * (3 * 4 + 16)  # shapes and colours of each cell
+    assert ImageEncoder("small_cnn_cells", image_size=36, width=4).grid == 5  # 'same' padding rounds up
+    assert ImageEncoder("small_cnn_detectors", image_size=64, width=4).grid is None  # pooled beside its map
+
+    def cells(position):
+        scene = (ShapeObject("star", "red", "small", position),)
+        image = np.asarray(render_scene(scene, 64, np.random.default_rng(0)), dtype="float32")[None]
+        return np.asarray(tower(image)).reshape(8, 8, -1)
+
+    left, right = cells("left"), cells("right")
+    changed = np.abs(left - right).max(axis=-1)  # per cell
+    # A star moved from left to right changes the cells of both sides: where it is stays in the features.
+    assert changed[:, :3].max() > 1e-3 and changed[:, 5:].max() > 1e-3

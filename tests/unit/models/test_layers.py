@@ -1,11 +1,12 @@
-"""Projection head, L2 normalisation and masked mean."""
+"""Projection heads (first- and second-order), L2 normalisation and masked mean."""
 
 import math
 
 import keras
 import numpy as np
+import pytest
 
-from dual_encoder.models.layers import L2Normalize, ProjectionHead, masked_mean
+from dual_encoder.models.layers import CellGramHead, L2Normalize, ProjectionHead, SlotGramHead, masked_mean
 
 
 def _recipe_head(features, head):
@@ -49,6 +50,65 @@ def test_projection_head_config_round_trip():
     assert (restored.embed_dim, restored.num_projection_layers, restored.dropout, restored.name) == (
         8, 2, 0.2, "image_projection",
     )  # fmt: skip
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _upper(gram):
+    """The upper triangle of [B, d, d] Gram matrices, off-diagonal entries scaled by sqrt(2)."""
+    rows, columns = np.triu_indices(gram.shape[-1])
+    return gram[:, rows, columns] * np.where(rows == columns, 1.0, np.sqrt(2.0))
+
+
+def test_cell_gram_head_is_the_cells_gram_matrix_beside_their_max_pooled_first_order_part():
+    head = CellGramHead(embed_dim=6, vector_dim=3, grid=2, num_projection_layers=1)
+    features = np.random.default_rng(0).normal(size=(2, 2 * 2 * 5)).astype("float32")
+    outputs = np.asarray(head(features))
+
+    places = np.array([[1, 0, 1, 0], [1, 0, 0, 1], [0, 1, 1, 0], [0, 1, 0, 1]], "float32")  # row, then column
+    cells = np.concatenate([features.reshape(2, 4, 5), np.broadcast_to(places, (2, 4, 4))], axis=-1)
+    hidden = np.asarray(keras.activations.gelu(cells @ head.hidden[0].kernel.numpy() + head.hidden[0].bias.numpy()))
+    vectors = hidden @ head.to_vectors.kernel.numpy() + head.to_vectors.bias.numpy()
+    first = (hidden @ head.to_first_order.kernel.numpy() + head.to_first_order.bias.numpy()).max(axis=1)
+    expected = np.concatenate([_unit(first), _unit(_upper(np.einsum("bni,bnj->bij", vectors, vectors)))], -1) / np.sqrt(2)
+    assert head.output_dim == 6 + 3 * 4 // 2 == outputs.shape[-1]
+    np.testing.assert_allclose(outputs, expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(outputs, axis=-1), 1.0, rtol=1e-5)
+
+
+def test_gram_heads_bind_what_a_sum_of_terms_cannot():
+    """One cell holding "red" and "star" against a red cell and a star cell: a first-order score (a max over
+    the cells) is the same for both; the second-order score ranks the bound one first."""
+    grid, features = 2, 2  # per cell: [red, star]
+    image_head = CellGramHead(embed_dim=2, vector_dim=2, grid=grid, num_projection_layers=0)
+    text_head = SlotGramHead(embed_dim=2, vector_dim=2, slots=1, num_projection_layers=0)
+    image_head.build((None, grid * grid * features))
+    text_head.build((None, features))
+    image_head.to_vectors.kernel.assign(np.vstack([np.eye(2), np.zeros((2 * grid, 2))]).astype("float32"))
+    image_head.to_first_order.kernel.assign(np.vstack([np.eye(2), np.zeros((2 * grid, 2))]).astype("float32"))
+    text_head.to_vectors.kernel.assign(np.eye(2, dtype="float32"))
+    text_head.to_first_order.kernel.assign(np.eye(2, dtype="float32"))
+    bound = np.array([[1, 1, 0, 0, 0, 0, 0, 0]], "float32")  # a red star in the first cell
+    apart = np.array([[1, 0, 0, 1, 0, 0, 0, 0]], "float32")  # a red thing in the first cell, a star in the second
+    query = np.asarray(text_head(np.array([[1, 1]], "float32")))[0]  # "a red star"
+    bound_image, apart_image = (np.asarray(image_head(x))[0] for x in (bound, apart))
+    np.testing.assert_allclose(bound_image[:2], apart_image[:2])  # the same first-order half
+    assert query @ bound_image == pytest.approx((1 + 1) / 2, abs=1e-5)
+    assert query @ apart_image == pytest.approx((1 + 2 / (2 * np.sqrt(2))) / 2, abs=1e-5)
+
+
+def test_gram_heads_output_float32_under_mixed_precision_and_round_trip_their_config(mixed_precision):
+    head = SlotGramHead(embed_dim=4, vector_dim=3, slots=2, num_projection_layers=2, dropout=0.1, name="text_projection")
+    outputs = head(np.ones((2, 5), "float16"))
+    assert outputs.dtype == "float32" and outputs.shape == (2, 4 + 6)
+    restored = SlotGramHead.from_config(head.get_config())
+    assert (restored.embed_dim, restored.vector_dim, restored.slots, len(restored.hidden), restored.dropout) == (
+        4, 3, 2, 2, 0.1,
+    )  # fmt: skip
+    cells = CellGramHead.from_config(CellGramHead(embed_dim=4, vector_dim=3, grid=3).get_config())
+    assert (cells.grid, cells.output_dim) == (3, 10)
 
 
 def test_l2_normalize_keeps_zero_vectors_finite():
