@@ -186,7 +186,7 @@ def test_the_partial_mix_is_an_option_and_full_captions_come_first():
     assert np.mean([k for image in kinds[1.0] for k in image]) < 0.05
     half = [k for image in kinds[0.5] for k in image]
     assert 0.35 < 1 - np.mean(half) < 0.6
-    assert all(image[0] for image in kinds[0.5])  # a full one first (a later partial draw may name everything)
+    assert all(image[0] and image == sorted(image, reverse=True) for image in kinds[0.5])
 
 
 def test_a_side_region_covers_three_cells_and_a_corner_one():
@@ -262,19 +262,6 @@ def test_hard_negatives_are_the_same_caption_with_one_thing_false():
         changed = contrast_mentions(mentions, scene, rng)
         if changed is not None:
             assert fits_scene(mentions, scene) and not fits_scene(changed, scene)
-
-
-def test_a_hard_negative_may_say_one_object_s_colour_of_another():
-    scene = (ShapeObject("circle", "red", "small", "left"), ShapeObject("square", "blue", "large", "right"))
-    mentions = [Mention(scene[0], size=False), Mention(scene[1], colour=False, size=False)]  # a red circle, a square
-    moved = set()
-    for seed in range(200):
-        changed = contrast_mentions(mentions, scene, np.random.default_rng(seed))
-        assert not fits_scene(changed, scene)
-        said = tuple((m.obj.shape, m.obj.colour if m.colour else None) for m in changed)
-        if said == (("circle", None), ("square", "red")):
-            moved.add(said)
-    assert moved  # "a circle and a red square": the colour said of the other shape
 
 
 def test_a_caption_that_says_how_many_objects_requires_that_count():
