@@ -119,7 +119,9 @@ class GramHead(keras.layers.Layer):
     """
 
     def __init__(self, embed_dim: int, vector_dim: int, num_projection_layers: int = 1, dropout: float = 0.0, **kwargs):
-        kwargs["dtype"] = "float32"  # squares and sums of many cells: kept in float32 under mixed precision
+        # The dense layers follow the global policy (bfloat16 / float16 under mixed precision); the Gram matrix —
+        # squares summed over many cells — and the normalisation run in float32.
+        kwargs["dtype"] = "float32"
         super().__init__(**kwargs)
         self.embed_dim = embed_dim
         self.vector_dim = vector_dim
@@ -165,7 +167,7 @@ class GramHead(keras.layers.Layer):
         hidden = self._inputs(features)
         for dense, dropout in zip(self.hidden, self.hidden_dropout):
             hidden = dropout(dense(hidden), training=training)
-        vectors, first_order = self._vectors_and_first_order(hidden)
+        vectors, first_order = (ops.cast(x, "float32") for x in self._vectors_and_first_order(hidden))
         gram = ops.einsum("bni,bnj->bij", vectors, vectors)
         upper = ops.take(ops.reshape(gram, (-1, self.vector_dim**2)), self._upper, axis=1) * self._upper_scale
         halves = (self.normalize(first_order), self.normalize(upper))
