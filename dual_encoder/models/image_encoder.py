@@ -49,6 +49,14 @@ PIXEL_COLOURS = 16  # per-pixel colour detectors of `small_cnn_detectors`
 DETECTORS_PER_WIDTH = 8  # `small_cnn_detectors` has 8 * width detectors at each cell of its last map
 
 
+def _shapes_and_colours(inputs, width: int):
+    """`_conv_stages`' map beside per-pixel colour detectors (a 1x1 conv on the input) max-pooled to its cells."""
+    shapes = _conv_stages(inputs, width)
+    colours = keras.layers.Conv2D(PIXEL_COLOURS, 1, activation="relu", name="pixel_colours")(inputs)
+    colours = keras.layers.MaxPooling2D(8, padding="same", name="colours_per_cell")(colours)
+    return keras.layers.Concatenate(name="shapes_and_colours")([shapes, colours])
+
+
 def build_small_cnn_detectors(image_size: int, width: int) -> keras.Model:
     """`small_cnn`'s three stages, then a bank of `8 * width` detectors at each cell of the 1/8 map that see
     the cell's shapes and its pixels' colours together; their global max (what is anywhere) beside their
@@ -63,10 +71,7 @@ def build_small_cnn_detectors(image_size: int, width: int) -> keras.Model:
     `8 * width * ((image_size / 8)^2 + 1)`.
     """
     inputs = keras.Input((image_size, image_size, 3), name="images")
-    shapes = _conv_stages(inputs, width)
-    colours = keras.layers.Conv2D(PIXEL_COLOURS, 1, activation="relu", name="pixel_colours")(inputs)
-    colours = keras.layers.MaxPooling2D(8, padding="same", name="colours_per_cell")(colours)
-    cells = keras.layers.Concatenate(name="shapes_and_colours")([shapes, colours])
+    cells = _shapes_and_colours(inputs, width)
     detectors = keras.layers.Conv2D(DETECTORS_PER_WIDTH * width, 1, activation="relu", name="detectors")(cells)
     anywhere = keras.layers.GlobalMaxPooling2D(name="anywhere")(detectors)
     where = keras.layers.Flatten(name="where")(detectors)
@@ -82,10 +87,7 @@ def build_small_cnn_cells(image_size: int, width: int) -> keras.Model:
     Output size is `cells_per_side(image_size)^2 * (3 * width + 16)`.
     """
     inputs = keras.Input((image_size, image_size, 3), name="images")
-    shapes = _conv_stages(inputs, width)
-    colours = keras.layers.Conv2D(PIXEL_COLOURS, 1, activation="relu", name="pixel_colours")(inputs)
-    colours = keras.layers.MaxPooling2D(8, padding="same", name="colours_per_cell")(colours)
-    cells = keras.layers.Concatenate(name="shapes_and_colours")([shapes, colours])
+    cells = _shapes_and_colours(inputs, width)
     return keras.Model(inputs, keras.layers.Flatten(name="cells")(cells), name="small_cnn_cells")
 
 
