@@ -70,7 +70,7 @@ class DualEncoder(keras.Model):
             self.image_projection = L2Normalize(name="image_projection")
             self.text_projection = L2Normalize(name="text_projection")
         elif heads.kind == "second_order":
-            grid = getattr(self.image_encoder, "grid", None)
+            grid = self.image_encoder.grid  # cells per side, None for a pooled backbone
             if grid is None:
                 raise ModelConfigError(
                     "heads.kind=second_order scores an image's cells: it needs an image backbone that keeps them "

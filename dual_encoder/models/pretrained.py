@@ -108,6 +108,7 @@ class PretrainedImageEncoder(keras.layers.Layer):
         self.image_converter = paired.preprocessor.image_converter
         self.image_size = paired.image_size
         self.output_dim = paired.output_dim
+        self.grid = None  # one pooled vector, no cells (as `ImageEncoder.grid`)
         converter = self.image_converter
         # Decoders resize each image of any shape as the converter would (crop to aspect, its interpolation), in
         # float32: the converter's own resize in `call` is then the identity, and the pixels are the preset's.
