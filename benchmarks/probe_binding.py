@@ -1,7 +1,9 @@
 """Does a model trained on the synthetic shapes world bind colour to shape? Three probes of one model.
 
 1. **Pairs**: "a red star" scored on an image of {red star, blue circle} and one of {red circle, blue star} (same
-   places and sizes): how often the right image scores higher (chance 0.5; 500 random colour/shape draws).
+   places and sizes): how often the right image scores higher (chance 0.5; 500 random colour/shape draws); the
+   same for "a red star and a blue circle" (the text must bind too), "a red star and a circle", and "a small red
+   star" on {small red star, large blue circle} against {large red star, small blue circle}.
 2. **Additivity**: single large objects of every colour and shape, and the queries "a <colour> <shape>". The
    score matrix of query (c, s) against object (c', s') is split into its colour part, its shape part and the
    rest; `interaction` = score(c s | c s) + score(c s | c' s') - score(c s | c s') - score(c s | c' s), averaged:
@@ -28,18 +30,32 @@ from dual_encoder.evaluation import split_gallery, text_encoder
 from dual_encoder.models import load_model
 
 
-def pairs(model, encode, draws: int = 500, seed: int = 0) -> float:
+def pairs(model, encode, draws: int = 500, seed: int = 0) -> dict:
+    """How often the right image of a pair that differs only in which attribute goes with which object scores
+    higher (chance 0.5), for four queries: one object ("a red star" on {red star, blue circle} against {red
+    circle, blue star}), both objects ("a red star and a blue circle", the same pair), both with the second bare
+    ("a red star and a circle"), and size ("a small red star" on {small red star, large blue circle} against
+    {large red star, small blue circle})."""
     rng = np.random.default_rng(seed)
-    wins = 0
+    wins = collections.Counter()
     for _ in range(draws):
         c1, c2 = rng.choice(list(COLOURS), 2, replace=False)
         s1, s2 = rng.choice(list(SHAPES), 2, replace=False)
-        right = render_scene((ShapeObject(s1, c1, "large", "left"), ShapeObject(s2, c2, "large", "right")), 64, rng)
-        swapped = render_scene((ShapeObject(s2, c1, "large", "left"), ShapeObject(s1, c2, "large", "right")), 64, rng)
-        images = model.encode_image(np.stack([np.asarray(right), np.asarray(swapped)])).numpy()
-        scores = images @ encode([f"a {c1} {s1}"])[0]
-        wins += scores[0] > scores[1]
-    return wins / draws
+        scenes = [
+            (ShapeObject(s1, c1, "large", "left"), ShapeObject(s2, c2, "large", "right")),
+            (ShapeObject(s2, c1, "large", "left"), ShapeObject(s1, c2, "large", "right")),
+            (ShapeObject(s1, c1, "small", "left"), ShapeObject(s2, c2, "large", "right")),
+            (ShapeObject(s1, c1, "large", "left"), ShapeObject(s2, c2, "small", "right")),
+        ]
+        images = model.encode_image(np.stack([np.asarray(render_scene(scene, 64, rng)) for scene in scenes])).numpy()
+        queries = [f"a {c1} {s1}", f"a {c1} {s1} and a {c2} {s2}", f"a {c1} {s1} and a {s2}", f"a small {c1} {s1}"]
+        scores = encode(queries) @ images.T
+        for name, row, (right, wrong) in zip(PAIRS, scores, [(0, 1), (0, 1), (0, 1), (2, 3)]):
+            wins[name] += row[right] > row[wrong]
+    return {name: wins[name] / draws for name in PAIRS}
+
+
+PAIRS = ("one object", "two objects", "two objects, second bare", "size")
 
 
 def _non_additive_share(x: np.ndarray) -> float:
@@ -112,7 +128,8 @@ def main() -> None:
     args = parser.parse_args()
     model = load_model(args.model)
     encode = text_encoder(model)
-    print(f"pairs: right image preferred in {pairs(model, encode):.3f} of 500 (chance 0.5)")
+    for name, value in pairs(model, encode).items():
+        print(f"pairs, {name}: right image preferred in {value:.3f} of 500 (chance 0.5)")
     for name, value in additivity(model, encode).items():
         print(f"additivity: {name} {value:.3f}")
     for group, count in errors(model, encode, args.data, args.min_relevant).items():

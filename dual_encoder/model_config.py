@@ -64,7 +64,7 @@ _TEXT_FLAT = {
     "text_backbone": "backbone", "text_pooling": "pooling", "sequence_length": "sequence_length",
     "text_trainable": "trainable",
 }  # fmt: skip
-_POOLINGS = Allowed(choices=("cls", "mean"))  # models.layers.TEXT_POOLINGS
+_POOLINGS = Allowed(choices=("cls", "mean"))  # what the BERT towers offer of models.layers.TEXT_POOLINGS
 _SEQUENCE_LENGTH = Allowed(low=2)
 
 
@@ -112,8 +112,9 @@ class SmallTransformerConfig(TowerFamily):
     backbones = ("small_transformer",)
     needs_vocabulary = True
     allowed = {
-        "backbone": Allowed(choices=backbones), "pooling": _POOLINGS, "sequence_length": _SEQUENCE_LENGTH,
-        "vocabulary_size": Allowed(low=4), "width": POSITIVE, "layers": POSITIVE, "heads": POSITIVE, "dropout": DROPOUT,
+        "backbone": Allowed(choices=backbones), "pooling": Allowed(choices=("cls", "mean", "tokens")),
+        "sequence_length": _SEQUENCE_LENGTH, "vocabulary_size": Allowed(low=4), "width": POSITIVE, "layers": POSITIVE,
+        "heads": POSITIVE, "dropout": DROPOUT,
     }  # fmt: skip
     flat_names = {
         **_TEXT_FLAT, "vocabulary_size": "vocabulary_size", "text_width": "width", "text_layers": "layers",
@@ -127,7 +128,7 @@ class SmallTransformerConfig(TowerFamily):
     layers: int = 1
     heads: int = 2
     dropout: float = 0.1
-    pooling: str = "mean"  # cls | mean
+    pooling: str = "mean"  # cls | mean | tokens (every token's output, for heads.kind second_order)
     trainable: bool = True
 
 
@@ -206,15 +207,16 @@ class HeadsConfig:
     """The projection heads (`models.layers`).
 
     `projection`: dense -> (gelu -> dense -> dropout -> residual -> layernorm) x layers, L2-normalised, `embed_dim`
-    long. `second_order` (an image backbone that keeps its cells, `small_cnn_cells`): each image cell and
-    `text_vectors` text slots become vectors of `vector_dim`, the embedding is their Gram matrix beside a
+    long. `second_order` (an image backbone that keeps its cells, `small_cnn_cells`): each image cell and, on the
+    text side, each window of `text_window` tokens (a text tower with `pooling: tokens`) or else `text_vectors`
+    slots of the pooled features become vectors of `vector_dim`; the embedding is their Gram matrix beside a
     first-order part of `embed_dim` (`GramHead`: the score is quadratic, so colour binds to shape),
     `embed_dim + vector_dim * (vector_dim + 1) / 2` long. `none`: L2 normalisation only, for towers that share a
     joint space (zero-shot)."""
 
     allowed: ClassVar[dict[str, Allowed]] = {
         "kind": Allowed(choices=HEAD_KINDS), "embed_dim": POSITIVE, "layers": NON_NEGATIVE, "dropout": DROPOUT,
-        "vector_dim": POSITIVE, "text_vectors": POSITIVE,
+        "vector_dim": POSITIVE, "text_vectors": POSITIVE, "text_window": POSITIVE,
     }  # fmt: skip
     flat_names: ClassVar[dict[str, str]] = {"embed_dim": "embed_dim", "num_projection_layers": "layers", "dropout": "dropout"}
 
@@ -223,7 +225,9 @@ class HeadsConfig:
     layers: int = 1
     dropout: float = 0.1
     vector_dim: int = 16  # second_order: size of each cell / slot vector
-    text_vectors: int = 2  # second_order: slots of a text
+    text_vectors: int = 2  # second_order: slots of a text from pooled features
+    text_window: int = 5  # second_order: tokens per window of a text tower with pooling tokens
+    gram_root: bool = False  # second_order: the Gram matrix's square root (a small object counts beside a large one)
 
 
 @dataclasses.dataclass(frozen=True)

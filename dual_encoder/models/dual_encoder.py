@@ -11,7 +11,14 @@ from dual_encoder.errors import DualEncoderError
 from dual_encoder.losses import build_loss
 from dual_encoder.model_config import FLAT_DEFAULTS, SECTIONS, ModelConfig
 from dual_encoder.models.image_encoder import build_image_encoder
-from dual_encoder.models.layers import CellGramHead, L2Normalize, ModelConfigError, ProjectionHead, SlotGramHead
+from dual_encoder.models.layers import (
+    CellGramHead,
+    L2Normalize,
+    ModelConfigError,
+    ProjectionHead,
+    SlotGramHead,
+    WindowGramHead,
+)
 from dual_encoder.models.text_encoder import build_text_encoder, build_vocabulary
 
 MODEL_CONFIG_FIELDS = SECTIONS
@@ -76,13 +83,19 @@ class DualEncoder(keras.Model):
                     "heads.kind=second_order scores an image's cells: it needs an image backbone that keeps them "
                     "(image.backbone=small_cnn_cells)"
                 )
-            settings = dict(num_projection_layers=heads.layers, dropout=heads.dropout)
+            settings = dict(num_projection_layers=heads.layers, dropout=heads.dropout, root=heads.gram_root)
             self.image_projection = CellGramHead(
                 heads.embed_dim, heads.vector_dim, grid=grid, name="image_projection", **settings
             )
-            self.text_projection = SlotGramHead(
-                heads.embed_dim, heads.vector_dim, slots=heads.text_vectors, name="text_projection", **settings
-            )
+            tokens = self.text_encoder.tokens_kept  # a text's tokens in order (pooling: tokens), else None
+            if tokens is not None:
+                self.text_projection = WindowGramHead(
+                    heads.embed_dim, heads.vector_dim, tokens, heads.text_window, name="text_projection", **settings
+                )
+            else:
+                self.text_projection = SlotGramHead(
+                    heads.embed_dim, heads.vector_dim, slots=heads.text_vectors, name="text_projection", **settings
+                )
             self.embed_dim = self.image_projection.output_dim
         else:
             self.embed_dim = heads.embed_dim

@@ -14,7 +14,7 @@ import keras
 import keras_hub
 from keras import ops
 
-from dual_encoder.models.layers import TEXT_POOLINGS, ModelConfigError, masked_mean
+from dual_encoder.models.layers import TEXT_POOLINGS, ModelConfigError, masked_mean, masked_tokens
 
 
 class TextEncoder(keras.layers.Layer):
@@ -31,12 +31,19 @@ class TextEncoder(keras.layers.Layer):
     # Its config section (`dual_encoder.model_config`) declares what a tower needs (a vocabulary from captions, TF
     # Text ops at export) and whether a batch's padding may be trimmed (`trims_padding`).
 
+    poolings = ("cls", "mean")  # what this tower offers of `TEXT_POOLINGS`
+
     def __init__(self, pooling: str = "mean", sequence_length: int = 32, trainable: bool = True, **kwargs):
         super().__init__(trainable=trainable, **kwargs)
-        if pooling not in TEXT_POOLINGS:
-            raise ModelConfigError(f"unknown text_pooling '{pooling}'; choose one of {list(TEXT_POOLINGS)}")
+        if pooling not in self.poolings:
+            raise ModelConfigError(f"unknown text_pooling '{pooling}'; choose one of {list(self.poolings)}")
         self.pooling = pooling
         self.sequence_length = sequence_length
+
+    @property
+    def tokens_kept(self) -> Optional[int]:
+        """Tokens per text when the features are every token's output (`pooling: tokens`), else None."""
+        return self.sequence_length if self.pooling == "tokens" else None
 
     def call(self, texts, training=False):
         tokens = self.tokenize(texts)
@@ -68,7 +75,9 @@ class SmallTransformerTextEncoder(TextEncoder):
     """A transformer text tower trained from scratch, tokenised in-graph by `TextVectorization`.
 
     `TextVectorization` uses only core TF string ops, so an exported graph needs no TF Text. With "cls"
-    pooling the first token's output is the sentence vector.
+    pooling the first token's output is the sentence vector; with "tokens" the features are every token's
+    output, flattened row by row (`layers.masked_tokens`: `sequence_length * width` long), for a head that reads
+    words in their order (`heads.kind: second_order`, `layers.WindowGramHead`).
 
     Args:
         vocabulary: tokens (without padding and OOV entries), e.g. from `build_vocabulary`.
@@ -83,6 +92,8 @@ class SmallTransformerTextEncoder(TextEncoder):
         >>> tower(["a red circle"]).shape
         TensorShape([1, 16])
     """
+
+    poolings = TEXT_POOLINGS
 
     def __init__(
         self,
@@ -119,7 +130,7 @@ class SmallTransformerTextEncoder(TextEncoder):
             )
             for i in range(num_layers)
         ]
-        self.output_dim = width
+        self.output_dim = width * (self.sequence_length if self.pooling == "tokens" else 1)
         self.build()
         for layer in (self.embedding, *self.blocks):
             layer.trainable = self.trainable
@@ -155,6 +166,8 @@ class SmallTransformerTextEncoder(TextEncoder):
             hidden = block(hidden, padding_mask=padding_mask, training=training and self.trainable)
         if self.pooling == "cls":
             return hidden[:, 0, :]
+        if self.pooling == "tokens":
+            return masked_tokens(hidden, padding_mask)
         return masked_mean(hidden, padding_mask)
 
     def get_config(self):

@@ -12,7 +12,7 @@ from dual_encoder.model_config import ApplicationConfig
 from dual_encoder.config import ConfigError
 from dual_encoder.losses import ClipLoss, SigLipLoss, UnknownLossError, build_loss
 from dual_encoder.models import BatchKeysError, DualEncoder, build_dual_encoder
-from dual_encoder.models.layers import ModelConfigError
+from dual_encoder.models.layers import ModelConfigError, SlotGramHead, WindowGramHead
 
 from .conftest import CAPTIONS
 
@@ -181,9 +181,15 @@ def second_order_config(tiny_config):
     )
 
 
-def test_second_order_heads_give_unit_embeddings_that_train_and_survive_a_config_round_trip(second_order_config, images):
+@pytest.mark.parametrize("pooling, text_head", [("mean", SlotGramHead), ("tokens", WindowGramHead)])
+def test_second_order_heads_give_unit_embeddings_that_train_and_survive_a_config_round_trip(
+    second_order_config, images, pooling, text_head
+):
+    root = pooling == "tokens"  # the demo's heads: windows of tokens and the Gram matrix's square root
+    second_order_config = second_order_config.replace({"text.pooling": pooling, "heads.gram_root": root})
     model = build_dual_encoder(second_order_config, captions=CAPTIONS)
     assert model.embed_dim == 16 + 4 * 5 // 2 and model.image_projection.grid == 4  # 32 px -> a 4 x 4 map of cells
+    assert type(model.text_projection) is text_head and model.image_projection.root == model.text_projection.root == root
     captions = tf.constant(CAPTIONS[:3])
     raw = model({"images": images, "captions": captions}, training=True)
     for key in ("image_embeddings", "text_embeddings"):

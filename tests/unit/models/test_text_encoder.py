@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from dual_encoder.config_values import ConfigError
 from dual_encoder.model_config import HeadsConfig, KerasHubBertConfig, ModelConfig, SmallTransformerConfig, TFHubConfig
 from dual_encoder.models import build_dual_encoder
 from dual_encoder.models.layers import ModelConfigError
@@ -76,6 +77,19 @@ def test_small_transformer_pooling_ignores_padding_and_handles_empty_text():
     assert cls_tower(tf.constant(["two small blue squares"])).shape == (1, 32)
 
 
+def test_small_transformer_keeps_every_token_in_order_with_tokens_pooling():
+    tower = _small_transformer(pooling="tokens")
+    texts = tf.constant(["a red circle", "a red circle beside a blue square"])
+    features = np.asarray(tower(texts))
+    assert tower.output_dim == 8 * 32 == features.shape[1] and tower.tokens_kept == 8
+    tokens = features.reshape(2, 8, 32)
+    np.testing.assert_array_equal(np.abs(tokens).sum(-1) > 0, tower.tokenize(texts)["padding_mask"])  # padding: zeros
+    mean = _small_transformer(pooling="mean")
+    mean.set_weights(tower.get_weights())
+    np.testing.assert_allclose(tokens[0, :3].mean(0), np.asarray(mean(texts))[0], rtol=1e-4, atol=1e-5)
+    assert _small_transformer(pooling="mean").tokens_kept is None
+
+
 def test_small_transformer_without_vocabulary_is_a_clear_error():
     with pytest.raises(ModelConfigError, match="needs a vocabulary"):
         build_text_encoder(SmallTransformerConfig(), vocabulary=None)
@@ -88,6 +102,8 @@ def test_unknown_text_backbone_and_pooling_are_clear_errors():
         build_text_encoder(dataclasses.replace(SmallTransformerConfig(), backbone="gpt"))
     with pytest.raises(ModelConfigError, match="unknown text_pooling 'max'"):
         _small_transformer(pooling="max")
+    with pytest.raises(ConfigError, match=r"model.text.pooling=\"tokens\" is not allowed: expected one of cls, mean"):
+        ModelConfig.from_dict({"text": {"backbone": "keras_hub", "preset": "x", "pooling": "tokens"}})
 
 
 # --- keras_hub --------------------------------------------------------------------------------------
