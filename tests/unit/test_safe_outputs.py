@@ -254,7 +254,9 @@ def test_the_allowed_choices_are_the_registries():
 
     assert sorted(image_backbones()) == sorted(IMAGE_BACKBONES)
     assert sorted(text_backbones()) == sorted(TEXT_ENCODERS)
-    assert all(set(family.allowed["pooling"].choices) == set(TEXT_POOLINGS) for family in TEXT_FAMILIES)
+    offered = {backbone: set(family.allowed["pooling"].choices) for family in TEXT_FAMILIES for backbone in family.backbones}
+    assert offered == {backbone: set(tower.poolings) for backbone, tower in TEXT_ENCODERS.items()}
+    assert set().union(*offered.values()) == set(TEXT_POOLINGS)
     assert set(LossConfig.allowed["name"].choices) == set(LOSSES)
     assert HeadsConfig.allowed["kind"].choices == HEAD_KINDS
     assert set(ALLOWED["index.dtype"].choices) == set(DTYPES)
