@@ -130,7 +130,7 @@ class SmallTransformerTextEncoder(TextEncoder):
             )
             for i in range(num_layers)
         ]
-        self.output_dim = width * (self.sequence_length if self.pooling == "tokens" else 1)
+        self.output_dim = width * (self.tokens_kept or 1)
         self.build()
         for layer in (self.embedding, *self.blocks):
             layer.trainable = self.trainable
